@@ -1,0 +1,134 @@
+"""The one explicit Arrow schema of every store table.
+
+Every batch is cast to its table's schema before it is written: Delta has no
+fixed-size lists and refuses appends whose types differ from the table's
+(``binary`` vs ``large_binary``, ``fixed_size_list`` vs ``list``), so the
+schema lives here, once, and nothing is inferred from data.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+def _list(value_type: pa.DataType) -> pa.DataType:
+    # Delta reads lists back with an item field named "element"; writing the same
+    # name keeps the Parquet files and the table schema identical.
+    return pa.list_(pa.field("element", value_type))
+
+
+UTC_MICROS = pa.timestamp("us", tz="UTC")
+
+SAMPLES = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("source_uri", pa.string()),
+        pa.field("group_id", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("modalities", _list(pa.string())),
+        pa.field("text", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("image_format", pa.string()),
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
+        pa.field("image_channels", pa.int32()),
+        pa.field("audio", pa.binary()),
+        pa.field("audio_format", pa.string()),
+        pa.field("audio_sample_rate", pa.int32()),
+        pa.field("audio_channels", pa.int32()),
+        pa.field("audio_duration", pa.float32()),
+        pa.field("label", pa.string()),
+        pa.field("labels", _list(pa.string())),
+        pa.field("label_source", pa.string()),
+        pa.field("label_confidence", pa.float32()),
+        pa.field("metadata", pa.string()),
+        pa.field("ingested_at", UTC_MICROS),
+        pa.field("run_id", pa.string()),
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        pa.field("quarantine_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("quarantined_at", UTC_MICROS),
+    ]
+)
+
+VIEWS = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("view", pa.int32(), nullable=False),  # 0..views_per_sample-1
+        pa.field("split", pa.string()),
+        pa.field("seed", pa.int64()),  # the spec's augment seed the view was made with
+        pa.field("modalities", _list(pa.string())),
+        pa.field("text", pa.string()),
+        pa.field("image", pa.binary()),  # PNG: lossless, so replayed bytes compare equal
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
+        pa.field("audio", pa.binary()),  # WAV PCM16
+        pa.field("audio_sample_rate", pa.int32()),
+        pa.field("audio_duration", pa.float32()),
+        pa.field("transforms", pa.string()),  # JSON: per modality, the ops and applied params
+        pa.field("label", pa.string()),
+        pa.field("labels", _list(pa.string())),
+        pa.field("created_at", UTC_MICROS),
+        pa.field("run_id", pa.string()),
+    ]
+)
+
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string()),
+        pa.field("spec_name", pa.string()),
+        pa.field("spec_hash", pa.string()),
+        pa.field("code_version", pa.string()),
+        pa.field("started_at", UTC_MICROS),
+        pa.field("finished_at", UTC_MICROS),
+        pa.field("inputs", pa.int64()),
+        pa.field("samples_written", pa.int64()),
+        pa.field("quarantined", pa.int64()),
+        pa.field("duplicates", pa.int64()),
+        pa.field("already_stored", pa.int64()),
+        pa.field("versions", pa.string()),
+    ]
+)
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "samples": SAMPLES,
+    "quarantine": QUARANTINE,
+    "views": VIEWS,
+    "_runs": RUNS,
+}
+
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "samples": ("sample_id",),
+    "quarantine": ("quarantine_id",),
+    "views": ("sample_id", "view"),
+    "_runs": ("run_id",),
+}
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Return ``table`` with exactly ``schema``'s columns, order and types.
+
+    Missing nullable columns are filled with nulls; extra columns are an error,
+    because silently dropping a column is silent data loss.
+    """
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ValueError(f"columns {sorted(extra)} are not in the table schema {schema.names}")
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -1,0 +1,217 @@
+"""FeatureStore: a directory or object-storage prefix of Delta tables.
+
+Reads go through deltalake (Arrow, pandas, DuckDB) or Ray Data's
+``read_delta``; writes are Parquet files written by Ray workers and committed
+by the driver as one Delta transaction per table per run (see ``sink.py``), so
+a killed job leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import AddAction
+
+from features.errors import StoreError
+from features.schema import TABLE_SCHEMAS, conform
+from features.storage import filesystem_for, join_uri, normalize_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import ray.data
+
+Version = int | datetime | str | None
+
+RUN_ID_KEY = "mmfp.run_id"
+ROWS_KEY = "mmfp.rows"  # rows a commit added; delta-rs records no metrics for raw add actions
+
+
+class FeatureStore:
+    """Versioned Delta tables under one root: ``samples``, ``quarantine``, ``_runs``, ...
+
+    ``version`` arguments take a Delta version number, a ``datetime`` or an
+    ISO-8601 string (time travel to the last version at or before it).
+    """
+
+    def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
+        self.uri = normalize_uri(uri)
+        self.storage_options = dict(storage_options or {})
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.uri!r})"
+
+    def table_uri(self, name: str) -> str:
+        return join_uri(self.uri, *name.split("/"))
+
+    # ---- reading -----------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.storage_options)
+
+    def tables(self) -> list[str]:
+        """Names of the Delta tables in the store (``features/<name>`` included)."""
+        fs, root = filesystem_for(self.uri, self.storage_options)
+        names = [*_subdirs(fs, root), *(f"features/{n}" for n in _subdirs(fs, f"{root}/features"))]
+        return sorted(n for n in names if self.exists(n))
+
+    def delta(self, name: str, version: Version = None) -> DeltaTable:
+        """The ``deltalake.DeltaTable`` for ``name`` at ``version`` (latest by default)."""
+        try:
+            dt = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
+        except TableNotFoundError as e:
+            known = ", ".join(self.tables()) or "none yet"
+            raise StoreError(f"no table {name!r} in store {self.uri} (tables: {known})") from e
+        if version is not None:
+            try:
+                dt.load_as_version(version)
+            except Exception as e:
+                raise StoreError(
+                    f"table {name!r} has no version {version!r} "
+                    f"(versions 0..{dt.version()}; see `mmfp store history {name}`)"
+                ) from e
+        return dt
+
+    def version(self, name: str) -> int | None:
+        """Latest version of ``name``, or ``None`` when the table does not exist yet."""
+        return self.delta(name).version() if self.exists(name) else None
+
+    def to_arrow(
+        self,
+        name: str,
+        version: Version = None,
+        *,
+        columns: list[str] | None = None,
+        filter: Any = None,
+    ) -> pa.Table:
+        dt = self.delta(name, version)
+        _check_columns(name, dt, columns)
+        return dt.to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+
+    def to_pandas(
+        self, name: str, version: Version = None, *, columns: list[str] | None = None
+    ) -> pd.DataFrame:
+        return self.to_arrow(name, version, columns=columns).to_pandas()
+
+    def table(
+        self, name: str, version: Version = None, *, columns: list[str] | None = None
+    ) -> ray.data.Dataset:
+        """A Ray Dataset over ``name`` at a pinned version, read by Ray workers in parallel."""
+        import ray.data
+
+        dt = self.delta(name, version)
+        _check_columns(name, dt, columns)
+        return ray.data.read_delta(
+            self.table_uri(name),
+            version=dt.version(),
+            storage_options=self.storage_options or None,
+            columns=columns,
+        )
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """One dict per version, newest first: version, time, operation, rows added, run id."""
+        rows = []
+        for entry in self.delta(name).history():
+            metrics = entry.get("operationMetrics") or {}
+            rows.append(
+                {
+                    "version": entry.get("version"),
+                    "timestamp": datetime.fromtimestamp(entry["timestamp"] / 1000).astimezone(),
+                    "operation": entry.get("operation"),
+                    "rows_added": _int(metrics.get("num_added_rows", entry.get(ROWS_KEY))),
+                    "files_added": metrics.get("num_added_files"),
+                    "run_id": entry.get(RUN_ID_KEY),
+                }
+            )
+        return rows
+
+    def sql(self, query: str) -> pa.Table:
+        """DuckDB SQL over the store's tables at their latest versions, named as in ``tables()``."""
+        import duckdb
+
+        con = duckdb.connect()
+        for name in self.tables():
+            con.register(name.replace("/", "__"), self.delta(name).to_pyarrow_dataset())
+        try:
+            return con.sql(query).to_arrow_table()
+        except duckdb.Error as e:
+            raise StoreError(f"SQL failed: {e}") from e
+
+    # ---- writing -----------------------------------------------------------
+
+    def ensure_table(self, name: str, schema: pa.Schema | None = None) -> DeltaTable:
+        """Open ``name``, creating it empty with its explicit schema when it does not exist."""
+        if self.exists(name):
+            return self.delta(name)
+        schema = schema or TABLE_SCHEMAS[name]
+        return DeltaTable.create(
+            self.table_uri(name),
+            schema=schema,
+            mode="ignore",
+            name=name.replace("/", "__"),
+            storage_options=self.storage_options,
+        )
+
+    def commit(self, name: str, actions: list[AddAction], *, run_id: str) -> int | None:
+        """Commit Parquet files already written under the table as one Delta version.
+
+        Returns the new version, or ``None`` (and no commit) when there is nothing to add.
+        """
+        if not actions:
+            return None
+        dt = self.ensure_table(name)
+        rows = sum(json.loads(a.stats)["numRecords"] for a in actions)
+        metadata = {RUN_ID_KEY: run_id, ROWS_KEY: str(rows)}
+        dt.create_write_transaction(
+            actions=actions,
+            mode="append",
+            schema=dt.schema(),
+            commit_properties=CommitProperties(custom_metadata=metadata),
+        )
+        dt.update_incremental()
+        return dt.version()
+
+    def append(self, name: str, table: pa.Table, *, run_id: str) -> int | None:
+        """Append a small driver-side Arrow table (run records) as one commit."""
+        if table.num_rows == 0:
+            return None
+        self.ensure_table(name)
+        write_deltalake(
+            self.table_uri(name),
+            conform(table, TABLE_SCHEMAS[name]),
+            mode="append",
+            storage_options=self.storage_options,
+            commit_properties=CommitProperties(
+                custom_metadata={RUN_ID_KEY: run_id, ROWS_KEY: str(table.num_rows)}
+            ),
+        )
+        return self.delta(name).version()
+
+    def column_values(self, name: str, column: str) -> pa.Array:
+        """One column of the latest version (e.g. the committed ids a run anti-joins against)."""
+        if not self.exists(name):
+            return pa.array([], pa.string())
+        return self.to_arrow(name, columns=[column]).column(column).combine_chunks()
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _subdirs(fs: pafs.FileSystem, path: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+
+
+def _check_columns(name: str, dt: DeltaTable, columns: list[str] | None) -> None:
+    if not columns:
+        return
+    have = [f.name for f in dt.schema().fields]
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise StoreError(f"table {name!r} has no column(s) {missing}; columns: {', '.join(have)}")

@@ -1,0 +1,123 @@
+"""The ``mmfp`` command line (typer). Thin: parse, call the library, print a summary.
+
+User mistakes (a bad spec, an unknown table or version) print one line and exit
+with code 2; nothing prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from features.errors import StoreError
+from features.store import FeatureStore
+from pipelines.errors import MmfpError
+
+app = typer.Typer(
+    help="mmfp: a multimodal feature platform on Ray and Delta Lake.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(
+    help="Look at a feature store: tables, schemas, versions.", no_args_is_help=True
+)
+app.add_typer(store_app, name="store")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray cluster address; default: $RAY_ADDRESS, else a local Ray on this machine."
+    ),
+]
+StoreOpt = Annotated[
+    str,
+    typer.Option("--store", envvar="MMFP_STORE", help="Store path or URI (s3://bucket/prefix)."),
+]
+
+
+def user_errors(fn: F) -> F:
+    """Turn mmfp's own errors into one readable line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (MmfpError, StoreError) as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@user_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the corpus, spec and store go.")] = Path(
+        "mmfp-demo"
+    ),
+    n_per_class: Annotated[int, typer.Option(min=1, help="Samples per class and source.")] = 20,
+    fresh: Annotated[bool, typer.Option(help="Delete WORKDIR first.")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Generate a small text/image/audio corpus (with broken files) and build it into a store."""
+    from jobs.demo import run_demo
+
+    run_demo(workdir, n_per_class=n_per_class, fresh=fresh, address=address)
+
+
+@app.command()
+@user_errors
+def build(
+    spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")],
+    address: AddressOpt = None,
+) -> None:
+    """Collect, validate, split and store every source of SPEC (one commit per table)."""
+    from jobs.build import run_build
+
+    run_build(str(spec), address=address)
+
+
+def _store(uri: str) -> FeatureStore:
+    store = FeatureStore(uri)
+    if not store.tables():
+        raise StoreError(f"no feature store at {store.uri} (run `mmfp build SPEC` or `mmfp demo`)")
+    return store
+
+
+@store_app.command("ls")
+@user_errors
+def store_ls(store: StoreOpt = "mmfp-store") -> None:
+    """Tables with rows, files, size and latest version."""
+    from jobs.report import print_tables
+
+    print_tables(_store(store))
+
+
+@store_app.command("describe")
+@user_errors
+def store_describe(
+    table: Annotated[str, typer.Argument(help="Table name, e.g. samples.")],
+    store: StoreOpt = "mmfp-store",
+) -> None:
+    """Schema, size, split counts and the runs that wrote a table."""
+    from jobs.report import print_describe
+
+    print_describe(_store(store), table)
+
+
+@store_app.command("history")
+@user_errors
+def store_history(
+    table: Annotated[str, typer.Argument(help="Table name, e.g. samples.")],
+    store: StoreOpt = "mmfp-store",
+) -> None:
+    """Every version of a table: time, operation, rows added, run."""
+    from jobs.report import print_history
+
+    print_history(_store(store), table)

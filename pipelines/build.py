@@ -1,0 +1,256 @@
+"""Compose the stages for a spec into one Ray Data plan and commit it to the store.
+
+This is the only module that knows about Ray wiring (datasets, block counts,
+actors, the sink); every stage it calls is a plain function over a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+
+from features.sink import StoreSink
+from features.storage import filesystem_for
+from features.store import FeatureStore
+from pipelines.collect import (
+    COLLECTED,
+    REFS,
+    RefReader,
+    ShardReader,
+    list_directory,
+    list_shards,
+    manifest_refs,
+)
+from pipelines.dedup import IdRegistry, mark_duplicates
+from pipelines.errors import SpecError
+from pipelines.identity import short_hash
+from pipelines.spec import DirectorySource, ManifestSource, PipelineSpec
+from pipelines.split import split_batch
+
+OUTCOMES = ("samples", "quarantined", "duplicates", "already_stored", "already_quarantined")
+
+
+@dataclass
+class BuildResult:
+    """What one build did: counts per outcome and the table versions it committed."""
+
+    run_id: str
+    store_uri: str
+    counts: dict[str, int]
+    versions: dict[str, int] = field(default_factory=dict)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def inputs(self) -> int:
+        return sum(self.counts.get(k, 0) for k in OUTCOMES)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.versions)
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    version = package_version("mmfp")
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{sha}"
+
+
+class CollectRouter:
+    """Sends collected rows to ``samples`` or ``quarantine`` and counts the rest."""
+
+    def __init__(self, run_id: str, known_quarantine_ids: frozenset[str]) -> None:
+        self.run_id = run_id
+        self.known = known_quarantine_ids
+
+    def __call__(self, batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
+        now = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
+        status = batch.column("status")
+        counts = {"already_stored": pc.sum(pc.equal(status, "stored")).as_py() or 0}
+        new = batch.filter(pc.equal(status, "new"))
+        samples = new.drop_columns(["status", "error_stage", "error_type", "error_message"])
+        samples = samples.set_column(
+            samples.schema.get_field_index("ingested_at"),
+            "ingested_at",
+            pa.repeat(now, new.num_rows),
+        ).set_column(
+            samples.schema.get_field_index("run_id"),
+            "run_id",
+            pa.repeat(pa.scalar(self.run_id), new.num_rows),
+        )
+        counts["samples"] = samples.num_rows
+        bad = batch.filter(pc.equal(status, "error")).to_pylist()
+        rows = []
+        for row in bad:
+            qid = short_hash(row["source_uri"], row["error_stage"], row["error_type"])
+            if qid in self.known:
+                counts["already_quarantined"] = counts.get("already_quarantined", 0) + 1
+                continue
+            kind = "duplicates" if row["error_type"] == "DuplicateSample" else "quarantined"
+            counts[kind] = counts.get(kind, 0) + 1
+            rows.append(
+                {
+                    "quarantine_id": qid,
+                    "source": row["source"],
+                    "uri": row["source_uri"],
+                    "stage": row["error_stage"],
+                    "error_type": row["error_type"],
+                    "message": row["error_message"],
+                    "run_id": self.run_id,
+                    "quarantined_at": now.as_py(),
+                }
+            )
+        quarantine = pa.Table.from_pylist(rows) if rows else pa.table({})
+        return {"samples": samples, "quarantine": quarantine}, counts
+
+
+def _blocks(spec: PipelineSpec, rows: int) -> int:
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    wanted = cpus * spec.resources.blocks_per_cpu
+    return max(1, min(wanted, -(-rows // spec.resources.batch_size)))
+
+
+def _split_rows(table: pa.Table, parts: int) -> list[pa.Table]:
+    step = -(-table.num_rows // parts) if table.num_rows else 1
+    return [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
+
+
+def collected_dataset(spec: PipelineSpec) -> ray.data.Dataset:
+    """All sources of ``spec`` as one dataset of ``COLLECTED`` rows."""
+    storage = {s.source_name: s.storage_options for s in spec.sources}
+    reader = RefReader(storage, spec.decode)
+    ref_sets: list[pa.Table] = []
+    datasets: list[ray.data.Dataset] = []
+    for source in spec.sources:
+        if isinstance(source, DirectorySource):
+            ref_sets.append(list_directory(source))
+        elif isinstance(source, ManifestSource):
+            datasets.append(_manifest_dataset(source).map_batches(reader, batch_format="pyarrow"))
+        else:
+            shards = list_shards(source)
+            if shards:
+                ds = ray.data.from_items(
+                    [{"shard": s} for s in shards], override_num_blocks=len(shards)
+                )
+                datasets.append(
+                    ds.map_batches(ShardReader(source, spec.decode), batch_format="pyarrow")
+                )
+    refs = pa.concat_tables([REFS.empty_table(), *ref_sets])
+    if refs.num_rows:
+        blocks = _split_rows(refs, _blocks(spec, refs.num_rows))
+        ds = ray.data.from_arrow(blocks).map_batches(
+            reader, batch_format="pyarrow", batch_size=spec.resources.batch_size
+        )
+        datasets.insert(0, ds)
+    if not datasets:
+        return ray.data.from_arrow(COLLECTED.empty_table())
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def _manifest_dataset(source: ManifestSource) -> ray.data.Dataset:
+    fs, path = filesystem_for(source.uri, source.storage_options)
+    fmt = source.format or path.rsplit(".", 1)[-1].lower()
+    readers = {
+        "jsonl": ray.data.read_json,
+        "json": ray.data.read_json,
+        "csv": ray.data.read_csv,
+        "parquet": ray.data.read_parquet,
+    }
+    if fmt not in readers:
+        raise SpecError(
+            f"source {source.source_name!r}: cannot tell the manifest format of {source.uri}; "
+            "set `format:` to jsonl, csv or parquet"
+        )
+    if fs.get_file_info(path).type.name != "File":
+        raise SpecError(f"source {source.source_name!r}: manifest {source.uri} does not exist")
+    root = path.rsplit("/", 1)[0]
+    return readers[fmt](path, filesystem=fs).map_batches(
+        manifest_refs, batch_format="pyarrow", fn_kwargs={"source": source, "root": root}
+    )
+
+
+def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build") -> BuildResult:
+    """Collect, split and deduplicate every source of ``spec`` into its store.
+
+    One Delta commit per table that received rows; nothing at all when every
+    input is already in the store. Ray must be initialised (jobs do it).
+    """
+    store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
+    run_id = run_id or new_run_id()
+    started = datetime.now(UTC)
+    known_quarantine = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
+    registry = IdRegistry.remote(store)
+    ds = collected_dataset(spec)
+    ds = ds.map_batches(
+        split_batch,
+        batch_format="pyarrow",
+        fn_kwargs={"seed": spec.split.seed, "ratios": spec.split.ratios, "by": spec.split.by},
+    )
+    ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry})
+    sink = StoreSink(
+        store,
+        CollectRouter(run_id, known_quarantine),
+        run_id=run_id,
+        tables=["samples", "quarantine"],
+    )
+    ds.write_datasink(sink)
+    ray.kill(registry)
+    result = BuildResult(
+        run_id=run_id,
+        store_uri=store.uri,
+        counts={k: sink.counts.get(k, 0) for k in OUTCOMES},
+        versions=dict(sink.versions),
+        started_at=started,
+        finished_at=datetime.now(UTC),
+    )
+    if result.changed:
+        record_run(store, spec, result, kind=kind)
+    return result
+
+
+def record_run(store: FeatureStore, spec: PipelineSpec, result: BuildResult, *, kind: str) -> None:
+    """Append the run's lineage row to ``_runs`` (its own commit, after the data commits)."""
+    row: dict[str, Any] = {
+        "run_id": result.run_id,
+        "kind": kind,
+        "spec_name": spec.name,
+        "spec_hash": spec.spec_hash(),
+        "code_version": code_version(),
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "inputs": result.inputs,
+        "samples_written": result.counts["samples"],
+        "quarantined": result.counts["quarantined"],
+        "duplicates": result.counts["duplicates"],
+        "already_stored": result.counts["already_stored"],
+        "versions": json.dumps(result.versions, sort_keys=True),
+    }
+    version = store.append("_runs", pa.Table.from_pylist([row]), run_id=result.run_id)
+    if version is not None:
+        result.versions["_runs"] = version
