@@ -121,3 +121,7 @@ def store_history(
     from jobs.report import print_history
 
     print_history(_store(store), table)
+
+
+if __name__ == "__main__":
+    app()

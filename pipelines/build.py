@@ -143,8 +143,9 @@ def _split_rows(table: pa.Table, parts: int) -> list[pa.Table]:
 
 def collected_dataset(spec: PipelineSpec) -> ray.data.Dataset:
     """All sources of ``spec`` as one dataset of ``COLLECTED`` rows."""
-    storage = {s.source_name: s.storage_options for s in spec.sources}
-    reader = RefReader(storage, spec.decode)
+    reader = RefReader(
+        {s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode
+    )
     ref_sets: list[pa.Table] = []
     datasets: list[ray.data.Dataset] = []
     for source in spec.sources:

@@ -253,8 +253,10 @@ class RefReader:
     on the worker and reused across batches.
     """
 
-    def __init__(self, storage: dict[str, dict[str, str]], limits: DecodeLimits) -> None:
-        self.storage = storage
+    def __init__(
+        self, sources: dict[str, tuple[str, dict[str, str]]], limits: DecodeLimits
+    ) -> None:
+        self.sources = sources  # source name -> (uri, storage options)
         self.limits = limits
         self._fs: dict[str, pafs.FileSystem] = {}
 
@@ -264,8 +266,8 @@ class RefReader:
 
     def _filesystem(self, source: str, root: str) -> pafs.FileSystem:
         if source not in self._fs:
-            uri = root if is_local(root) else f"s3://{root}"
-            self._fs[source] = filesystem_for(uri, self.storage.get(source))[0]
+            uri, options = self.sources.get(source, (root, {}))
+            self._fs[source] = filesystem_for(uri, options)[0]
         return self._fs[source]
 
     def collect_one(self, ref: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import io
 import os
 import tempfile
 import unicodedata
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,9 +137,10 @@ def _decode_audio_fallback(
     with tempfile.NamedTemporaryFile(suffix=f".{ext or 'bin'}", delete=False) as tmp:
         tmp.write(data)
     try:
-        duration = librosa.get_duration(path=tmp.name)
-        _check_duration(duration, max_seconds)
-        samples, sample_rate = librosa.load(tmp.name, sr=None, mono=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # librosa's audioread notice
+            _check_duration(librosa.get_duration(path=tmp.name), max_seconds)
+            samples, sample_rate = librosa.load(tmp.name, sr=None, mono=False)
     except errors.InputError:
         raise
     except Exception as e:

@@ -1,15 +1,11 @@
-"""Label: fill label / labels / label_source / label_confidence from ordered sources.
+"""Label: decide each sample's label(s), their provenance and confidence.
 
-Collect already records the label an input came with (class folder, manifest
-column, WebDataset ``.cls``); this stage decides which labels a sample keeps:
-sources are tried in the spec's priority order, rules and user functions can add
-labels, and a closed vocabulary turns a stray label into a quarantine row
-instead of a silent new class. Rows already in error pass through untouched.
-
-New kinds plug in through ``LABELLERS`` (kind -> ``SourceLabeller`` subclass)
-plus one pydantic model in the ``LabelSource`` union; a model-backed kind (e.g.
-zero-shot with a joint embedding model) overrides ``annotate`` to report its
-scores as confidences.
+Collect records the label an input came with (class folder, manifest column,
+WebDataset ``.cls``); here ordered sources (those, regex/keyword rules, user
+functions) pick what a sample keeps, and a closed vocabulary turns a stray label
+into a quarantine row instead of a silent new class. New kinds plug in through
+``LABELLERS`` plus one model in the ``LabelSource`` union; a model-backed kind
+(zero-shot) overrides ``SourceLabeller.annotate`` to report its scores.
 """
 
 from __future__ import annotations
@@ -81,9 +77,8 @@ class RulesLabels(_Model):
     def _has_rules(self) -> RulesLabels:
         if not self.rules and not self.keywords:
             raise ValueError("a rules source needs `rules` or `keywords`")
-        empty = [k for k, words in self.keywords.items() if not any(w.strip() for w in words)]
-        if empty or "" in self.keywords:
-            raise ValueError(f"keywords for {empty or ['']} need a label and at least one word")
+        if not all(k and any(w.strip() for w in ws) for k, ws in self.keywords.items()):
+            raise ValueError("each keywords entry needs a label and at least one word")
         return self
 
     def labels(self) -> list[str]:
@@ -123,23 +118,20 @@ class LabelSpec(_Model):
         min_length=1,
     )
     multi_label: bool = False  # true: union of all sources' labels, in priority order
-    vocabulary: list[str] | None = None  # closed set: any other label quarantines the row
+    # Closed set when given: any other label makes its row an UnknownLabel error.
+    vocabulary: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _vocabulary_covers_rules(self) -> LabelSpec:
         if self.vocabulary is None:
             return self
-        if not self.vocabulary or not all(self.vocabulary):
-            raise ValueError("vocabulary must list at least one non-empty label (or be null)")
         dupes = sorted({v for v in self.vocabulary if self.vocabulary.count(v) > 1})
         if dupes:
             raise ValueError(f"vocabulary repeats {dupes}")
-        allowed = set(self.vocabulary)
-        for source in self.sources:
-            if isinstance(source, RulesLabels):
-                stray = [label for label in source.labels() if label not in allowed]
-                if stray:
-                    raise ValueError(f"rules produce labels {stray} that are not in the vocabulary")
+        rules = [label for s in self.sources if isinstance(s, RulesLabels) for label in s.labels()]
+        stray = [label for label in rules if label not in self.vocabulary]
+        if stray:
+            raise ValueError(f"rules produce labels {stray} that are not in the vocabulary")
         return self
 
 
@@ -182,19 +174,16 @@ class _CollectedLabeller(SourceLabeller):
 
     origins: ClassVar[tuple[str, ...]] = ()
 
-    def annotate(self, batch: pa.Table) -> Annotations:
-        n = batch.num_rows
-        label = batch.column("label").to_pylist()
-        many = batch.column("labels").to_pylist() if "labels" in batch.column_names else [None] * n
-        origin = batch.column("label_source").to_pylist()
-        labels = [
-            _unique(m or [x]) if o in self.origins else []
-            for x, m, o in zip(label, many, origin, strict=True)
-        ]
-        return labels, origin, [self.confidence] * n
-
     def labels_for(self, batch: pa.Table) -> list[list[str]]:
-        return self.annotate(batch)[0]
+        cols = [batch.column(c).to_pylist() for c in ("label", "labels", "label_source")]
+        return [
+            _unique(many or [one]) if origin in self.origins else []
+            for one, many, origin in zip(*cols, strict=True)
+        ]
+
+    def annotate(self, batch: pa.Table) -> Annotations:
+        labels, _, confidences = super().annotate(batch)
+        return labels, batch.column("label_source").to_pylist(), confidences
 
 
 class ManifestLabeller(_CollectedLabeller):
@@ -255,23 +244,17 @@ class FunctionLabeller(SourceLabeller):
         return self._fn
 
     def labels_for(self, batch: pa.Table) -> list[list[str]]:
-        result = self.function()(batch)
-        if hasattr(result, "to_pylist"):
-            result = result.to_pylist()
-        try:
-            result = list(result)
-        except TypeError as e:
-            raise SpecError(f"{self.name} returned {type(result).__name__}, not a list") from e
+        result = list(self.function()(batch))
         if len(result) != batch.num_rows:
             raise SpecError(f"{self.name} returned {len(result)} labels for {batch.num_rows} rows")
         out = []
         for value in result:
-            if value is None or isinstance(value, str):
-                out.append(_unique([value]))
-            elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-                out.append(_unique(list(value)))
-            else:
+            many = [value] if value is None or isinstance(value, str) else value
+            if not isinstance(many, list | tuple) or not all(
+                v is None or isinstance(v, str) for v in many
+            ):
                 raise SpecError(f"{self.name} returned {value!r}; want str, list[str] or None")
+            out.append(_unique(list(many)))
         return out
 
 
@@ -398,7 +381,8 @@ def label_vocabulary(spec: LabelSpec | None) -> list[str] | None:
 def class_balance(table: pa.Table) -> dict[str, dict[str, int]]:
     """Count of each primary ``label`` per split, ``(none)`` for missing; error rows skipped.
 
-    Splits come train / val / test first; labels by descending count, then name.
+    Splits come train / val / test first; labels by descending count, then name;
+    ``(none)`` last in both, so the table reads as a report.
     """
     if "error_type" in table.column_names:
         table = table.filter(pc.is_null(table.column("error_type")))
@@ -409,10 +393,11 @@ def class_balance(table: pa.Table) -> dict[str, dict[str, int]]:
         split = balance.setdefault(row["split"] or NONE, {})
         split[row["label"] or NONE] = split.get(row["label"] or NONE, 0) + row["count_all"]
 
-    def split_key(name: str) -> tuple[int, str]:
-        return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
+    def split_key(name: str) -> tuple[bool, int, str]:
+        order = SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER)
+        return (name == NONE, order, name)
 
     return {
-        split: dict(sorted(balance[split].items(), key=lambda kv: (-kv[1], kv[0])))
+        split: dict(sorted(balance[split].items(), key=lambda kv: (kv[0] == NONE, -kv[1], kv[0])))
         for split in sorted(balance, key=split_key)
     }
