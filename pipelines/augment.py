@@ -57,7 +57,13 @@ _UNSUPPORTED = frozenset(
 DEFAULT_IMAGE_OPS: tuple[dict[str, Any], ...] = (
     {
         "name": "Affine",
-        "params": {"scale": [0.85, 1.15], "translate_percent": [-0.06, 0.06], "rotate": [-10, 10]},
+        "params": {
+            "scale": [0.85, 1.15],
+            "keep_ratio": True,
+            "translate_percent": [-0.06, 0.06],
+            "rotate": [-10, 10],
+            "p": 0.7,
+        },
     },
     {"name": "HorizontalFlip", "params": {"p": 0.5}},
     {

@@ -177,9 +177,7 @@ def _audio_ops(y: np.ndarray, sr: int, spec: AudioAugment, seed: int) -> tuple[n
     return np.clip(y, -1.0, 1.0).astype(np.float32), record
 
 
-def augment_audio(
-    data: bytes, *, spec: AudioAugment, seed: int
-) -> tuple[bytes, int, float, dict]:
+def augment_audio(data: bytes, *, spec: AudioAugment, seed: int) -> tuple[bytes, int, float, dict]:
     """Decode, downmix (if ``spec.mono``), resample to ``spec.sample_rate``, augment, clip,
     encode as WAV PCM16. Returns (wav, sample rate, duration in seconds, record)."""
     try:
