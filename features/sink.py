@@ -35,8 +35,17 @@ Router = Callable[[pa.Table], tuple[dict[str, pa.Table], dict[str, int]]]
 class StoreSink(Datasink):
     """Route each block to store tables, write Parquet per table, commit once per table."""
 
-    def __init__(self, store: FeatureStore, router: Router, *, run_id: str, tables: list[str]):
+    def __init__(
+        self,
+        store: FeatureStore,
+        router: Router,
+        *,
+        run_id: str,
+        tables: list[str],
+        properties: dict[str, dict[str, str]] | None = None,
+    ):
         self.store = store
+        self.properties = properties or {}  # table -> metadata set when created
         self.router = router
         self.run_id = run_id
         self.tables = tables
@@ -46,7 +55,7 @@ class StoreSink(Datasink):
     def on_write_start(self, schema: Any = None) -> None:
         # Create missing tables before workers write into their directories.
         for name in self.tables:
-            self.store.ensure_table(name)
+            self.store.ensure_table(name, properties=self.properties.get(name))
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
         parts: dict[str, list[pa.Table]] = {name: [] for name in self.tables}

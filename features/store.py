@@ -144,16 +144,29 @@ class FeatureStore:
 
     # ---- writing -----------------------------------------------------------
 
-    def ensure_table(self, name: str, schema: pa.Schema | None = None) -> DeltaTable:
-        """Open ``name``, creating it empty with its explicit schema when it does not exist."""
+    def ensure_table(
+        self,
+        name: str,
+        schema: pa.Schema | None = None,
+        *,
+        properties: dict[str, str] | None = None,
+    ) -> DeltaTable:
+        """Open ``name``, creating it empty with its explicit schema when it does not exist.
+
+        ``properties`` (table metadata such as a label vocabulary) go into the
+        create commit; on an existing table they are set only when they changed.
+        """
         if self.exists(name):
+            if properties:
+                self.set_properties(name, properties)
             return self.delta(name)
-        schema = schema or TABLE_SCHEMAS[name]
         return DeltaTable.create(
             self.table_uri(name),
-            schema=schema,
+            schema=schema or TABLE_SCHEMAS[name],
             mode="ignore",
             name=name.replace("/", "__"),
+            configuration=properties,
+            raise_if_key_not_exists=False,
             storage_options=self.storage_options,
         )
 
@@ -191,6 +204,16 @@ class FeatureStore:
             ),
         )
         return self.delta(name).version()
+
+    def set_properties(self, name: str, properties: dict[str, str]) -> None:
+        """Record table-level metadata (e.g. a label vocabulary); commits only on change."""
+        dt = self.delta(name)
+        current = dt.metadata().configuration
+        if any(current.get(k) != v for k, v in properties.items()):
+            dt.alter.set_table_properties(properties, raise_if_not_exists=False)
+
+    def properties(self, name: str, version: Version = None) -> dict[str, str]:
+        return dict(self.delta(name, version).metadata().configuration)
 
     def column_values(self, name: str, column: str) -> pa.Array:
         """One column of the latest version (e.g. the committed ids a run anti-joins against)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -10,7 +11,8 @@ from rich.table import Table
 
 from features import query
 from features.store import FeatureStore
-from pipelines.build import BuildResult
+from pipelines.build import LABEL_VOCABULARY_KEY, BuildResult
+from pipelines.label import class_balance
 
 console = Console()
 
@@ -87,8 +89,7 @@ def print_describe(store: FeatureStore, name: str) -> None:
     schema = [[f.name, str(f.type), f.nullable] for f in dt.schema().fields]
     console.print(table("schema", ["column", "type", "nullable"], schema))
     if name == "samples":
-        counts = query.split_counts(store)
-        console.print(table("splits", ["split", "samples"], sorted(counts.items())))
+        print_class_balance(store)
     if store.exists("_runs"):
         runs = store.to_arrow("_runs").sort_by([("started_at", "descending")]).slice(0, 5)
         console.print(
@@ -109,6 +110,18 @@ def print_describe(store: FeatureStore, name: str) -> None:
                 ],
             )
         )
+
+
+def print_class_balance(store: FeatureStore) -> None:
+    balance = class_balance(store.to_arrow("samples", columns=["split", "label"]))
+    splits = list(balance)
+    labels = list(dict.fromkeys(label for counts in balance.values() for label in counts))
+    rows = [[label, *(balance[s].get(label, 0) for s in splits)] for label in labels]
+    totals = ["total", *(sum(balance[s].values()) for s in splits)]
+    console.print(table("class balance per split", ["label", *splits], [*rows, totals]))
+    vocabulary = store.properties("samples").get(LABEL_VOCABULARY_KEY)
+    if vocabulary:
+        console.print(f"closed label vocabulary: {', '.join(json.loads(vocabulary))}")
 
 
 def print_history(store: FeatureStore, name: str) -> None:

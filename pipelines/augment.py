@@ -74,6 +74,9 @@ DEFAULT_IMAGE_OPS: tuple[dict[str, Any], ...] = (
 )
 
 
+_EXAMPLES = ("HorizontalFlip", "RandomResizedCrop", "Affine", "ColorJitter", "GaussNoise")
+
+
 @cache
 def image_transform_names() -> tuple[str, ...]:
     """Names of the albumentations transforms a view pipeline accepts (2-D, image in/out)."""
@@ -98,9 +101,15 @@ def build_transform(name: str, params: dict[str, Any]) -> Any:
     import albumentations as A
 
     valid = image_transform_names()
+    if name in _UNSUPPORTED or (name not in valid and isinstance(getattr(A, name, None), type)):
+        raise ValueError(
+            f"albumentations transform {name!r} cannot run in a view pipeline: it needs more "
+            "than an image (bboxes, reference images, callables), is not a 2-D image transform, "
+            "or does not return uint8 pixels"
+        )
     if name not in valid:
         close = difflib.get_close_matches(name, valid, n=4, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {', '.join(valid[:6])}"
+        hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {', '.join(_EXAMPLES)}"
         raise ValueError(
             f"unknown albumentations transform {name!r}; {hint} ({len(valid)} are supported)"
         )
@@ -112,7 +121,7 @@ def build_transform(name: str, params: dict[str, Any]) -> Any:
 
 class ImageOp(BaseModel):
     """One albumentations transform by class name, e.g. ``{name: HorizontalFlip, params:
-    {p: 0.5}}``. Built once at spec load, so a typo fails before any Ray work starts."""
+    {p: 0.5}}``. Constructed at spec load, so a typo fails before any Ray work starts."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -13,7 +13,6 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import albumentations as A
 import cv2
 import librosa
 import numpy as np
@@ -58,13 +57,15 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     raise AugmentError(f"image: unsupported pixel type {img.dtype}")
 
 
-def _compose(ops: Sequence[ImageOp], seed: int) -> A.Compose:
+def _compose(ops: Sequence[ImageOp], seed: int) -> Any:
     """A fresh pipeline per view, seeded with ``seed``.
 
     ``Compose(seed=s)`` gives every transform the *same* seed, so their draws are identical
     streams: with p=0.5 each, all ops fire together or not at all. Each transform is therefore
     reseeded with its own derived seed after the Compose has set them.
     """
+    import albumentations as A  # here, after pipelines.augment turned its update check off
+
     transforms = [build_transform(op.name, op.params) for op in ops]
     # Alpha rides along as the mask: geometric ops move it with the pixels, colour ops leave
     # it alone; linear interpolation keeps soft edges soft.
@@ -100,10 +101,12 @@ def augment_image(data: bytes, *, ops: Sequence[ImageOp], seed: int) -> tuple[by
         img, alpha = np.ascontiguousarray(img[:, :, :3]), np.ascontiguousarray(img[:, :, 3])
     elif img.shape[2] != 3:
         raise AugmentError(f"image: {img.shape[2]} channels; expected 1, 3 or 4")
+    from albumentations.augmentations.crops.transforms import CropSizeError  # not a ValueError
+
     targets = {"image": img} if alpha is None else {"image": img, "mask": alpha}
     try:
         out = _compose(ops, seed)(**targets)
-    except (cv2.error, ValueError) as e:
+    except (cv2.error, ValueError, CropSizeError) as e:
         names = [op.name for op in ops]
         raise AugmentError(f"image: {names} failed on a {input_shape} image: {e}") from e
     pixels = out["image"]
@@ -140,15 +143,17 @@ def _audio_ops(y: np.ndarray, sr: int, spec: AudioAugment, seed: int) -> tuple[n
     def rng(op: int) -> np.random.Generator:
         return np.random.default_rng([seed, op])
 
-    n_fft = min(2048, 1 << (y.shape[1].bit_length() - 1))  # a window that fits the clip
-    stft = {"n_fft": n_fft, "hop_length": n_fft // 4}
+    def stft(y: np.ndarray) -> dict[str, int]:  # librosa's 2048 window, or one that fits
+        n_fft = min(2048, 1 << (y.shape[1].bit_length() - 1))
+        return {"n_fft": n_fft, "hop_length": n_fft // 4}
+
     if spec.time_stretch is not None and (g := rng(0)).random() < spec.p:
         rate = float(g.uniform(*spec.time_stretch))
-        y = librosa.effects.time_stretch(y, rate=rate, **stft)
+        y = librosa.effects.time_stretch(y, rate=rate, **stft(y))
         record["time_stretch"] = rate
     if spec.pitch_shift is not None and (g := rng(1)).random() < spec.p:
         steps = float(g.uniform(*spec.pitch_shift))
-        y = librosa.effects.pitch_shift(y, sr=sr, n_steps=steps, **stft)
+        y = librosa.effects.pitch_shift(y, sr=sr, n_steps=steps, **stft(y))
         record["pitch_shift"] = steps
     if spec.crop_seconds is not None:  # always: it fixes the output length
         g, target, n = rng(2), max(1, round(spec.crop_seconds * sr)), y.shape[1]

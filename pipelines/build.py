@@ -35,9 +35,11 @@ from pipelines.collect import (
 from pipelines.dedup import IdRegistry, mark_duplicates
 from pipelines.errors import SpecError
 from pipelines.identity import short_hash
+from pipelines.label import Labeller, label_vocabulary
 from pipelines.spec import DirectorySource, ManifestSource, PipelineSpec
 from pipelines.split import split_batch
 
+LABEL_VOCABULARY_KEY = "mmfp.label_vocabulary"
 OUTCOMES = ("samples", "quarantined", "duplicates", "already_stored", "already_quarantined")
 
 
@@ -196,6 +198,12 @@ def _manifest_dataset(source: ManifestSource) -> ray.data.Dataset:
     )
 
 
+def sample_properties(spec: PipelineSpec) -> dict[str, str]:
+    """Table metadata of ``samples``: the label vocabulary when the spec fixes one."""
+    vocabulary = label_vocabulary(spec.label)
+    return {} if vocabulary is None else {LABEL_VOCABULARY_KEY: json.dumps(vocabulary)}
+
+
 def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build") -> BuildResult:
     """Collect, split and deduplicate every source of ``spec`` into its store.
 
@@ -207,7 +215,11 @@ def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build")
     started = datetime.now(UTC)
     known_quarantine = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
     registry = IdRegistry.remote(store)
+    if spec.label:
+        Labeller(spec.label).check()  # a bad function path fails here, before Ray work
     ds = collected_dataset(spec)
+    if spec.label:
+        ds = ds.map_batches(Labeller(spec.label), batch_format="pyarrow")
     ds = ds.map_batches(
         split_batch,
         batch_format="pyarrow",
@@ -219,6 +231,7 @@ def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build")
         CollectRouter(run_id, known_quarantine),
         run_id=run_id,
         tables=["samples", "quarantine"],
+        properties={"samples": sample_properties(spec)},
     )
     ds.write_datasink(sink)
     ray.kill(registry)

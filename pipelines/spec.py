@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from features.storage import normalize_uri, redact
 from pipelines.errors import SpecError
+from pipelines.label import LabelSpec
 
 
 class _Model(BaseModel):
@@ -111,6 +112,7 @@ class PipelineSpec(_Model):
     sources: list[Source] = Field(min_length=1)
     decode: DecodeLimits = Field(default_factory=DecodeLimits)
     split: SplitSpec = Field(default_factory=SplitSpec)
+    label: LabelSpec | None = None  # none: keep the labels inputs came with
     store: StoreSpec = Field(default_factory=StoreSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 

@@ -230,9 +230,20 @@ def test_bad_inputs_become_error_rows(spec):
         assert row["sample_id"] == sid
         assert row["label"].startswith("class")
     assert "too short" in by_id["one_frame"]["error_message"]
+    assert "not an image" not in by_id["garbage_image"]["error_message"]  # bytes not echoed
     assert "no frames" in by_id["empty_wav"]["error_message"]
     fine = [r for r in out if r["sample_id"] == "fine"]
     assert all(r["error_type"] is None and r["image"] and r["audio"] and r["text"] for r in fine)
+
+
+def test_crop_larger_than_image_is_an_error_row():
+    spec = AugmentSpec(image=[ImageOp(name="RandomCrop", params={"height": 40, "width": 40})])
+    small = sample("small", k=1, image=png(np.zeros((20, 30, 3), np.uint8)))
+    big = sample("big", k=2, image=png(np.zeros((50, 60, 3), np.uint8)))
+    out = make_views(pa.Table.from_pylist([small, big]), spec=spec, run_id="r").to_pylist()
+    assert [r["error_type"] for r in out] == ["AugmentError", "AugmentError", None, None]
+    assert "RandomCrop" in out[0]["error_message"]
+    assert (out[2]["image_width"], out[2]["image_height"]) == (40, 40)
 
 
 def test_short_clip_works_without_stft_ops():
@@ -292,8 +303,12 @@ def test_spec_validation_messages():
         ImageOp(name="GaussNoise", params={"std_range": [2, 1]})
     with pytest.raises(ValidationError, match="image op HorizontalFlip.*'flip_ratio'"):
         ImageOp(name="HorizontalFlip", params={"flip_ratio": 1})
-    with pytest.raises(ValidationError, match="unknown albumentations transform 'Normalize'"):
+    with pytest.raises(ValidationError, match="'Normalize' cannot run in a view pipeline"):
         ImageOp(name="Normalize")  # float output: not a view op
+    with pytest.raises(ValidationError, match="'OneOf' cannot run in a view pipeline"):
+        ImageOp(name="OneOf")  # a composition, not one transform
+    with pytest.raises(ValidationError, match="e.g. HorizontalFlip"):
+        ImageOp(name="zzzzzz")
     with pytest.raises(ValidationError, match="extra"):
         AugmentSpec(views=3)
     with pytest.raises(ValidationError, match="low <= high"):

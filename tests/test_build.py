@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -172,3 +173,32 @@ def test_history_records_the_run(built):
     assert run["inputs"] == result.inputs
     assert run["spec_hash"]
     assert run["code_version"].startswith("0.1.0")
+
+
+def test_label_stage_rules_vocabulary_and_quarantine(corpus, tmp_path):
+    sources = corpus_sources(corpus, broken=False)[:2]
+    vocabulary = ["circle", "square", "triangle", "star", "cross"]
+    label = {
+        "sources": [
+            {"kind": "rules", "keywords": {"circle": ["circle"], "square": ["square"]}},
+            {"kind": "manifest"},
+            {"kind": "folder"},
+        ],
+        "vocabulary": vocabulary,
+    }
+    result = build(make_spec(tmp_path / "store", sources, label=label))
+    store = FeatureStore(str(tmp_path / "store"))
+    samples = store.to_arrow("samples", columns=["text", "label", "label_source"]).to_pylist()
+    quarantine = store.to_arrow("quarantine").to_pylist()
+    assert samples
+    assert all(r["label"] in vocabulary for r in samples)
+    for r in samples:
+        if r["label_source"] == "rules":
+            assert r["label"] in r["text"]
+    assert {"rules", "manifest", "folder"} <= {r["label_source"] for r in samples}
+    assert quarantine
+    assert {q["error_type"] for q in quarantine} == {"UnknownLabel"}
+    assert all(q["stage"] == "label" for q in quarantine)
+    assert result.inputs == len(samples) + len(quarantine)
+    props = store.properties("samples")
+    assert json.loads(props["mmfp.label_vocabulary"]) == vocabulary

@@ -91,6 +91,8 @@ def test_demo_then_store_commands(tmp_path):
     described = runner.invoke(app, ["store", "describe", "samples", "--store", store])
     assert described.exit_code == 0
     assert "sample_id" in described.output
+    assert "class balance per split" in described.output
+    assert "circle" in described.output
     assert "train" in described.output
     history = runner.invoke(app, ["store", "history", "samples", "--store", store])
     assert history.exit_code == 0
