@@ -97,6 +97,7 @@ RUNS = pa.schema(
         pa.field("quarantined", pa.int64()),
         pa.field("duplicates", pa.int64()),
         pa.field("already_stored", pa.int64()),
+        pa.field("views_written", pa.int64()),
         pa.field("versions", pa.string()),
     ]
 )

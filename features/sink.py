@@ -43,8 +43,13 @@ class StoreSink(Datasink):
         run_id: str,
         tables: list[str],
         properties: dict[str, dict[str, str]] | None = None,
+        deferred: tuple[str, ...] = (),
     ):
         self.store = store
+        # tables whose files are written but left for the caller to commit (in
+        # ``pending``), so one table can take rows from several stages in one commit
+        self.deferred = deferred
+        self.pending: dict[str, list[AddAction]] = {}
         self.properties = properties or {}  # table -> metadata set when created
         self.router = router
         self.run_id = run_id
@@ -97,6 +102,9 @@ class StoreSink(Datasink):
             for name, action in result["actions"].items():
                 actions[name].append(action)
         for name, table_actions in actions.items():
+            if name in self.deferred:
+                self.pending[name] = table_actions
+                continue
             version = self.store.commit(name, table_actions, run_id=self.run_id)
             if version is not None:
                 self.versions[name] = version

@@ -228,8 +228,11 @@ VIEW_ERRORS_SCHEMA = pa.schema([*VIEWS, *ERROR_FIELDS])
 
 _MEDIA = ("text", "image", "image_width", "image_height", "audio", "audio_sample_rate")
 _MEDIA += ("audio_duration", "transforms")
-_SAMPLE_COLUMNS = ("sample_id", "split", "modalities", "text", "image", "audio", "label")
-_SAMPLE_COLUMNS += ("labels", "audio_sample_rate", "audio_duration")
+# the samples columns a view is made from (what the build reads back from the store)
+VIEW_INPUT_COLUMNS = (
+    "sample_id", "split", "modalities", "text", "image", "audio", "label", "labels",
+    "audio_sample_rate", "audio_duration",
+)  # fmt: skip
 
 
 def replay_view(sample_row: dict[str, Any], view: int, spec: AugmentSpec) -> dict[str, Any]:
@@ -330,7 +333,7 @@ def make_views(
     if batch.num_rows == 0:
         return empty
     train = batch.filter(pc.equal(batch["split"], "train"))  # null split: not train
-    train = train.select([c for c in _SAMPLE_COLUMNS if c in train.column_names])
+    train = train.select([c for c in VIEW_INPUT_COLUMNS if c in train.column_names])
     stamp = created_at or datetime.now(UTC)
     rows = [
         replay_view(sample, view, spec) | {"created_at": stamp, "run_id": run_id}
@@ -338,3 +341,26 @@ def make_views(
         for view in range(spec.views_per_sample)
     ]
     return pa.Table.from_pylist(rows, schema=VIEW_ERRORS_SCHEMA) if rows else empty
+
+
+def make_missing_views(
+    batch: pa.Table,
+    *,
+    spec: AugmentSpec,
+    run_id: str,
+    existing: frozenset[tuple[str, int]],
+) -> pa.Table:
+    """``make_views`` for the samples that lack some of their views; existing views are skipped.
+
+    ``existing`` holds the (sample_id, view) pairs already stored at ``spec.seed``, so
+    a rerun makes nothing and a larger ``views_per_sample`` adds only the new indices.
+    """
+    wanted = range(spec.views_per_sample)
+    ids = batch.column("sample_id").to_pylist()
+    todo = [any((sid, v) not in existing for v in wanted) for sid in ids]
+    views = make_views(batch.filter(pa.array(todo, pa.bool_())), spec=spec, run_id=run_id)
+    if not existing or views.num_rows == 0:
+        return views
+    keys = zip(views.column("sample_id").to_pylist(), views.column("view").to_pylist(), strict=True)
+    keep = [key not in existing for key in keys]
+    return views.filter(pa.array(keep, pa.bool_())) if not all(keep) else views

@@ -58,7 +58,8 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def _compose(ops: Sequence[ImageOp], seed: int) -> Any:
-    """A fresh pipeline per view, seeded with ``seed``.
+    """A fresh pipeline per view, seeded with ``seed`` (a reused one carries its RNG state
+    from call to call, so a view would depend on the views made before it).
 
     ``Compose(seed=s)`` gives every transform the *same* seed, so their draws are identical
     streams: with p=0.5 each, all ops fire together or not at all. Each transform is therefore

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
+from deltalake.transaction import AddAction
 
 from features.sink import StoreSink
 from features.storage import filesystem_for
 from features.store import FeatureStore
+from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views
 from pipelines.collect import (
     COLLECTED,
     REFS,
@@ -34,8 +35,8 @@ from pipelines.collect import (
 )
 from pipelines.dedup import IdRegistry, mark_duplicates
 from pipelines.errors import SpecError
-from pipelines.identity import short_hash
 from pipelines.label import Labeller, label_vocabulary
+from pipelines.route import SampleRouter, ViewRouter
 from pipelines.spec import DirectorySource, ManifestSource, PipelineSpec
 from pipelines.split import split_batch
 
@@ -49,9 +50,10 @@ class BuildResult:
 
     run_id: str
     store_uri: str
-    counts: dict[str, int]
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    view_counts: dict[str, int] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
-    started_at: datetime | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
 
     @property
@@ -82,54 +84,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return version
     return f"{version}+g{sha}"
-
-
-class CollectRouter:
-    """Sends collected rows to ``samples`` or ``quarantine`` and counts the rest."""
-
-    def __init__(self, run_id: str, known_quarantine_ids: frozenset[str]) -> None:
-        self.run_id = run_id
-        self.known = known_quarantine_ids
-
-    def __call__(self, batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
-        now = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
-        status = batch.column("status")
-        counts = {"already_stored": pc.sum(pc.equal(status, "stored")).as_py() or 0}
-        new = batch.filter(pc.equal(status, "new"))
-        samples = new.drop_columns(["status", "error_stage", "error_type", "error_message"])
-        samples = samples.set_column(
-            samples.schema.get_field_index("ingested_at"),
-            "ingested_at",
-            pa.repeat(now, new.num_rows),
-        ).set_column(
-            samples.schema.get_field_index("run_id"),
-            "run_id",
-            pa.repeat(pa.scalar(self.run_id), new.num_rows),
-        )
-        counts["samples"] = samples.num_rows
-        bad = batch.filter(pc.equal(status, "error")).to_pylist()
-        rows = []
-        for row in bad:
-            qid = short_hash(row["source_uri"], row["error_stage"], row["error_type"])
-            if qid in self.known:
-                counts["already_quarantined"] = counts.get("already_quarantined", 0) + 1
-                continue
-            kind = "duplicates" if row["error_type"] == "DuplicateSample" else "quarantined"
-            counts[kind] = counts.get(kind, 0) + 1
-            rows.append(
-                {
-                    "quarantine_id": qid,
-                    "source": row["source"],
-                    "uri": row["source_uri"],
-                    "stage": row["error_stage"],
-                    "error_type": row["error_type"],
-                    "message": row["error_message"],
-                    "run_id": self.run_id,
-                    "quarantined_at": now.as_py(),
-                }
-            )
-        quarantine = pa.Table.from_pylist(rows) if rows else pa.table({})
-        return {"samples": samples, "quarantine": quarantine}, counts
 
 
 def _blocks(spec: PipelineSpec, rows: int) -> int:
@@ -205,18 +159,33 @@ def sample_properties(spec: PipelineSpec) -> dict[str, str]:
 
 
 def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build") -> BuildResult:
-    """Collect, split and deduplicate every source of ``spec`` into its store.
+    """Collect, label, split, deduplicate and augment every source of ``spec`` into its store.
 
     One Delta commit per table that received rows; nothing at all when every
     input is already in the store. Ray must be initialised (jobs do it).
     """
     store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
-    run_id = run_id or new_run_id()
-    started = datetime.now(UTC)
-    known_quarantine = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
-    registry = IdRegistry.remote(store)
+    result = BuildResult(run_id=run_id or new_run_id(), store_uri=store.uri)
     if spec.label:
         Labeller(spec.label).check()  # a bad function path fails here, before Ray work
+    known_quarantine = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
+    quarantine = collect_samples(spec, store, result, known_quarantine)
+    if spec.augment:
+        quarantine += augment_samples(spec, store, result, known_quarantine)
+    version = store.commit("quarantine", quarantine, run_id=result.run_id)
+    if version is not None:
+        result.versions["quarantine"] = version
+    result.finished_at = datetime.now(UTC)
+    if result.changed:
+        record_run(store, spec, result, kind=kind)
+    return result
+
+
+def collect_samples(
+    spec: PipelineSpec, store: FeatureStore, result: BuildResult, known: frozenset[str]
+) -> list[AddAction]:
+    """Sources -> ``samples`` (committed); returns the quarantine files for the caller to commit."""
+    registry = IdRegistry.remote(store)
     ds = collected_dataset(spec)
     if spec.label:
         ds = ds.map_batches(Labeller(spec.label), batch_format="pyarrow")
@@ -228,24 +197,59 @@ def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build")
     ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry})
     sink = StoreSink(
         store,
-        CollectRouter(run_id, known_quarantine),
-        run_id=run_id,
+        SampleRouter(result.run_id, known),
+        run_id=result.run_id,
         tables=["samples", "quarantine"],
         properties={"samples": sample_properties(spec)},
+        deferred=("quarantine",),
     )
     ds.write_datasink(sink)
     ray.kill(registry)
-    result = BuildResult(
-        run_id=run_id,
-        store_uri=store.uri,
-        counts={k: sink.counts.get(k, 0) for k in OUTCOMES},
-        versions=dict(sink.versions),
-        started_at=started,
-        finished_at=datetime.now(UTC),
+    result.counts.update({k: sink.counts.get(k, 0) for k in OUTCOMES})
+    result.versions.update(sink.versions)
+    return sink.pending.get("quarantine", [])
+
+
+def augment_samples(
+    spec: PipelineSpec, store: FeatureStore, result: BuildResult, known: frozenset[str]
+) -> list[AddAction]:
+    """Train samples without views at this seed -> ``views`` (committed); returns quarantine files.
+
+    Reads ``samples`` at its committed version, so views also catch up on samples
+    stored by earlier runs (e.g. after ``augment`` is added to a spec).
+    """
+    augment = spec.augment
+    assert augment is not None
+    existing = (
+        frozenset(
+            (r["sample_id"], r["view"])
+            for r in store.to_arrow("views", columns=["sample_id", "view", "seed"]).to_pylist()
+            if r["seed"] == augment.seed
+        )
+        if store.exists("views")
+        else frozenset()
     )
-    if result.changed:
-        record_run(store, spec, result, kind=kind)
-    return result
+    ds = store.table("samples", columns=list(VIEW_INPUT_COLUMNS))
+    ds = ds.map_batches(
+        make_missing_views,
+        batch_format="pyarrow",
+        batch_size=spec.resources.batch_size,
+        fn_kwargs={"spec": augment, "run_id": result.run_id, "existing": existing},
+    )
+    sink = StoreSink(
+        store,
+        ViewRouter(result.run_id, known),
+        run_id=result.run_id,
+        tables=["views", "quarantine"],
+        deferred=("quarantine",),
+    )
+    ds.write_datasink(sink)
+    result.view_counts = {
+        "views": sink.counts.get("views", 0),
+        **{k: v for k, v in sink.counts.items() if k != "views"},
+    }
+    result.versions.update(sink.versions)
+    return sink.pending.get("quarantine", [])
 
 
 def record_run(store: FeatureStore, spec: PipelineSpec, result: BuildResult, *, kind: str) -> None:
@@ -263,6 +267,7 @@ def record_run(store: FeatureStore, spec: PipelineSpec, result: BuildResult, *, 
         "quarantined": result.counts["quarantined"],
         "duplicates": result.counts["duplicates"],
         "already_stored": result.counts["already_stored"],
+        "views_written": result.view_counts.get("views", 0),
         "versions": json.dumps(result.versions, sort_keys=True),
     }
     version = store.append("_runs", pa.Table.from_pylist([row]), run_id=result.run_id)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from features.storage import normalize_uri, redact
+from pipelines.augment import AugmentSpec
 from pipelines.errors import SpecError
 from pipelines.label import LabelSpec
 
@@ -113,6 +114,7 @@ class PipelineSpec(_Model):
     decode: DecodeLimits = Field(default_factory=DecodeLimits)
     split: SplitSpec = Field(default_factory=SplitSpec)
     label: LabelSpec | None = None  # none: keep the labels inputs came with
+    augment: AugmentSpec | None = None  # none: no views table
     store: StoreSpec = Field(default_factory=StoreSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
