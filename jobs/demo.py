@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from features.plots import augment_preview
 from features.store import FeatureStore
 from jobs.report import console, print_build
 from jobs.runtime import init_ray
@@ -25,6 +26,26 @@ sources:
 split:
   seed: 0
   ratios: {train: 0.8, val: 0.1, test: 0.1}
+label:
+  # first source that has a label wins: the input's own label, then a caption rule
+  sources:
+    - {kind: folder}
+    - {kind: manifest}
+    - kind: rules
+      keywords: {circle: [circle], square: [square], triangle: [triangle]}
+  vocabulary: [circle, square, triangle, star, cross, ring, diamond, bars, dots, wave]
+augment:
+  views_per_sample: 2
+  seed: 0
+  image:
+    - {name: Affine, params: {scale: [0.85, 1.15], rotate: [-15, 15], p: 0.8}}
+    - {name: HorizontalFlip, params: {p: 0.5}}
+    # no hue jitter: colour is part of what the captions say
+    - name: ColorJitter
+      params: {brightness: 0.3, contrast: 0.3, saturation: 0.2, hue: 0.0, p: 0.8}
+    - {name: GaussNoise, params: {p: 0.3}}
+  audio: {sample_rate: 16000, pitch_shift: [-2, 2], time_stretch: [0.9, 1.1], p: 0.7}
+  text: {word_delete_p: 0.1, templates: ["{text}", "a picture of {text}"]}
 store:
   uri: store
 """
@@ -49,6 +70,9 @@ def run_demo(
     result = build(spec)
     store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
     print_build(result, store)
+    preview = augment_preview(store, workdir / "augmentations.png")
+    if preview:
+        console.print(f"augmentation preview: {preview}")
     console.print(
         f"next: mmfp store ls --store {store.uri}   |   "
         f"mmfp store describe samples --store {store.uri}"

@@ -58,6 +58,10 @@ def print_build(result: BuildResult, store: FeatureStore) -> None:
             [[s, per_split.get(s, 0), *(grid.get((s, m), 0) for m in modalities)] for s in splits],
         )
     )
+    if result.view_counts:
+        console.print(
+            f"views: {result.view_counts.get('views', 0)} new augmented views of train samples"
+        )
     reasons = query.quarantine_reasons(store, run_id=result.run_id).to_pylist()
     if reasons:
         console.print(

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -104,3 +105,16 @@ def test_demo_then_store_commands(tmp_path):
     again = runner.invoke(app, ["demo", "--workdir", str(workdir), "--n-per-class", "1"])
     assert again.exit_code == 0
     assert "nothing new" in again.output
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_demo_writes_an_augmentation_preview(tmp_path):
+    workdir = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--workdir", str(workdir), "--n-per-class", "3"])
+    assert result.exit_code == 0, result.output
+    png = workdir / "augmentations.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = cv2.imread(str(png))
+    assert image.shape[0] > 200
+    assert image.shape[1] > 600
+    assert "new augmented views" in result.output
