@@ -133,3 +133,39 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             columns.append(pa.nulls(table.num_rows, field.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+# ---- feature sets -------------------------------------------------------------
+
+FEATURES_PREFIX = "features/"
+ORIGINAL_VIEW = -1  # the `view` of a feature row computed from the sample itself (not a view)
+
+# Table property holding the feature set's description as JSON:
+# {"encoders": [{"name", "version", "config_hash", "model"}],
+#  "columns": {column: {"shape": [dims], "dtype": "float32", "encoder": name,
+#              "normalized": bool, "kind": "embedding" | "input"}},
+#  "samples_version": int, "views_version": int | null}
+FEATURE_SET_KEY = "mmfp.feature_set"
+
+FEATURE_KEY_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("view", pa.int32(), nullable=False),
+    pa.field("split", pa.string()),
+    pa.field("label", pa.string()),
+    pa.field("labels", _list(pa.string())),
+    pa.field("modalities", _list(pa.string())),
+]
+
+
+def feature_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
+    """Key columns plus one column per encoder output, in the given order.
+
+    Embeddings and model inputs are flattened into ``list<float32>`` (token ids
+    ``list<int32>``): Delta has no fixed-size list, so each column's shape lives
+    in the ``FEATURE_SET_KEY`` table property and is checked on read.
+    """
+    return pa.schema([*FEATURE_KEY_FIELDS, *(pa.field(n, t) for n, t in columns.items())])
+
+
+def list_of(value_type: pa.DataType) -> pa.DataType:
+    return _list(value_type)
