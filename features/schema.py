@@ -169,3 +169,10 @@ def feature_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
 
 def list_of(value_type: pa.DataType) -> pa.DataType:
     return _list(value_type)
+
+
+def table_keys(name: str) -> tuple[str, ...] | None:
+    """The columns that identify a row of ``name`` (feature sets: sample and view)."""
+    if name.startswith(FEATURES_PREFIX):
+        return ("sample_id", "view")
+    return TABLE_KEYS.get(name)

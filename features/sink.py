@@ -10,21 +10,17 @@ that produces samples and quarantine rows in one pass needs several.
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from deltalake.transaction import AddAction
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
+from features.commit import write_file
 from features.schema import TABLE_SCHEMAS, conform
-from features.storage import filesystem_for
 from features.store import FeatureStore
 
 # route(block) -> ({table name: rows for it}, {outcome: count}); it decides which
@@ -44,12 +40,16 @@ class StoreSink(Datasink):
         tables: list[str],
         properties: dict[str, dict[str, str]] | None = None,
         deferred: tuple[str, ...] = (),
+        base_versions: dict[str, int | None] | None = None,
     ):
         self.store = store
         # tables whose files are written but left for the caller to commit (in
         # ``pending``), so one table can take rows from several stages in one commit
         self.deferred = deferred
         self.pending: dict[str, list[AddAction]] = {}
+        # the version each table had when the run read it: keys committed by other
+        # writers after it are dropped from this run's files at commit time
+        self.base_versions = base_versions or {}
         self.properties = properties or {}  # table -> metadata set when created
         self.router = router
         self.run_id = run_id
@@ -79,21 +79,8 @@ class StoreSink(Datasink):
         return {"actions": actions, "counts": dict(counts)}
 
     def _write_file(self, name: str, rows: pa.Table) -> AddAction:
-        table_uri = self.store.table_uri(name)
-        fs, root = filesystem_for(table_uri, self.store.storage_options)
-        file_name = f"part-{self.run_id}-{uuid.uuid4().hex}.parquet"
         rows = conform(rows, TABLE_SCHEMAS[name])
-        with fs.open_output_stream(f"{root}/{file_name}") as out:
-            pq.write_table(rows, out, compression="zstd")
-        size = fs.get_file_info(f"{root}/{file_name}").size
-        return AddAction(
-            path=file_name,
-            size=size,
-            partition_values={},
-            modification_time=int(time.time() * 1000),
-            data_change=True,
-            stats=json.dumps({"numRecords": rows.num_rows}),
-        )
+        return write_file(self.store.table_uri(name), self.store.storage_options, rows, self.run_id)
 
     def on_write_complete(self, write_result: Any) -> None:
         actions: dict[str, list[AddAction]] = {name: [] for name in self.tables}
@@ -105,6 +92,11 @@ class StoreSink(Datasink):
             if name in self.deferred:
                 self.pending[name] = table_actions
                 continue
-            version = self.store.commit(name, table_actions, run_id=self.run_id)
+            version = self.store.commit(
+                name,
+                table_actions,
+                run_id=self.run_id,
+                base_version=self.base_versions.get(name),
+            )
             if version is not None:
                 self.versions[name] = version

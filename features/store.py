@@ -8,7 +8,7 @@ a killed job leaves the previous version intact.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +16,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import AddAction
+from deltalake.transaction import AddAction, RemoveAction, Transaction
 
+from features.commit import ROWS_KEY, RUN_ID_KEY, commit_run
 from features.errors import StoreError
-from features.schema import TABLE_SCHEMAS, conform
+from features.schema import TABLE_SCHEMAS, conform, table_keys
 from features.storage import filesystem_for, join_uri, normalize_uri
 
 if TYPE_CHECKING:
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
     import ray.data
 
 Version = int | datetime | str | None
-
-RUN_ID_KEY = "mmfp.run_id"
-ROWS_KEY = "mmfp.rows"  # rows a commit added; delta-rs records no metrics for raw add actions
 
 
 class FeatureStore:
@@ -170,24 +168,35 @@ class FeatureStore:
             storage_options=self.storage_options,
         )
 
-    def commit(self, name: str, actions: list[AddAction], *, run_id: str) -> int | None:
+    def commit(
+        self,
+        name: str,
+        actions: list[AddAction],
+        *,
+        run_id: str,
+        base_version: int | None = None,
+        removes: Sequence[RemoveAction] = (),
+        transaction: Transaction | None = None,
+    ) -> int | None:
         """Commit Parquet files already written under the table as one Delta version.
 
-        Returns the new version, or ``None`` (and no commit) when there is nothing to add.
+        Rows whose key (``TABLE_KEYS``) another writer committed since
+        ``base_version`` are dropped first, so concurrent runs never duplicate
+        a key. Returns the new version, or ``None`` (and no commit) when there
+        is nothing to add or remove.
         """
-        if not actions:
+        if not actions and not removes:
             return None
-        dt = self.ensure_table(name)
-        rows = sum(json.loads(a.stats)["numRecords"] for a in actions)
-        metadata = {RUN_ID_KEY: run_id, ROWS_KEY: str(rows)}
-        dt.create_write_transaction(
-            actions=actions,
-            mode="append",
-            schema=dt.schema(),
-            commit_properties=CommitProperties(custom_metadata=metadata),
+        return commit_run(
+            self.ensure_table(name),
+            self.storage_options,
+            actions,
+            run_id=run_id,
+            keys=table_keys(name),
+            base_version=base_version,
+            removes=removes,
+            transaction=transaction,
         )
-        dt.update_incremental()
-        return dt.version()
 
     def append(self, name: str, table: pa.Table, *, run_id: str) -> int | None:
         """Append a small driver-side Arrow table (run records) as one commit."""
@@ -215,11 +224,11 @@ class FeatureStore:
     def properties(self, name: str, version: Version = None) -> dict[str, str]:
         return dict(self.delta(name, version).metadata().configuration)
 
-    def column_values(self, name: str, column: str) -> pa.Array:
-        """One column of the latest version (e.g. the committed ids a run anti-joins against)."""
+    def column_values(self, name: str, column: str, version: Version = None) -> pa.Array:
+        """One column at a version (e.g. the committed ids a run anti-joins against)."""
         if not self.exists(name):
             return pa.array([], pa.string())
-        return self.to_arrow(name, columns=[column]).column(column).combine_chunks()
+        return self.to_arrow(name, version, columns=[column]).column(column).combine_chunks()
 
 
 def _int(value: Any) -> int | None:

@@ -166,13 +166,17 @@ def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build")
     """
     store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
     result = BuildResult(run_id=run_id or new_run_id(), store_uri=store.uri)
+    # what this run reads is the store at these versions; commits check against them
+    base = {name: store.version(name) for name in ("samples", "quarantine", "views")}
     if spec.label:
         Labeller(spec.label).check()  # a bad function path fails here, before Ray work
     known_quarantine = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
-    quarantine = collect_samples(spec, store, result, known_quarantine)
+    quarantine = collect_samples(spec, store, result, known_quarantine, base)
     if spec.augment:
-        quarantine += augment_samples(spec, store, result, known_quarantine)
-    version = store.commit("quarantine", quarantine, run_id=result.run_id)
+        quarantine += augment_samples(spec, store, result, known_quarantine, base)
+    version = store.commit(
+        "quarantine", quarantine, run_id=result.run_id, base_version=base["quarantine"]
+    )
     if version is not None:
         result.versions["quarantine"] = version
     result.finished_at = datetime.now(UTC)
@@ -182,10 +186,14 @@ def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build")
 
 
 def collect_samples(
-    spec: PipelineSpec, store: FeatureStore, result: BuildResult, known: frozenset[str]
+    spec: PipelineSpec,
+    store: FeatureStore,
+    result: BuildResult,
+    known: frozenset[str],
+    base: dict[str, int | None],
 ) -> list[AddAction]:
     """Sources -> ``samples`` (committed); returns the quarantine files for the caller to commit."""
-    registry = IdRegistry.remote(store)
+    registry = IdRegistry.remote(store, base["samples"])
     ds = collected_dataset(spec)
     if spec.label:
         ds = ds.map_batches(Labeller(spec.label), batch_format="pyarrow")
@@ -202,6 +210,7 @@ def collect_samples(
         tables=["samples", "quarantine"],
         properties={"samples": sample_properties(spec)},
         deferred=("quarantine",),
+        base_versions=base,
     )
     ds.write_datasink(sink)
     ray.kill(registry)
@@ -211,7 +220,11 @@ def collect_samples(
 
 
 def augment_samples(
-    spec: PipelineSpec, store: FeatureStore, result: BuildResult, known: frozenset[str]
+    spec: PipelineSpec,
+    store: FeatureStore,
+    result: BuildResult,
+    known: frozenset[str],
+    base: dict[str, int | None],
 ) -> list[AddAction]:
     """Train samples without views at this seed -> ``views`` (committed); returns quarantine files.
 
@@ -242,6 +255,7 @@ def augment_samples(
         run_id=result.run_id,
         tables=["views", "quarantine"],
         deferred=("quarantine",),
+        base_versions=base,
     )
     ds.write_datasink(sink)
     result.view_counts = {

@@ -19,8 +19,10 @@ STORED = ""  # winner marker for ids committed before this run
 
 @ray.remote(num_cpus=0)
 class IdRegistry:
-    def __init__(self, store: FeatureStore, table: str = "samples") -> None:
-        self.stored = set(store.column_values(table, "sample_id").to_pylist())
+    def __init__(self, store: FeatureStore, version: int | None) -> None:
+        self.stored: set[str] = set()
+        if version is not None:  # None: no samples table yet
+            self.stored = set(store.column_values("samples", "sample_id", version).to_pylist())
         self.claims: dict[str, str] = {}
 
     def claim(self, ids: list[str], keys: list[str]) -> list[str]:
