@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -89,13 +89,26 @@ def drop_keys_from_files(
     """Rewrite this run's (uncommitted) files without the rows whose key is in ``drop``."""
     if not drop:
         return actions
+    return filter_files(
+        table_uri, storage_options, actions, lambda rows: _key_mask(rows, keys, drop), tag
+    )
+
+
+def filter_files(
+    table_uri: str,
+    storage_options: dict[str, str],
+    actions: list[AddAction],
+    keep: Callable[[pa.Table], pa.Array],
+    tag: str,
+) -> list[AddAction]:
+    """Rewrite this run's (uncommitted) files keeping only the rows ``keep`` marks True."""
     fs, root = filesystem_for(table_uri, storage_options)
     kept = []
     for action in actions:
         path = f"{root}/{action.path}"
         with fs.open_input_file(path) as f:
             rows = pq.read_table(f)
-        mask = _key_mask(rows, keys, drop)
+        mask = keep(rows)
         if pc.all(mask).as_py():
             kept.append(action)
             continue

@@ -83,6 +83,21 @@ VIEWS = pa.schema(
     ]
 )
 
+# Append-only ledger of inputs seen by builds and refreshes; an input's latest row is
+# its state. A refresh skips inputs whose fingerprint did not change.
+INPUTS = pa.schema(
+    [
+        pa.field("input_key", pa.string(), nullable=False),  # the sample's source_uri
+        pa.field("source", pa.string()),
+        pa.field("container", pa.string()),  # the tar shard it came from, if any
+        pa.field("fingerprint", pa.string()),
+        pa.field("outcome", pa.string()),  # sample | stored | duplicate | removed | <error type>
+        pa.field("sample_id", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("seen_at", UTC_MICROS),
+    ]
+)
+
 RUNS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
@@ -106,6 +121,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "quarantine": QUARANTINE,
     "views": VIEWS,
+    "_inputs": INPUTS,
     "_runs": RUNS,
 }
 

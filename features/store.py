@@ -198,7 +198,14 @@ class FeatureStore:
             transaction=transaction,
         )
 
-    def append(self, name: str, table: pa.Table, *, run_id: str) -> int | None:
+    def append(
+        self,
+        name: str,
+        table: pa.Table,
+        *,
+        run_id: str,
+        transaction: Transaction | None = None,
+    ) -> int | None:
         """Append a small driver-side Arrow table (run records) as one commit."""
         if table.num_rows == 0:
             return None
@@ -209,7 +216,8 @@ class FeatureStore:
             mode="append",
             storage_options=self.storage_options,
             commit_properties=CommitProperties(
-                custom_metadata={RUN_ID_KEY: run_id, ROWS_KEY: str(table.num_rows)}
+                custom_metadata={RUN_ID_KEY: run_id, ROWS_KEY: str(table.num_rows)},
+                app_transactions=[transaction] if transaction else None,
             ),
         )
         return self.delta(name).version()

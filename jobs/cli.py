@@ -83,6 +83,22 @@ def build(
     run_build(str(spec), address=address)
 
 
+@app.command()
+@user_errors
+def refresh(
+    spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")],
+    slot: Annotated[
+        str | None,
+        typer.Option(help="Schedule slot (epoch seconds or ISO time): commit it at most once."),
+    ] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Process only new or changed inputs of SPEC; removed inputs follow refresh.on_removed."""
+    from jobs.refresh import run_refresh
+
+    run_refresh(str(spec), address=address, slot=slot)
+
+
 def _store(uri: str) -> FeatureStore:
     store = FeatureStore(uri)
     if not store.tables():

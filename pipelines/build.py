@@ -1,7 +1,9 @@
-"""Compose the stages for a spec into one Ray Data plan and commit it to the store.
+"""Compose the stages for a spec into Ray Data plans and commit them to the store.
 
-This is the only module that knows about Ray wiring (datasets, block counts,
-actors, the sink); every stage it calls is a plain function over a batch.
+This is the only module that wires stages to Ray (datasets, actors, sinks) and
+decides the order of commits: ``samples`` and ``views`` as their stages finish,
+then ``quarantine`` and ``_inputs`` (which take rows from several stages) and
+last the ``_runs`` record. Every table gets at most one commit per run.
 """
 
 from __future__ import annotations
@@ -16,32 +18,34 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
-import ray.data
-from deltalake.transaction import AddAction
+from deltalake.transaction import AddAction, RemoveAction, Transaction
 
+from features.commit import filter_files, rewrite_without, write_file
+from features.schema import INPUTS, conform
 from features.sink import StoreSink
-from features.storage import filesystem_for
 from features.store import FeatureStore
 from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views
-from pipelines.collect import (
-    COLLECTED,
-    REFS,
-    RefReader,
-    ShardReader,
-    list_directory,
-    list_shards,
-    manifest_refs,
-)
 from pipelines.dedup import IdRegistry, mark_duplicates
-from pipelines.errors import SpecError
+from pipelines.inputs import (
+    LedgerState,
+    Listing,
+    changed_only,
+    news_mask,
+    removable_ids,
+    removal_rows,
+    removed_inputs,
+)
 from pipelines.label import Labeller, label_vocabulary
+from pipelines.plan import collected_dataset, list_inputs
 from pipelines.route import SampleRouter, ViewRouter
-from pipelines.spec import DirectorySource, ManifestSource, PipelineSpec
+from pipelines.spec import PipelineSpec
 from pipelines.split import split_batch
 
 LABEL_VOCABULARY_KEY = "mmfp.label_vocabulary"
 OUTCOMES = ("samples", "quarantined", "duplicates", "already_stored", "already_quarantined")
+BASE_TABLES = ("samples", "quarantine", "views", "_inputs")
 
 
 @dataclass
@@ -52,9 +56,12 @@ class BuildResult:
     store_uri: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     view_counts: dict[str, int] = field(default_factory=dict)
+    removed: dict[str, int] = field(default_factory=dict)  # inputs gone, samples deleted
     versions: dict[str, int] = field(default_factory=dict)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
+    skipped_inputs: int = 0  # unchanged inputs a refresh did not read again
+    already_done: bool = False  # the slot was committed by an earlier attempt
 
     @property
     def inputs(self) -> int:
@@ -63,6 +70,34 @@ class BuildResult:
     @property
     def changed(self) -> bool:
         return bool(self.versions)
+
+
+@dataclass
+class Run:
+    """One build's state: the store versions it read and the files it still has to commit."""
+
+    spec: PipelineSpec
+    store: FeatureStore
+    result: BuildResult
+    base: dict[str, int | None]
+    known_quarantine: frozenset[str]
+    pending: dict[str, list[AddAction]] = field(default_factory=dict)
+    removals: dict[str, tuple[list[RemoveAction], list[AddAction]]] = field(default_factory=dict)
+
+    def defer(self, name: str, actions: list[AddAction]) -> None:
+        self.pending.setdefault(name, []).extend(actions)
+
+    def commit(self, name: str, actions: list[AddAction]) -> None:
+        removes, rewritten = self.removals.pop(name, ([], []))
+        version = self.store.commit(
+            name,
+            [*actions, *rewritten],
+            run_id=self.result.run_id,
+            base_version=self.base.get(name),
+            removes=removes,
+        )
+        if version is not None:
+            self.result.versions[name] = version
 
 
 def new_run_id() -> str:
@@ -86,115 +121,98 @@ def code_version() -> str:
     return f"{version}+g{sha}"
 
 
-def _blocks(spec: PipelineSpec, rows: int) -> int:
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    wanted = cpus * spec.resources.blocks_per_cpu
-    return max(1, min(wanted, -(-rows // spec.resources.batch_size)))
-
-
-def _split_rows(table: pa.Table, parts: int) -> list[pa.Table]:
-    step = -(-table.num_rows // parts) if table.num_rows else 1
-    return [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
-
-
-def collected_dataset(spec: PipelineSpec) -> ray.data.Dataset:
-    """All sources of ``spec`` as one dataset of ``COLLECTED`` rows."""
-    reader = RefReader(
-        {s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode
-    )
-    ref_sets: list[pa.Table] = []
-    datasets: list[ray.data.Dataset] = []
-    for source in spec.sources:
-        if isinstance(source, DirectorySource):
-            ref_sets.append(list_directory(source))
-        elif isinstance(source, ManifestSource):
-            datasets.append(_manifest_dataset(source).map_batches(reader, batch_format="pyarrow"))
-        else:
-            shards = list_shards(source)
-            if shards:
-                ds = ray.data.from_items(
-                    [{"shard": s} for s in shards], override_num_blocks=len(shards)
-                )
-                datasets.append(
-                    ds.map_batches(ShardReader(source, spec.decode), batch_format="pyarrow")
-                )
-    refs = pa.concat_tables([REFS.empty_table(), *ref_sets])
-    if refs.num_rows:
-        blocks = _split_rows(refs, _blocks(spec, refs.num_rows))
-        ds = ray.data.from_arrow(blocks).map_batches(
-            reader, batch_format="pyarrow", batch_size=spec.resources.batch_size
-        )
-        datasets.insert(0, ds)
-    if not datasets:
-        return ray.data.from_arrow(COLLECTED.empty_table())
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-
-
-def _manifest_dataset(source: ManifestSource) -> ray.data.Dataset:
-    fs, path = filesystem_for(source.uri, source.storage_options)
-    fmt = source.format or path.rsplit(".", 1)[-1].lower()
-    readers = {
-        "jsonl": ray.data.read_json,
-        "json": ray.data.read_json,
-        "csv": ray.data.read_csv,
-        "parquet": ray.data.read_parquet,
-    }
-    if fmt not in readers:
-        raise SpecError(
-            f"source {source.source_name!r}: cannot tell the manifest format of {source.uri}; "
-            "set `format:` to jsonl, csv or parquet"
-        )
-    if fs.get_file_info(path).type.name != "File":
-        raise SpecError(f"source {source.source_name!r}: manifest {source.uri} does not exist")
-    root = path.rsplit("/", 1)[0]
-    return readers[fmt](path, filesystem=fs).map_batches(
-        manifest_refs, batch_format="pyarrow", fn_kwargs={"source": source, "root": root}
-    )
-
-
 def sample_properties(spec: PipelineSpec) -> dict[str, str]:
     """Table metadata of ``samples``: the label vocabulary when the spec fixes one."""
     vocabulary = label_vocabulary(spec.label)
     return {} if vocabulary is None else {LABEL_VOCABULARY_KEY: json.dumps(vocabulary)}
 
 
-def build(spec: PipelineSpec, *, run_id: str | None = None, kind: str = "build") -> BuildResult:
-    """Collect, label, split, deduplicate and augment every source of ``spec`` into its store.
+def slot_transaction(spec: PipelineSpec, kind: str, slot: int | None) -> Transaction | None:
+    """The Delta app transaction of a scheduled slot: a retried job cannot commit it twice."""
+    return None if slot is None else Transaction(f"mmfp:{spec.name}:{kind}", slot)
 
-    One Delta commit per table that received rows; nothing at all when every
-    input is already in the store. Ray must be initialised (jobs do it).
+
+def build(
+    spec: PipelineSpec,
+    *,
+    run_id: str | None = None,
+    kind: str = "build",
+    incremental: bool = False,
+    slot: int | None = None,
+) -> BuildResult:
+    """Collect, label, split, deduplicate and augment the sources of ``spec`` into its store.
+
+    ``incremental`` (a refresh) reads only inputs whose fingerprint changed since
+    the ledger last saw them and applies ``refresh.on_removed`` to inputs that
+    disappeared. ``slot`` (e.g. a schedule's slot time in epoch seconds) makes
+    the run exactly-once: a second run for a slot already recorded does nothing.
+    One Delta commit per table that received rows; nothing at all when there is
+    nothing new. Ray must be initialised (jobs do it).
     """
     store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
     result = BuildResult(run_id=run_id or new_run_id(), store_uri=store.uri)
-    # what this run reads is the store at these versions; commits check against them
-    base = {name: store.version(name) for name in ("samples", "quarantine", "views")}
+    transaction = slot_transaction(spec, kind, slot)
+    if transaction and store.exists("_runs"):
+        done = store.delta("_runs").transaction_version(transaction.app_id)
+        if done is not None and done >= transaction.version:
+            result.already_done = True
+            return result
     if spec.label:
         Labeller(spec.label).check()  # a bad function path fails here, before Ray work
-    known_quarantine = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
-    quarantine = collect_samples(spec, store, result, known_quarantine, base)
-    if spec.augment:
-        quarantine += augment_samples(spec, store, result, known_quarantine, base)
-    version = store.commit(
-        "quarantine", quarantine, run_id=result.run_id, base_version=base["quarantine"]
+    base = {name: store.version(name) for name in BASE_TABLES}
+    known = frozenset(
+        store.column_values("quarantine", "quarantine_id", base["quarantine"]).to_pylist()
     )
-    if version is not None:
-        result.versions["quarantine"] = version
+    run = Run(spec, store, result, base, known)
+    listing = list_inputs(spec)
+    state = LedgerState.read(store, base["_inputs"])
+    if incremental:
+        plan_removals(run, listing, state)
+        todo = changed_only(listing, state)
+        result.skipped_inputs = listing.refs.num_rows - todo.refs.num_rows
+    else:
+        todo = listing
+    collect_samples(run, todo, state)
+    if spec.augment:
+        augment_samples(run)
+    for name in ("views", "quarantine", "_inputs"):
+        if name in run.pending or name in run.removals:
+            run.commit(name, run.pending.get(name, []))
     result.finished_at = datetime.now(UTC)
     if result.changed:
-        record_run(store, spec, result, kind=kind)
+        record_run(store, spec, result, kind=kind, transaction=transaction)
     return result
 
 
-def collect_samples(
-    spec: PipelineSpec,
-    store: FeatureStore,
-    result: BuildResult,
-    known: frozenset[str],
-    base: dict[str, int | None],
-) -> list[AddAction]:
-    """Sources -> ``samples`` (committed); returns the quarantine files for the caller to commit."""
-    registry = IdRegistry.remote(store, base["samples"])
-    ds = collected_dataset(spec)
+def plan_removals(run: Run, listing: Listing, state: LedgerState) -> None:
+    """Record inputs that disappeared; with ``on_removed: delete`` prepare their rows' removal."""
+    gone = removed_inputs(listing, state)
+    if not gone:
+        return
+    store, run_id = run.store, run.result.run_id
+    ledger = conform(removal_rows(gone, run_id), INPUTS)
+    run.defer(
+        "_inputs", [write_file(store.table_uri("_inputs"), store.storage_options, ledger, run_id)]
+    )
+    ids = removable_ids(gone, state) if run.spec.refresh.on_removed == "delete" else set()
+    for name in ("samples", "views"):
+        if ids and store.exists(name):
+            dt = store.delta(name)
+            run.removals[name] = rewrite_without(
+                dt, store.storage_options, "sample_id", ids, run_id
+            )
+    run.result.removed = {"inputs": len(gone), "samples": len(ids)}
+
+
+def collect_samples(run: Run, listing: Listing, state: LedgerState) -> None:
+    """Listed inputs -> ``samples`` (committed now); quarantine and ledger rows are deferred."""
+    spec, store, result = run.spec, run.store, run.result
+    if not listing.refs.num_rows and not any(listing.shards.values()):
+        if "samples" in run.removals:
+            run.commit("samples", [])
+        return
+    registry = IdRegistry.remote(store, run.base["samples"])
+    ds = collected_dataset(spec, listing)
     if spec.label:
         ds = ds.map_batches(Labeller(spec.label), batch_format="pyarrow")
     ds = ds.map_batches(
@@ -205,43 +223,48 @@ def collect_samples(
     ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry})
     sink = StoreSink(
         store,
-        SampleRouter(result.run_id, known),
+        SampleRouter(result.run_id, run.known_quarantine),
         run_id=result.run_id,
-        tables=["samples", "quarantine"],
+        tables=["samples", "quarantine", "_inputs"],
         properties={"samples": sample_properties(spec)},
-        deferred=("quarantine",),
-        base_versions=base,
+        deferred=("samples", "quarantine", "_inputs"),
     )
     ds.write_datasink(sink)
     ray.kill(registry)
     result.counts.update({k: sink.counts.get(k, 0) for k in OUTCOMES})
-    result.versions.update(sink.versions)
-    return sink.pending.get("quarantine", [])
+    run.commit("samples", sink.pending.get("samples", []))
+    run.defer("quarantine", sink.pending.get("quarantine", []))
+    # a rebuild sees every input again: keep only ledger rows that tell something new
+    ledger = filter_files(
+        store.table_uri("_inputs"),
+        store.storage_options,
+        sink.pending.get("_inputs", []),
+        lambda rows: news_mask(rows, state),
+        result.run_id,
+    )
+    run.defer("_inputs", ledger)
 
 
-def augment_samples(
-    spec: PipelineSpec,
-    store: FeatureStore,
-    result: BuildResult,
-    known: frozenset[str],
-    base: dict[str, int | None],
-) -> list[AddAction]:
-    """Train samples without views at this seed -> ``views`` (committed); returns quarantine files.
+def augment_samples(run: Run) -> None:
+    """Train samples without their views at this seed -> ``views`` rows (deferred).
 
     Reads ``samples`` at its committed version, so views also catch up on samples
     stored by earlier runs (e.g. after ``augment`` is added to a spec).
     """
+    spec, store, result = run.spec, run.store, run.result
     augment = spec.augment
     assert augment is not None
-    existing = (
-        frozenset(
-            (r["sample_id"], r["view"])
-            for r in store.to_arrow("views", columns=["sample_id", "view", "seed"]).to_pylist()
-            if r["seed"] == augment.seed
+    existing: frozenset[tuple[str, int]] = frozenset()
+    if run.base["views"] is not None:
+        rows = store.to_arrow("views", run.base["views"], columns=["sample_id", "view", "seed"])
+        rows = rows.filter(pc.equal(rows.column("seed"), augment.seed))
+        existing = frozenset(
+            zip(rows.column("sample_id").to_pylist(), rows.column("view").to_pylist(), strict=True)
         )
-        if store.exists("views")
-        else frozenset()
-    )
+    train = store.to_arrow("samples", columns=["sample_id", "split"])
+    train_ids = train.filter(pc.equal(train.column("split"), "train")).column("sample_id")
+    if all((sid, augment.views_per_sample - 1) in existing for sid in train_ids.to_pylist()):
+        return  # every train sample has all its views: skip reading media at all
     ds = store.table("samples", columns=list(VIEW_INPUT_COLUMNS))
     ds = ds.map_batches(
         make_missing_views,
@@ -251,23 +274,27 @@ def augment_samples(
     )
     sink = StoreSink(
         store,
-        ViewRouter(result.run_id, known),
+        ViewRouter(result.run_id, run.known_quarantine),
         run_id=result.run_id,
         tables=["views", "quarantine"],
-        deferred=("quarantine",),
-        base_versions=base,
+        deferred=("views", "quarantine"),
     )
     ds.write_datasink(sink)
-    result.view_counts = {
-        "views": sink.counts.get("views", 0),
-        **{k: v for k, v in sink.counts.items() if k != "views"},
-    }
-    result.versions.update(sink.versions)
-    return sink.pending.get("quarantine", [])
+    result.view_counts = dict(sink.counts)
+    result.view_counts.setdefault("views", 0)
+    run.defer("views", sink.pending.get("views", []))
+    run.defer("quarantine", sink.pending.get("quarantine", []))
 
 
-def record_run(store: FeatureStore, spec: PipelineSpec, result: BuildResult, *, kind: str) -> None:
-    """Append the run's lineage row to ``_runs`` (its own commit, after the data commits)."""
+def record_run(
+    store: FeatureStore,
+    spec: PipelineSpec,
+    result: BuildResult,
+    *,
+    kind: str,
+    transaction: Transaction | None = None,
+) -> None:
+    """Append the run's lineage row to ``_runs``: the last commit of a run."""
     row: dict[str, Any] = {
         "run_id": result.run_id,
         "kind": kind,
@@ -284,6 +311,8 @@ def record_run(store: FeatureStore, spec: PipelineSpec, result: BuildResult, *, 
         "views_written": result.view_counts.get("views", 0),
         "versions": json.dumps(result.versions, sort_keys=True),
     }
-    version = store.append("_runs", pa.Table.from_pylist([row]), run_id=result.run_id)
+    version = store.append(
+        "_runs", pa.Table.from_pylist([row]), run_id=result.run_id, transaction=transaction
+    )
     if version is not None:
         result.versions["_runs"] = version

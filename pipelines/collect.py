@@ -24,10 +24,11 @@ from features.schema import SAMPLES
 from features.storage import filesystem_for, is_local
 from pipelines import errors
 from pipelines.decode import decode_audio, decode_image, decode_text, modality_of
-from pipelines.identity import sample_id
+from pipelines.identity import sample_id, short_hash
 from pipelines.spec import DecodeLimits, DirectorySource, ManifestSource, WebDatasetSource
 
 MODALITIES = ("text", "image", "audio")
+MEDIA = ("image", "audio")  # modalities a manifest names by path
 
 # A reference to one input: where its parts are, plus what the listing already knows.
 REFS = pa.schema(
@@ -45,6 +46,7 @@ REFS = pa.schema(
         ("metadata", pa.string()),
         ("error_type", pa.string()),  # set when the listing already refused the input
         ("error_message", pa.string()),
+        ("fingerprint", pa.string()),  # size + mtime of its files (and the manifest row)
     ]
 )
 
@@ -54,6 +56,9 @@ COLLECTED = pa.schema(
         pa.field("error_stage", pa.string()),
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
+        # what a refresh compares: the unit it lists (a sample's files, or a whole shard)
+        pa.field("input_container", pa.string()),
+        pa.field("input_fingerprint", pa.string()),
     ]
 )
 
@@ -85,6 +90,7 @@ def list_directory(source: DirectorySource) -> pa.Table:
     except (FileNotFoundError, OSError) as e:
         raise errors.SpecError(f"source {name!r}: cannot list {source.uri}: {e}") from e
     parts: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    stats: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
     refs: list[dict[str, Any]] = []
     for info in infos:
         if info.type != pafs.FileType.File:
@@ -94,18 +100,22 @@ def list_directory(source: DirectorySource) -> pa.Table:
             continue
         stem, _, ext = rel.rpartition(".")
         modality = modality_of(ext) if stem else None
+        stat = (rel, info.size, info.mtime_ns)
         if modality is None:
             err = errors.UnsupportedFile(f"no modality for extension {ext!r}")
-            refs.append(_ref(name, root, f"{source.uri}/{rel}", err))
+            refs.append(_ref(name, root, f"{source.uri}/{rel}", err, short_hash(stat)))
             continue
         parts[stem][modality].append(info.path)
+        stats[stem].append(stat)
     for stem in sorted(parts):
         found = parts[stem]
         key = f"{source.uri}/{stem}"
+        fingerprint = short_hash(*sorted(stats[stem]))
         doubled = {m: paths for m, paths in found.items() if len(paths) > 1}
         if doubled:
             names = sorted(os.path.basename(p) for paths in doubled.values() for p in paths)
-            refs.append(_ref(name, root, key, errors.AmbiguousSample(f"several files: {names}")))
+            error = errors.AmbiguousSample(f"several files: {names}")
+            refs.append(_ref(name, root, key, error, fingerprint))
             continue
         label = stem.split("/", 1)[0] if source.class_folders and "/" in stem else None
         refs.append(
@@ -116,18 +126,22 @@ def list_directory(source: DirectorySource) -> pa.Table:
                 **{f"{m}_uri": found[m][0] for m in found},
                 "label": label,
                 "label_source": "folder" if label else None,
+                "fingerprint": fingerprint,
             }
         )
     return pa.Table.from_pylist(refs, schema=REFS)
 
 
-def _ref(source: str, root: str, key: str, error: errors.InputError) -> dict[str, Any]:
+def _ref(
+    source: str, root: str, key: str, error: errors.InputError, fingerprint: str
+) -> dict[str, Any]:
     return {
         "source": source,
         "root": root,
         "key": key,
         "error_type": type(error).__name__,
         "error_message": str(error),
+        "fingerprint": fingerprint,
     }
 
 
@@ -141,8 +155,54 @@ def safe_join(root: str, relative: str) -> str:
     return f"{root}/{normalized}"
 
 
-def manifest_refs(batch: pa.Table, *, source: ManifestSource, root: str) -> pa.Table:
-    """Turn manifest rows into references (a Ray ``map_batches`` function)."""
+def list_manifest(source: ManifestSource) -> pa.Table:
+    """Read a manifest (JSONL, CSV or Parquet) into references, on the driver.
+
+    Manifests are metadata: millions of rows read in seconds. One listing of the
+    manifest's directory gives every referenced file's size and mtime for the
+    fingerprints, instead of one stat per row.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem_for(source.uri, source.storage_options)
+    name = source.source_name
+    fmt = source.format or path.rsplit(".", 1)[-1].lower()
+    if fmt not in ("jsonl", "json", "csv", "parquet"):
+        raise errors.SpecError(
+            f"source {name!r}: cannot tell the manifest format of {source.uri}; "
+            "set `format:` to jsonl, csv or parquet"
+        )
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise errors.SpecError(f"source {name!r}: manifest {source.uri} does not exist")
+    try:
+        with fs.open_input_file(path) as f:
+            if fmt == "parquet":
+                table = pq.read_table(f)
+            elif fmt == "csv":
+                # every column as text: ids like 007 keep their zeros
+                table = pacsv.read_csv(
+                    f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)
+                )
+            else:
+                table = pajson.read_json(f)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise errors.SpecError(f"source {name!r}: cannot parse manifest {source.uri}: {e}") from e
+    root = path.rsplit("/", 1)[0]
+    listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    stats = {i.path: (i.size, i.mtime_ns) for i in listing if i.type == pafs.FileType.File}
+    return manifest_refs(table, source=source, root=root, stats=stats)
+
+
+def manifest_refs(
+    batch: pa.Table,
+    *,
+    source: ManifestSource,
+    root: str,
+    stats: dict[str, tuple[int, int]] | None = None,
+) -> pa.Table:
+    """Turn manifest rows into references; ``stats`` (path -> size, mtime) feed fingerprints."""
     cols = source.columns.model_dump()
     mapped = {c for c in cols.values() if c}
     rows = batch.to_pylist()
@@ -170,6 +230,8 @@ def manifest_refs(batch: pa.Table, *, source: ManifestSource, root: str) -> pa.T
                     ref[f"{modality}_uri"] = safe_join(root, value[modality])
         except errors.InputError as e:
             ref.update(error_type=type(e).__name__, error_message=str(e))
+        files = [(ref.get(f"{m}_uri"), (stats or {}).get(ref.get(f"{m}_uri") or "")) for m in MEDIA]
+        ref["fingerprint"] = short_hash(json.dumps(row, default=str, sort_keys=True), *files)
         refs.append(ref)
     return pa.Table.from_pylist(refs, schema=REFS)
 
@@ -181,19 +243,20 @@ def _cell(row: dict[str, Any], column: str | None) -> str | None:
     return str(value) if str(value).strip() else None
 
 
-def list_shards(source: WebDatasetSource) -> list[str]:
+def list_shards(source: WebDatasetSource) -> dict[str, str]:
+    """Shard path -> fingerprint (size + mtime) for every shard of the source."""
     fs, root = filesystem_for(source.uri, source.storage_options)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
-        return [root]
+        return {root: short_hash(info.size, info.mtime_ns)}
     if info.type == pafs.FileType.NotFound:
         raise errors.SpecError(f"source {source.source_name!r}: {source.uri} does not exist")
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(
-        i.path
-        for i in infos
+    return {
+        i.path: short_hash(i.size, i.mtime_ns)
+        for i in sorted(infos, key=lambda i: i.path)
         if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, source.pattern)
-    )
+    }
 
 
 # ---- reading and decoding ---------------------------------------------------
@@ -261,7 +324,10 @@ class RefReader:
         self._fs: dict[str, pafs.FileSystem] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self.collect_one(ref) for ref in batch.to_pylist()]
+        rows = [
+            self.collect_one(ref) | {"input_fingerprint": ref["fingerprint"]}
+            for ref in batch.to_pylist()
+        ]
         return pa.Table.from_pylist(rows, schema=COLLECTED)
 
     def _filesystem(self, source: str, root: str) -> pafs.FileSystem:
@@ -327,15 +393,21 @@ class ShardReader:
     def __call__(self, batch: pa.Table) -> pa.Table:
         fs, _ = filesystem_for(self.source.uri, self.source.storage_options)
         rows: list[dict[str, Any]] = []
-        for shard in batch.column("shard").to_pylist():
-            rows.extend(self.read_shard(fs, shard))
+        for shard in batch.to_pylist():
+            # the ledger knows a shard by its listed path, as refresh lists it again
+            rows.extend(
+                row | {"input_container": shard["shard"], "input_fingerprint": shard["fingerprint"]}
+                for row in self.read_shard(fs, shard["shard"])
+            )
         return pa.Table.from_pylist(rows, schema=COLLECTED)
+
+    def shard_uri(self, shard: str) -> str:
+        scheme = self.source.uri.split("://")[0]
+        return shard if is_local(self.source.uri) else f"{scheme}://{shard}"
 
     def read_shard(self, fs: pafs.FileSystem, shard: str) -> list[dict[str, Any]]:
         name = self.source.source_name
-        shard_uri = (
-            shard if is_local(self.source.uri) else f"{self.source.uri.split('://')[0]}://{shard}"
-        )
+        shard_uri = self.shard_uri(shard)
         groups: dict[str, dict[str, bytes]] = {}
         rows: list[dict[str, Any]] = []
         try:

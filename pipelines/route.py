@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from pipelines.identity import short_hash
 
 ERROR_COLUMNS = ["error_stage", "error_type", "error_message"]
+INPUT_COLUMNS = ["input_container", "input_fingerprint"]
 
 
 class Router:
@@ -42,12 +43,16 @@ class Router:
     def select_new(self, good: pa.Table, counts: Counter[str]) -> pa.Table:
         return good
 
+    def extra_tables(self, batch: pa.Table, now: datetime) -> dict[str, pa.Table]:
+        return {}
+
     def __call__(self, batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
         now = datetime.now(UTC)
         counts: Counter[str] = Counter()
         is_error = pc.is_valid(batch.column("error_type"))
         good = self.select_new(batch.filter(pc.invert(is_error)), counts)
-        good = good.drop_columns([c for c in (*ERROR_COLUMNS, "status") if c in good.column_names])
+        extra = [*ERROR_COLUMNS, *INPUT_COLUMNS, "status"]
+        good = good.drop_columns([c for c in extra if c in good.column_names])
         good = _stamp(good, now, self.run_id)
         counts[self.table] += good.num_rows
         quarantine = []
@@ -70,7 +75,7 @@ class Router:
                     "quarantined_at": now,
                 }
             )
-        routed = {self.table: good}
+        routed = {self.table: good, **self.extra_tables(batch, now)}
         if quarantine:
             routed["quarantine"] = pa.Table.from_pylist(quarantine)
         return routed, dict(counts)
@@ -86,6 +91,35 @@ class SampleRouter(Router):
         status = good.column("status")
         counts["already_stored"] += pc.sum(pc.equal(status, "stored")).as_py() or 0
         return good.filter(pc.equal(status, "new"))
+
+    def extra_tables(self, batch: pa.Table, now: datetime) -> dict[str, pa.Table]:
+        """One ``_inputs`` ledger row per input: its fingerprint and what became of it."""
+        outcome = pc.if_else(
+            pc.equal(batch.column("status"), "new"),
+            "sample",
+            pc.if_else(
+                pc.equal(batch.column("status"), "stored"),
+                "stored",
+                pc.if_else(
+                    pc.equal(batch.column("error_type"), "DuplicateSample"),
+                    "duplicate",
+                    batch.column("error_type"),
+                ),
+            ),
+        )
+        ledger = pa.table(
+            {
+                "input_key": batch.column("source_uri"),
+                "source": batch.column("source"),
+                "container": batch.column("input_container"),
+                "fingerprint": batch.column("input_fingerprint"),
+                "outcome": outcome,
+                "sample_id": batch.column("sample_id"),
+                "run_id": pa.repeat(pa.scalar(self.run_id), batch.num_rows),
+                "seen_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), batch.num_rows),
+            }
+        )
+        return {"_inputs": ledger}
 
 
 class ViewRouter(Router):

@@ -106,6 +106,13 @@ class ResourcesSpec(_Model):
     blocks_per_cpu: int = Field(2, gt=0)  # input blocks per CPU: fewer, larger tasks
 
 
+class RefreshSpec(_Model):
+    """How `mmfp refresh` treats inputs that disappeared from the sources."""
+
+    # keep: their samples stay in the store; delete: their rows leave samples and views
+    on_removed: Literal["keep", "delete"] = "keep"
+
+
 class PipelineSpec(_Model):
     """A whole pipeline: where samples come from, how they split, where they are stored."""
 
@@ -116,6 +123,7 @@ class PipelineSpec(_Model):
     label: LabelSpec | None = None  # none: keep the labels inputs came with
     augment: AugmentSpec | None = None  # none: no views table
     store: StoreSpec = Field(default_factory=StoreSpec)
+    refresh: RefreshSpec = Field(default_factory=RefreshSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @model_validator(mode="after")

@@ -97,8 +97,11 @@ def test_corrupt_shard_keeps_what_came_before_and_quarantines_the_rest(tmp_path)
     cut.parent.mkdir()
     cut.write_bytes(data[: len(data) // 2])
     source = WebDatasetSource(kind="webdataset", uri=str(cut.parent))
-    assert list_shards(source) == [str(cut)]
-    rows = ShardReader(source, LIMITS)(pa.table({"shard": [str(cut)]})).to_pylist()
+    shards = list_shards(source)
+    assert list(shards) == [str(cut)]
+    batch = pa.table({"shard": [str(cut)], "fingerprint": [shards[str(cut)]]})
+    rows = ShardReader(source, LIMITS)(batch).to_pylist()
+    assert {r["input_container"] for r in rows} == {str(cut)}
     errors_ = [r for r in rows if r["error_type"]]
     good = [r for r in rows if not r["error_type"]]
     assert [e["error_type"] for e in errors_].count("CorruptShard") == 1
@@ -110,7 +113,8 @@ def test_shard_members_group_by_key_with_labels(tmp_path):
     with tarfile.open(shard) as tar:
         keys = {m.name.split(".")[0] for m in tar.getmembers()}
     source = WebDatasetSource(kind="webdataset", uri=str(shard))
-    rows = ShardReader(source, LIMITS)(pa.table({"shard": [str(shard)]})).to_pylist()
+    batch = pa.table({"shard": [str(shard)], "fingerprint": ["fp"]})
+    rows = ShardReader(source, LIMITS)(batch).to_pylist()
     assert {r["source_uri"].split("#")[1] for r in rows} == keys
     assert all(r["label"] in synthetic.CLASSES for r in rows)
     assert all(set(r["modalities"]) == {"text", "image", "audio"} for r in rows)

@@ -87,7 +87,7 @@ def test_demo_then_store_commands(tmp_path):
     store = str(workdir / "store")
     listing = runner.invoke(app, ["store", "ls", "--store", store])
     assert listing.exit_code == 0
-    for name in ("samples", "quarantine", "_runs"):
+    for name in ("samples", "quarantine", "views", "_inputs", "_runs"):
         assert name in listing.output
     described = runner.invoke(app, ["store", "describe", "samples", "--store", store])
     assert described.exit_code == 0
@@ -100,7 +100,7 @@ def test_demo_then_store_commands(tmp_path):
     assert "WRITE" in history.output
     unknown = runner.invoke(app, ["store", "describe", "nope", "--store", store])
     assert unknown.exit_code == 2
-    assert "tables: _runs, quarantine, samples" in unknown.output
+    assert "tables: _inputs, _runs, quarantine, samples, views" in unknown.output
     # the demo is deterministic: a second run finds everything already stored
     again = runner.invoke(app, ["demo", "--workdir", str(workdir), "--n-per-class", "1"])
     assert again.exit_code == 0

@@ -127,6 +127,27 @@ class Encoder:
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
+    def describe(self) -> dict[str, Any]:
+        """This encoder's entry and columns for a feature set's metadata
+        (``features.schema.FEATURE_SET_KEY``), so readers can refuse a mismatch."""
+        columns = {
+            name: {
+                "shape": list(shape),
+                "dtype": np.dtype(arrow_type.value_type.to_pandas_dtype()).name,
+                "encoder": self.config.name,
+                "kind": "embedding" if name.endswith("_emb") else "input",
+                "normalized": name.endswith("_emb") and self.config.normalize,
+            }
+            for name, (arrow_type, shape) in self.output_columns().items()
+        }
+        encoder = {
+            "name": self.config.name,
+            "version": self.version,
+            "config_hash": self.config_hash(),
+            "model": self.config.model,
+        }
+        return {"encoder": encoder, "columns": columns}
+
     # -- the work ---------------------------------------------------------------------------
 
     def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ A trainer that reads these columns does no decoding of its own.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -146,13 +146,22 @@ class TextIds(Featurizer):
     def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
         return {"text_ids": (list_type(pa.int32()), (self.params.max_length,))}
 
-    def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
+    def describe(self) -> dict[str, Any]:
+        """Adds the pad id: a model reading ``text_ids`` masks tokens equal to it."""
+        described = super().describe()
+        described["columns"]["text_ids"]["pad_id"] = self._tokenizer().pad_token_id
+        return described
+
+    def _tokenizer(self) -> Any:
         from pipelines.encoders.hub import load_tokenizer
 
-        tokenizer = self.cached("tokenizer", lambda: load_tokenizer(self.config.model))
+        return self.cached("tokenizer", lambda: load_tokenizer(self.config.model))
+
+    def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        tokenizer = self._tokenizer()
         values, mask = media.texts(media.column(batch, "text"))
         ids = tokenizer(
-            values, padding="max_length", truncation=True,
+            values or [""], padding="max_length", truncation=True,
             max_length=self.params.max_length, return_tensors="np",
         )["input_ids"]  # fmt: skip
-        return {"text_ids": ids.astype(np.int32), "text_mask": mask}
+        return {"text_ids": ids[: len(values)].astype(np.int32), "text_mask": mask}

@@ -125,7 +125,9 @@ def clip_tower_config(config: Any, tower: Literal["text", "vision"]) -> Any:
     ``projection_dim`` from the sub-config, which can differ from the top-level value
     the checkpoint's projection was trained with.
     """
-    sub = getattr(config, f"{tower}_config")
+    import copy
+
+    sub = copy.deepcopy(getattr(config, f"{tower}_config"))
     sub.projection_dim = config.projection_dim
     return sub
 
@@ -148,6 +150,11 @@ class HFText(HFEncoder):
 
         cfg = self.hf_config
         self.is_clip = isinstance(cfg, CLIPConfig)
+        if not self.is_clip and hub.is_multi_tower(cfg):
+            raise SpecError(
+                f"encoder {config.name!r}: {type(cfg).__name__} is a multi-tower model; hf_text "
+                "takes a text-only checkpoint or CLIP (use the joint encoders for CLIP/CLAP)"
+            )
         text_cfg = cfg.text_config if self.is_clip else cfg
         projected = self.is_clip and self.params.pooling == "auto"
         self.dims = {"text_emb": cfg.projection_dim if projected else hub.hidden_dim(text_cfg)}
@@ -198,7 +205,7 @@ class HFImage(HFEncoder):
 
         cfg = self.hf_config
         self.is_clip = isinstance(cfg, CLIPConfig)
-        if not self.is_clip and hasattr(cfg, "vision_config"):
+        if not self.is_clip and hub.is_multi_tower(cfg):
             raise SpecError(
                 f"encoder {config.name!r}: {type(cfg).__name__} is a multi-tower model; hf_image "
                 "takes a vision-only checkpoint or CLIP (use the joint encoders for CLIP/CLAP)"
@@ -264,7 +271,7 @@ class HFAudio(HFEncoder):
         self.is_clap = cfg.model_type == "clap"
         if self.is_clap:
             dim = cfg.projection_dim
-        elif hasattr(cfg, "audio_config") or hasattr(cfg, "text_config"):
+        elif hub.is_multi_tower(cfg):
             raise SpecError(
                 f"encoder {config.name!r}: {type(cfg).__name__} is a multi-tower model; "
                 "hf_audio takes an audio-only checkpoint or CLAP"

@@ -113,6 +113,11 @@ def load_model(
     return loaded.to(device).eval(), missing
 
 
+def is_multi_tower(config: PretrainedConfig) -> bool:
+    """Joint models (CLIP, CLAP, SigLIP, ...) carry one sub-config per tower."""
+    return any(hasattr(config, f"{m}_config") for m in ("text", "vision", "audio"))
+
+
 def hidden_dim(config: PretrainedConfig) -> int:
     """Width of a single tower's hidden states, from its config."""
     for attr in ("hidden_size", "d_model"):

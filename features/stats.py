@@ -1,0 +1,156 @@
+"""A table at a glance: counts, media size histograms, quarantine reasons, embedding maps.
+
+``stats`` returns plain JSON-ready numbers (DuckDB over the Delta table, only
+the small columns read); ``plot_stats`` and ``embedding_map`` draw them with
+matplotlib's Agg backend, imported inside the functions so ``import features``
+stays fast and works without a display.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from features.search import chunks, embedding_column
+from features.sql import open_version
+from features.store import FeatureStore, Version
+
+COUNTED = ("split", "label", "source", "label_source")
+HISTOGRAMS = ("image_width", "image_height", "audio_duration")
+TOP_LABELS = 10
+
+
+def stats(store: FeatureStore, table: str = "samples", version: Version = None) -> dict[str, Any]:
+    """Rows per split / label / modality / source, media histograms, quarantine reasons.
+
+    Only the columns the table has are counted; quarantine reasons come from the
+    latest ``quarantine`` table (its versions are not those of ``table``).
+    """
+    dt = open_version(store, table, version)
+    names = {f.name for f in dt.schema().fields}
+    con = duckdb.connect()
+    con.execute("SET python_enable_replacements = false")
+    con.register("t", dt.to_pyarrow_dataset())
+    out: dict[str, Any] = {"table": table, "version": dt.version()}
+    out["rows"] = con.sql("SELECT count(*) FROM t").fetchone()[0]
+    for column in COUNTED:
+        if column in names:
+            out[f"by_{column}"] = _counts(con, f'SELECT "{column}" AS k FROM t')
+    if "modalities" in names:
+        out["by_modality"] = _counts(con, "SELECT unnest(modalities) AS k FROM t")
+    for column in HISTOGRAMS:
+        if column in names:
+            values = con.sql(f'SELECT "{column}" FROM t WHERE "{column}" IS NOT NULL').fetchnumpy()
+            out[column] = _histogram(values[column])
+    if table != "quarantine" and store.exists("quarantine"):
+        con.register("q", store.delta("quarantine").to_pyarrow_dataset())
+        out["quarantine"] = _counts(con, "SELECT error_type AS k FROM q")
+    return out
+
+
+def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
+    rows = con.sql(f"SELECT k, count(*) AS n FROM ({sql}) GROUP BY k ORDER BY n DESC, k").fetchall()
+    return {("(none)" if k is None else str(k)): int(n) for k, n in rows}
+
+
+def _histogram(values: np.ndarray, bins: int = 20) -> dict[str, list[float]]:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {"edges": [], "counts": []}
+    counts, edges = np.histogram(values, bins=bins)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def plot_stats(summary: dict[str, Any], out_png: str | Path) -> Path:
+    """One PNG with a panel per count and histogram that ``stats`` returned."""
+    plt = _pyplot()
+    bars = [k for k in summary if k.startswith("by_") or k == "quarantine"]
+    hists = [k for k in HISTOGRAMS if summary.get(k, {}).get("counts")]
+    panels = [k for k in bars if summary[k]] + hists
+    cols = 3
+    rows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, panels, strict=False):
+        if key in hists:
+            h = summary[key]
+            edges = np.asarray(h["edges"])
+            ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color="#4c72b0")
+            ax.set_xlabel(key.replace("_", " ") + (" (s)" if "duration" in key else " (px)"))
+        else:
+            items = list(summary[key].items())[:20]
+            ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#55a868")
+            ax.tick_params(axis="y", labelsize=7)
+        title = "quarantine reasons" if key == "quarantine" else key.replace("_", " ")
+        ax.set_title(title, fontsize=9)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"{summary['table']} v{summary['version']}: {summary['rows']} rows", fontsize=11)
+    return _save(fig, plt, out_png)
+
+
+def embedding_map(
+    store: FeatureStore,
+    feature_set: str,
+    column: str | None = None,
+    out_png: str | Path = "embedding-map.png",
+    *,
+    version: Version = None,
+    max_points: int = 5000,
+    seed: int = 0,
+) -> Path:
+    """A 2-D PCA (numpy SVD) of up to ``max_points`` embeddings, coloured by label.
+
+    Rows are sampled uniformly while the column streams by, so memory stays at
+    one chunk plus the sample whatever the table's size.
+    """
+    plt = _pyplot()
+    dt, col = embedding_column(store, feature_set, column, version)
+    total = max(1, dt.to_pyarrow_dataset().count_rows())
+    rate = min(1.0, max_points / total)
+    rng = np.random.default_rng(seed)
+    picked, labels = [], []
+    for keys, matrix in chunks(store, dt, col, None, 65_536):
+        take = np.flatnonzero(rng.random(len(matrix)) < rate)
+        picked.append(matrix[take])
+        labels += keys.column("label").take(take).to_pylist()
+    points = np.concatenate(picked) if picked else np.empty((0, col.dim), np.float32)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    if len(points) >= 2:
+        centred = points - points.mean(axis=0)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ vt[:2].T
+        explained = (s[:2] ** 2 / max(float((s**2).sum()), 1e-12)).round(3)
+        common = [k for k, _ in Counter(labels).most_common(TOP_LABELS)]
+        names = [
+            "(none)" if v is None else (v if v in common else "(other)") for v in labels
+        ]
+        for name in sorted(set(names)):
+            mask = np.array([n == name for n in names])
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7, label=name)
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+        ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)")
+        ax.set_ylabel(f"PC2 ({explained[1]:.0%})" if len(explained) > 1 else "PC2")
+    ax.set_title(f"{col.table}.{col.column} v{col.version}: {len(points)} of {total} rows, PCA")
+    return _save(fig, plt, out_png)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, plt: Any, out_png: str | Path) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -1,0 +1,256 @@
+"""TrainConfig: the YAML file behind ``mmfp train``, validated before any Ray work starts.
+
+One tower per modality; the modality keys are the embedding spaces that the
+contrastive loss binds together. Relative local paths (store, storage_path,
+HF model paths) resolve against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from itertools import combinations
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from features.storage import join_uri, normalize_uri, redact
+from pipelines.errors import SpecError
+from pipelines.spec import format_validation_error
+
+Modality = Literal["text", "image", "audio"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectionTower(_Model):
+    """An MLP head over a frozen embedding column (LiT / ImageBind-style binding)."""
+
+    kind: Literal["projection"]
+    input: str  # an embedding column of the feature set, e.g. image_emb
+    hidden: int = Field(256, ge=0)  # 0: a single linear layer
+    out_dim: int = Field(128, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)  # > 0 makes resumed runs drift from uninterrupted ones
+
+    @field_validator("input")
+    @classmethod
+    def _embedding_column(cls, value: str) -> str:
+        if not value.endswith("_emb"):
+            raise ValueError(f"a projection tower reads an embedding column (*_emb), not {value!r}")
+        return value
+
+
+class CnnTower(_Model):
+    """A small strided CNN over stored pixels (3xSxS) or a log-mel spectrogram (mels x frames)."""
+
+    kind: Literal["cnn"]
+    input: Literal["image_pixels", "audio_logmel"]
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    out_dim: int = Field(128, gt=0)
+
+
+class TransformerTower(_Model):
+    """A from-scratch text transformer over stored token ids, mean-pooled over non-pad tokens."""
+
+    kind: Literal["transformer"]
+    input: Literal["text_ids"] = "text_ids"
+    vocab_size: int = Field(gt=0)  # must cover every id the tokenizer wrote
+    width: int = Field(128, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    pad_id: int = 0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    out_dim: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerTower:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
+        return self
+
+
+class HfTower(_Model):
+    """A Hugging Face model built from a config dict (offline) or a local directory."""
+
+    kind: Literal["hf"]
+    input: Literal["text_ids", "image_pixels", "audio_logmel"]
+    # AutoConfig.for_model(**config): needs `model_type`, e.g. bert, vit, audio-spectrogram-transformer
+    config: dict[str, Any] | None = None
+    path: str | None = None  # local directory with config.json + model.safetensors
+    pad_id: int = 0  # text: attention mask is ids != pad_id
+    out_dim: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _config_or_path(self) -> HfTower:
+        if (self.config is None) == (self.path is None):
+            raise ValueError("give exactly one of `config` (a dict with model_type) or `path`")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("`config` needs `model_type` (e.g. bert, vit)")
+        return self
+
+
+Tower = Annotated[
+    ProjectionTower | CnnTower | TransformerTower | HfTower, Field(discriminator="kind")
+]
+
+
+class AnchorPairs(_Model):
+    """Pair every modality with one anchor only (ImageBind binds everything to images)."""
+
+    anchor: Modality
+
+
+class LossConfig(_Model):
+    kind: Literal["infonce", "siglip"] = "infonce"
+    # Initial temperature; None: 0.07 for InfoNCE (CLIP), 0.1 for SigLIP (scale 10).
+    init_temperature: float | None = Field(None, gt=0)
+    max_logit_scale: float = Field(100.0, gt=0)  # the learnable scale is clamped to this
+    init_bias: float = -10.0  # SigLIP only: starts every pair as "probably negative"
+
+
+class OptimizerConfig(_Model):
+    """AdamW; weight decay skips biases, norms and the logit scale, as CLIP does."""
+
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+
+
+class FaultInjection(_Model):
+    """Test hook: fail once after a step, so restart and resume paths can be tested.
+
+    Acts only while ``marker`` does not exist (it is created just before the
+    failure), so the retried or rerun attempt trains normally. ``raise`` makes the
+    run fail with an exception; ``exit`` kills the worker process (``os._exit``).
+    """
+
+    after_step: int = Field(gt=0)
+    mode: Literal["raise", "exit"] = "raise"
+    rank: int = Field(0, ge=0)
+    marker: str
+
+
+class TrainConfig(_Model):
+    """A contrastive pretraining run over one feature set of a store."""
+
+    name: str = "pretrain"  # run name: a rerun with the same name resumes its latest checkpoint
+    store: str = "mmfp-store"  # local path (relative to the config file) or s3://bucket/prefix
+    storage_options: dict[str, str] = Field(default_factory=dict)  # never saved in checkpoints
+    feature_set: str  # reads the table features/<feature_set>
+    version: int | None = None  # None: latest at start (a resumed run keeps its pinned version)
+    modalities: dict[Modality, Tower] = Field(min_length=2)
+    pairs: Literal["all"] | AnchorPairs = "all"
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(256, gt=1)  # per worker; negatives come from all workers' batches
+    warmup_steps: int = Field(0, ge=0)  # linear warmup, then cosine decay to 0
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None: no clipping
+    amp: Literal["bf16", "fp16", "off"] = "bf16"  # autocast on CUDA only; CPU runs float32
+    include_views: bool = False  # also train on augmented views (view >= 0)
+    shuffle_buffer: int = Field(1024, ge=0)  # rows in each worker's seeded local shuffle
+    prefetch_batches: int = Field(2, ge=0)
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)  # leave CPUs free for Ray Data's read tasks
+    checkpoint_every_steps: int | None = Field(None, gt=0)  # plus one checkpoint per epoch
+    keep_checkpoints: int | None = Field(3, gt=0)  # None: keep all
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint
+    storage_path: str | None = None  # None: <store>/_train
+    seed: int = 0
+    val_max_rows: int = Field(2048, ge=0)  # val recall after each epoch on this many rows; 0: off
+    fault: FaultInjection | None = None  # test hook, see FaultInjection
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        for modality, tower in self.modalities.items():
+            if not tower.input.startswith(f"{modality}_"):
+                raise ValueError(
+                    f"modalities.{modality}.input {tower.input!r} is not a {modality} column "
+                    f"(expected {modality}_emb, {modality}_pixels, {modality}_logmel or "
+                    f"{modality}_ids)"
+                )
+        dims = {m: t.out_dim for m, t in self.modalities.items()}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"every tower needs the same out_dim (one shared space), got {dims}")
+        if isinstance(self.pairs, AnchorPairs) and self.pairs.anchor not in self.modalities:
+            raise ValueError(
+                f"pairs.anchor {self.pairs.anchor!r} has no tower; modalities: "
+                f"{', '.join(self.modalities)}"
+            )
+        return self
+
+    @property
+    def modality_pairs(self) -> list[tuple[str, str]]:
+        """The (a, b) modality pairs the loss contrasts, in a fixed order."""
+        names = sorted(self.modalities)
+        if self.pairs == "all":
+            return list(combinations(names, 2))
+        anchor = self.pairs.anchor
+        return [(anchor, m) for m in names if m != anchor]
+
+    @property
+    def embed_dim(self) -> int:
+        return next(iter(self.modalities.values())).out_dim
+
+    @property
+    def table_name(self) -> str:
+        return f"features/{self.feature_set}"
+
+    @property
+    def run_storage_path(self) -> str:
+        return self.storage_path or join_uri(self.store, "_train")
+
+    def resolved(self, base_dir: Path) -> TrainConfig:
+        """A copy with relative local paths made absolute against ``base_dir``."""
+        data = self.model_dump()
+        data["store"] = normalize_uri(data["store"], base_dir=str(base_dir))
+        if data["storage_path"]:
+            data["storage_path"] = normalize_uri(data["storage_path"], base_dir=str(base_dir))
+        for tower in data["modalities"].values():
+            if tower.get("path"):
+                tower["path"] = normalize_uri(tower["path"], base_dir=str(base_dir))
+        return TrainConfig.model_validate(data)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as JSON-able data with secrets redacted: what checkpoints record."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = redact(data["storage_options"])
+        return data
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.public_dict(), sort_keys=True).encode()
+        return hashlib.blake2b(canonical, digest_size=8).hexdigest()
+
+
+def parse_config(raw: dict[str, Any], origin: str = "<dict>") -> TrainConfig:
+    """Validate a config mapping; ``SpecError`` names every bad field."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        message = format_validation_error(e, origin).replace("invalid spec", "invalid train config")
+        raise SpecError(message) from e
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a train config file; relative paths resolve next to it."""
+    path = Path(path)
+    try:
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise SpecError(f"train config not found: {path}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path} must hold a YAML mapping with `feature_set:` and `modalities:`")
+    return parse_config(raw, origin=str(path)).resolved(path.resolve().parent)

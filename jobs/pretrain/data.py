@@ -1,0 +1,221 @@
+"""From a feature set (Delta table + its ``mmfp.feature_set`` description) to tensor batches.
+
+Columns are stored as flat ``list<float32>`` / ``list<int32>`` (Delta has no
+fixed-size lists); ``to_tensors`` reshapes them to the recorded per-row shape
+inside Ray Data tasks, so training workers receive dense arrays, and turns a
+null (a row missing that modality) into zeros plus a ``has_<modality>`` mask.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features.errors import StoreError
+from features.schema import FEATURE_SET_KEY, ORIGINAL_VIEW
+from features.store import FeatureStore
+from jobs.pretrain.config import TrainConfig
+from pipelines.errors import SpecError
+
+if TYPE_CHECKING:
+    import ray.data
+
+# Which stored column kinds each tower reads.
+TOWER_INPUT_KIND = {
+    "projection": "embedding",
+    "cnn": "input",
+    "transformer": "input",
+    "hf": "input",
+}
+
+
+@dataclass(frozen=True)
+class FeatureSetInfo:
+    """A feature set pinned at one version: its column shapes and the encoders behind them."""
+
+    name: str
+    version: int
+    columns: dict[str, dict[str, Any]]
+    encoders: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def table(self) -> str:
+        return f"features/{self.name}"
+
+    def shape(self, column: str) -> list[int]:
+        return [int(d) for d in self.columns[column]["shape"]]
+
+    def encoder_hash(self, column: str) -> str | None:
+        name = self.columns[column].get("encoder")
+        for enc in self.encoders:
+            if enc.get("name") == name:
+                return enc.get("config_hash")
+        return None
+
+    def signature(self, columns: list[str]) -> dict[str, dict[str, Any]]:
+        """What a checkpoint must agree on to resume: per column shape, dtype, encoder hash."""
+        return {
+            c: {
+                "shape": self.shape(c),
+                "dtype": self.columns[c].get("dtype", "float32"),
+                "encoder": self.columns[c].get("encoder"),
+                "config_hash": self.encoder_hash(c),
+            }
+            for c in sorted(columns)
+        }
+
+
+def feature_set_info(store: FeatureStore, name: str, version: int | None) -> FeatureSetInfo:
+    """Read the feature set description at ``version`` (latest when None), pinning it."""
+    table = f"features/{name}"
+    dt = store.delta(table, version)
+    raw = dt.metadata().configuration.get(FEATURE_SET_KEY)
+    if not raw:
+        raise StoreError(
+            f"table {table!r} has no {FEATURE_SET_KEY!r} property: it was not written by the "
+            "encode stage, so its column shapes and encoders are unknown"
+        )
+    meta = json.loads(raw)
+    return FeatureSetInfo(name, dt.version(), meta.get("columns", {}), meta.get("encoders", []))
+
+
+def check_towers(info: FeatureSetInfo, config: TrainConfig) -> None:
+    """Every tower's input column exists in the feature set and is of the kind it expects."""
+    for modality, tower in config.modalities.items():
+        col = tower.input
+        if col not in info.columns:
+            known = ", ".join(sorted(info.columns)) or "none"
+            raise SpecError(
+                f"modalities.{modality}.input: feature set {info.name!r} (version "
+                f"{info.version}) has no column {col!r}; columns: {known}"
+            )
+        want, have = TOWER_INPUT_KIND[tower.kind], info.columns[col].get("kind")
+        if have and have != want:
+            raise SpecError(
+                f"modalities.{modality}: a {tower.kind} tower reads an {want} column, but "
+                f"{col!r} is an {have} column"
+            )
+        shape = info.shape(col)
+        if tower.kind == "cnn" and len(shape) not in (2, 3):
+            raise SpecError(f"modalities.{modality}: {col!r} has shape {shape}, not (C,H,W)/(M,T)")
+        if tower.kind in ("projection", "transformer") and len(shape) != 1:
+            raise SpecError(f"modalities.{modality}: {col!r} has shape {shape}, expected (dim,)")
+
+
+def check_compatible(previous: dict[str, Any], info: FeatureSetInfo, columns: list[str]) -> None:
+    """Refuse to resume a checkpoint trained on other dimensions or other encoders."""
+    where = previous.get("checkpoint", "the checkpoint")
+    if previous.get("feature_set") != info.name:
+        raise SpecError(
+            f"{where} was trained on feature set {previous.get('feature_set')!r}, not "
+            f"{info.name!r}; use a new run `name:` to train on another feature set"
+        )
+    old, new = previous.get("signature", {}), info.signature(columns)
+    problems = []
+    for col in sorted(set(old) | set(new)):
+        a, b = old.get(col), new.get(col)
+        if a is None or b is None:
+            problems.append(f"{col}: {'not in the checkpoint' if a is None else 'not used now'}")
+            continue
+        for key in ("shape", "dtype", "config_hash"):
+            if a.get(key) != b.get(key):
+                problems.append(
+                    f"{col} {key}: checkpoint {a.get(key)!r} (encoder {a.get('encoder')!r}), "
+                    f"feature set v{info.version} {b.get(key)!r} (encoder {b.get('encoder')!r})"
+                )
+    if problems:
+        raise SpecError(
+            f"refusing to resume {where}: feature set {info.name!r} version {info.version} does "
+            f"not match what it was trained on (version {previous.get('version')}):\n  "
+            + "\n  ".join(problems)
+            + "\nhint: pin `version:` to the checkpoint's version, or start a new run `name:`"
+        )
+
+
+# ---- arrays ---------------------------------------------------------------------
+
+
+def dense(column: pa.Array | pa.ChunkedArray, shape: list[int], dtype: Any) -> tuple:
+    """A flat list column as an ``(rows, *shape)`` array (nulls -> zeros) and a presence mask."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    width = int(np.prod(shape))
+    present = column.is_valid().to_numpy(zero_copy_only=False)
+    out = np.zeros((len(column), width), dtype=dtype)
+    if present.any():
+        values = column.filter(pa.array(present)).flatten().to_numpy(zero_copy_only=False)
+        if values.size != int(present.sum()) * width:
+            raise StoreError(
+                f"column {column.type} rows do not all have {width} values (shape {shape}): "
+                "the table does not match its recorded shape"
+            )
+        out[present] = values.reshape(-1, width)
+    return out.reshape(len(column), *shape), present
+
+
+def row_filter(split: str, *, include_views: bool) -> pc.Expression:
+    expr = pc.field("split") == split
+    if not include_views:
+        expr = expr & (pc.field("view") == ORIGINAL_VIEW)
+    return expr
+
+
+def to_tensors(
+    batch: pa.Table,
+    *,
+    inputs: dict[str, tuple[str, list[int], str]],
+    split: str,
+    include_views: bool,
+) -> dict[str, np.ndarray]:
+    """Rows of ``split`` as ``x_<modality>`` arrays and ``has_<modality>`` masks.
+
+    ``inputs`` maps modality -> (column, per-row shape, dtype name). A pure
+    function of the batch, so it runs in Ray Data tasks and in unit tests alike.
+    """
+    batch = batch.filter(row_filter(split, include_views=include_views))
+    out: dict[str, np.ndarray] = {}
+    for modality, (column, shape, dtype) in sorted(inputs.items()):
+        x, present = dense(batch.column(column), shape, np.dtype(dtype))
+        out[f"x_{modality}"] = x
+        out[f"has_{modality}"] = present
+    return out
+
+
+def tower_inputs(
+    info: FeatureSetInfo, config: TrainConfig
+) -> dict[str, tuple[str, list[int], str]]:
+    """modality -> (column, shape, dtype) for ``to_tensors``; ids stay int32, the rest float32."""
+    result = {}
+    for modality, tower in config.modalities.items():
+        stored = info.columns[tower.input].get("dtype", "float32")
+        dtype = "int32" if stored.startswith("int") else "float32"
+        result[modality] = (tower.input, info.shape(tower.input), dtype)
+    return result
+
+
+def count_rows(
+    store: FeatureStore, info: FeatureSetInfo, split: str, *, include_views: bool
+) -> int:
+    table = store.to_arrow(
+        info.table,
+        info.version,
+        columns=["split", "view"],
+        filter=row_filter(split, include_views=include_views),
+    )
+    return table.num_rows
+
+
+def split_dataset(
+    store: FeatureStore, info: FeatureSetInfo, config: TrainConfig, split: str, *, views: bool
+) -> ray.data.Dataset:
+    """A Ray Dataset of dense tensor batches for one split, read at the pinned version."""
+    inputs = tower_inputs(info, config)
+    columns = sorted({"split", "view", *(c for c, _, _ in inputs.values())})
+    ds = store.table(info.table, info.version, columns=columns)
+    kwargs = {"inputs": inputs, "split": split, "include_views": views}
+    return ds.map_batches(to_tensors, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)

@@ -1,0 +1,81 @@
+"""Retrieval and zero-shot metrics shared by per-epoch validation and ``jobs.evaluate``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, modality: str, x: np.ndarray | torch.Tensor, *, batch: int = 512,
+          device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
+    """Normalised features of ``x`` through one tower, in batches, as float32 on CPU."""
+    x = torch.as_tensor(x)
+    outs = [
+        model.encode(modality, x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)
+    ]
+    return torch.cat(outs) if outs else torch.zeros(0, 0)
+
+
+def recall_at_k(queries: torch.Tensor, items: torch.Tensor, ks: Sequence[int] = KS) -> dict:
+    """Fraction of queries whose own item (same row) ranks within the top k of all items."""
+    sims = queries.float() @ items.float().T
+    own = sims.diagonal().unsqueeze(1)
+    rank = (sims > own).sum(dim=1)  # items strictly better than the true one
+    return {f"r@{k}": float((rank < k).float().mean()) for k in ks}
+
+
+def pair_recalls(
+    feats: dict[str, torch.Tensor],
+    present: dict[str, np.ndarray],
+    pairs: Sequence[tuple[str, str]],
+    ks: Sequence[int] = KS,
+) -> dict[str, float]:
+    """recall@k both ways for each pair, over the rows that have both modalities.
+
+    Keys look like ``image->text/r@1``; ``<a>-<b>/n`` is the number of rows used.
+    """
+    out: dict[str, float] = {}
+    for a, b in pairs:
+        rows = torch.as_tensor(np.asarray(present[a]) & np.asarray(present[b]))
+        n = int(rows.sum())
+        out[f"{a}-{b}/n"] = float(n)
+        if n < 2:
+            continue
+        fa, fb = feats[a][rows], feats[b][rows]
+        for src, dst, q, i in ((a, b, fa, fb), (b, a, fb, fa)):
+            for key, value in recall_at_k(q, i, ks).items():
+                out[f"{src}->{dst}/{key}"] = value
+    return out
+
+
+def prototype_accuracy(
+    queries: torch.Tensor,
+    query_labels: Sequence[str | None],
+    prototypes: torch.Tensor,
+    classes: Sequence[str],
+) -> tuple[float, int]:
+    """Accuracy of nearest-prototype classification over queries whose label has a prototype."""
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [i for i, lab in enumerate(query_labels) if lab in index]
+    if not rows:
+        return float("nan"), 0
+    pred = (queries[rows] @ prototypes.T).argmax(dim=1)
+    truth = torch.tensor([index[query_labels[i]] for i in rows])
+    return float((pred == truth).float().mean()), len(rows)
+
+
+def class_prototypes(
+    feats: torch.Tensor, labels: Sequence[str | None]
+) -> tuple[torch.Tensor, list[str]]:
+    """Mean feature per label, re-normalised: a class's point in the shared space."""
+    classes = sorted({lab for lab in labels if lab is not None})
+    protos = []
+    for c in classes:
+        rows = [i for i, lab in enumerate(labels) if lab == c]
+        protos.append(torch.nn.functional.normalize(feats[rows].mean(0), dim=0))
+    return (torch.stack(protos) if protos else torch.zeros(0, feats.shape[-1])), classes
