@@ -143,6 +143,20 @@ def rewrite_without(
     return removes, adds
 
 
+def remove_all(dt: DeltaTable) -> list[RemoveAction]:
+    """Remove actions for every file of the current version (a full replacement)."""
+    now = int(time.time() * 1000)
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    return [
+        RemoveAction(path=path, deletion_timestamp=now, data_change=True, size=size)
+        for path, size in zip(
+            actions.column("path").to_pylist(),
+            actions.column("size_bytes").to_pylist(),
+            strict=True,
+        )
+    ]
+
+
 def commit_run(
     dt: DeltaTable,
     storage_options: dict[str, str],

@@ -31,10 +31,11 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from features.errors import StoreError
-from features.schema import FEATURE_SET_KEY, FEATURES_PREFIX, ORIGINAL_VIEW
+from features.schema import FEATURE_KEY_FIELDS, FEATURE_SET_KEY, FEATURES_PREFIX, ORIGINAL_VIEW
 from features.store import FeatureStore, Version
 
 KEYS = ["sample_id", "view", "split", "label"]
+KEY_SCHEMA = pa.schema([f for f in FEATURE_KEY_FIELDS if f.name in KEYS])
 # samples columns a `where` may use besides the feature set's own (media bytes left out)
 SAMPLE_COLUMNS = ["source", "source_uri", "group_id", "text", "image_width", "image_height"]
 SAMPLE_COLUMNS += ["audio_duration", "label_source", "metadata", "ingested_at"]
@@ -205,7 +206,7 @@ def _top_k_stream(parts: Any, q: np.ndarray, k: int, exclude: list[str]) -> pa.T
         if len(best_scores) > 4 * k:  # merge now and then: bounded, and few concatenations
             best_keys, best_scores = _merge(best_keys, best_scores, k)
     if not best_keys:
-        return hits_table(pa.table({c: [] for c in KEYS}), np.empty(0, np.float32))
+        return hits_table(KEY_SCHEMA.empty_table(), np.empty(0, np.float32))
     keys, scores = _merge(best_keys, best_scores, k)
     return hits_table(keys[0], scores)
 
@@ -268,7 +269,7 @@ def load_matrix(
         matrix[filled : filled + len(chunk)] = chunk
         filled += len(chunk)
         keys.append(batch_keys)
-    table = pa.Table.from_batches(keys) if keys else pa.table({c: [] for c in KEYS})
+    table = pa.concat_tables(keys) if keys else KEY_SCHEMA.empty_table()
     return table, matrix[:filled]
 
 
@@ -325,4 +326,3 @@ def _with_samples(store: FeatureStore, hits: pa.Table) -> pa.Table:
     for name in RESULT_SAMPLE_COLUMNS:
         hits = hits.append_column(name, info.column(name).take(where))
     return hits
-

@@ -41,6 +41,7 @@ class StoreSink(Datasink):
         properties: dict[str, dict[str, str]] | None = None,
         deferred: tuple[str, ...] = (),
         base_versions: dict[str, int | None] | None = None,
+        schemas: dict[str, pa.Schema] | None = None,
     ):
         self.store = store
         # tables whose files are written but left for the caller to commit (in
@@ -50,6 +51,8 @@ class StoreSink(Datasink):
         # the version each table had when the run read it: keys committed by other
         # writers after it are dropped from this run's files at commit time
         self.base_versions = base_versions or {}
+        # feature sets bring their own schema; the fixed tables use features.schema's
+        self.schemas = {name: (schemas or {}).get(name) or TABLE_SCHEMAS[name] for name in tables}
         self.properties = properties or {}  # table -> metadata set when created
         self.router = router
         self.run_id = run_id
@@ -60,7 +63,7 @@ class StoreSink(Datasink):
     def on_write_start(self, schema: Any = None) -> None:
         # Create missing tables before workers write into their directories.
         for name in self.tables:
-            self.store.ensure_table(name, properties=self.properties.get(name))
+            self.store.ensure_table(name, self.schemas[name], properties=self.properties.get(name))
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
         parts: dict[str, list[pa.Table]] = {name: [] for name in self.tables}
@@ -79,7 +82,7 @@ class StoreSink(Datasink):
         return {"actions": actions, "counts": dict(counts)}
 
     def _write_file(self, name: str, rows: pa.Table) -> AddAction:
-        rows = conform(rows, TABLE_SCHEMAS[name])
+        rows = conform(rows, self.schemas[name])
         return write_file(self.store.table_uri(name), self.store.storage_options, rows, self.run_id)
 
     def on_write_complete(self, write_result: Any) -> None:

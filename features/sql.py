@@ -42,6 +42,7 @@ Format = Literal["table", "csv", "json", "parquet"]
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "parquet")
 BATCH_ROWS = 65_536
 _MISSING = re.compile(r"Table with name (.+?) does not exist")
+_SUGGESTION = re.compile(r' ?Did you mean "([^"]+)"\?')
 
 
 def run_sql(
@@ -174,6 +175,9 @@ def parse_time(text: str) -> datetime:
 
 def _sql_error(e: duckdb.Error, tables: list[str]) -> StoreError:
     message = " ".join(str(e).split())
+    # DuckDB's "did you mean" often points at its own catalog (pg_enum ...): keep store names only
+    known = {n for t in tables for n in sql_names(t)}
+    message = _SUGGESTION.sub(lambda m: m.group(0) if m.group(1) in known else "", message)
     names = ", ".join(n if "/" not in n else f'"{n}"' for n in tables) or "none yet"
     return StoreError(f"SQL failed: {message} (tables: {names})")
 
@@ -235,7 +239,8 @@ def _write_csv(stream: Iterator[pa.RecordBatch], sink: IO[bytes]) -> int:
     rows, writer = 0, None
     for batch in stream:
         batch = _csv_safe(batch)
-        writer = writer or pacsv.CSVWriter(sink, batch.schema)
+        options = pacsv.WriteOptions(quoting_style="needed")
+        writer = writer or pacsv.CSVWriter(sink, batch.schema, write_options=options)
         writer.write_batch(batch)
         rows += batch.num_rows
     if writer is not None:

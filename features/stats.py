@@ -36,7 +36,7 @@ def stats(store: FeatureStore, table: str = "samples", version: Version = None) 
     con.execute("SET python_enable_replacements = false")
     con.register("t", dt.to_pyarrow_dataset())
     out: dict[str, Any] = {"table": table, "version": dt.version()}
-    out["rows"] = con.sql("SELECT count(*) FROM t").fetchone()[0]
+    out["rows"] = con.sql("SELECT count(*) FROM t").fetchall()[0][0]
     for column in COUNTED:
         if column in names:
             out[f"by_{column}"] = _counts(con, f'SELECT "{column}" AS k FROM t')
@@ -125,9 +125,7 @@ def embedding_map(
         xy = centred @ vt[:2].T
         explained = (s[:2] ** 2 / max(float((s**2).sum()), 1e-12)).round(3)
         common = [k for k, _ in Counter(labels).most_common(TOP_LABELS)]
-        names = [
-            "(none)" if v is None else (v if v in common else "(other)") for v in labels
-        ]
+        names = ["(none)" if v is None else (v if v in common else "(other)") for v in labels]
         for name in sorted(set(names)):
             mask = np.array([n == name for n in names])
             ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7, label=name)

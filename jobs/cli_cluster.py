@@ -55,10 +55,12 @@ JobId = Annotated[str, typer.Argument(help="Submission id (see `mmfp jobs list`)
 
 
 def _quiet_ray() -> None:
-    """Ray's client logs every packaging step at INFO; a CLI user needs only our lines."""
-    import ray  # noqa: F401  (importing ray installs its logging config, which we then adjust)
+    """Ray's job client logs every packaging step at INFO; a CLI user needs only our lines."""
+    import ray.job_submission  # noqa: F401  (its modules set their own levels on import)
 
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "'.git' is now ignored by default": we exclude it ourselves.
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
 
 
@@ -86,17 +88,30 @@ def cli_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+def _table(
+    title: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    no_wrap: Sequence[str] = ("submission id", "name"),  # ids stay copy-pasteable
+) -> Table:
     out = Table(title=title, title_justify="left")
     for col in columns:
-        out.add_column(col)
+        out.add_column(col, no_wrap=col in no_wrap, overflow="fold")
     for row in rows:
         out.add_row(*("" if v is None else str(v) for v in row))
     return out
 
 
-def _when(ms: int | None) -> str:
-    return "" if not ms else f"{datetime.fromtimestamp(ms / 1000, UTC):%Y-%m-%d %H:%M:%SZ}"
+def _when(ms: int | None, fmt: str = "%m-%d %H:%M:%S") -> str:
+    return "" if not ms else datetime.fromtimestamp(ms / 1000, UTC).strftime(fmt)
+
+
+def _took(start_ms: int | None, end_ms: int | None) -> str:
+    if not start_ms or not end_ms:
+        return ""
+    secs = round((end_ms - start_ms) / 1000)
+    return f"{secs}s" if secs < 60 else f"{secs // 60}m{secs % 60:02d}s"
 
 
 def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
@@ -174,19 +189,18 @@ def submit(
 @jobs_app.command("list")
 @cli_errors
 def jobs_list(address: AddressOpt = None) -> None:
-    """Every job the cluster knows, oldest first."""
+    """Every job the cluster knows, oldest first (`mmfp jobs status ID` for details)."""
     rows = [
         [
             j.submission_id or j.job_id,
             (j.metadata or {}).get("mmfp.kind", ""),
             j.status,
             _when(j.start_time),
-            _when(j.end_time),
-            j.entrypoint,
+            _took(j.start_time, j.end_time),
         ]
         for j in jobsubmit.list_jobs(address=address)
     ]
-    cols = ["submission id", "kind", "status", "started", "ended", "entrypoint"]
+    cols = ["submission id", "kind", "status", "started UTC", "took"]
     console.print(_table(f"jobs on {jobsubmit.resolve_address(address)}", cols, rows))
 
 
@@ -199,8 +213,8 @@ def jobs_status(submission_id: JobId, address: AddressOpt = None) -> None:
     for label, value in (
         ("message", jobsubmit.first_line(j.message)),
         ("entrypoint", j.entrypoint),
-        ("started", _when(j.start_time)),
-        ("ended", _when(j.end_time)),
+        ("started", _when(j.start_time, "%Y-%m-%d %H:%M:%S UTC")),
+        ("ended", _when(j.end_time, "%Y-%m-%d %H:%M:%S UTC")),
     ):
         if value:
             typer.echo(f"  {label}: {value}")

@@ -23,11 +23,12 @@ import ray
 from deltalake.transaction import AddAction, RemoveAction, Transaction
 
 from features.commit import filter_files, rewrite_without, write_file
-from features.schema import INPUTS, conform
+from features.schema import FEATURES_PREFIX, INPUTS, conform
 from features.sink import StoreSink
 from features.store import FeatureStore
 from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views
 from pipelines.dedup import IdRegistry, mark_duplicates
+from pipelines.featurize import encode_feature_set
 from pipelines.inputs import (
     LedgerState,
     Listing,
@@ -56,6 +57,7 @@ class BuildResult:
     store_uri: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     view_counts: dict[str, int] = field(default_factory=dict)
+    feature_counts: dict[str, int] = field(default_factory=dict)  # rows encoded per feature set
     removed: dict[str, int] = field(default_factory=dict)  # inputs gone, samples deleted
     versions: dict[str, int] = field(default_factory=dict)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -86,6 +88,10 @@ class Run:
 
     def defer(self, name: str, actions: list[AddAction]) -> None:
         self.pending.setdefault(name, []).extend(actions)
+
+    def commit_pending(self, name: str) -> None:
+        if name in self.pending or name in self.removals:
+            self.commit(name, self.pending.pop(name, []))
 
     def commit(self, name: str, actions: list[AddAction]) -> None:
         removes, rewritten = self.removals.pop(name, ([], []))
@@ -175,9 +181,11 @@ def build(
     collect_samples(run, todo, state)
     if spec.augment:
         augment_samples(run)
-    for name in ("views", "quarantine", "_inputs"):
-        if name in run.pending or name in run.removals:
-            run.commit(name, run.pending.get(name, []))
+    run.commit_pending("views")  # encoding reads the views this run made
+    for feature_set in spec.encode.feature_sets if spec.encode else []:
+        encode_feature_set(run, feature_set)
+    for name in [*run.removals, "quarantine", "_inputs"]:  # what no stage committed yet
+        run.commit_pending(name)
     result.finished_at = datetime.now(UTC)
     if result.changed:
         record_run(store, spec, result, kind=kind, transaction=transaction)
@@ -195,7 +203,8 @@ def plan_removals(run: Run, listing: Listing, state: LedgerState) -> None:
         "_inputs", [write_file(store.table_uri("_inputs"), store.storage_options, ledger, run_id)]
     )
     ids = removable_ids(gone, state) if run.spec.refresh.on_removed == "delete" else set()
-    for name in ("samples", "views"):
+    feature_tables = [n for n in store.tables() if n.startswith(FEATURES_PREFIX)]
+    for name in ("samples", "views", *feature_tables):
         if ids and store.exists(name):
             dt = store.delta(name)
             run.removals[name] = rewrite_without(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from features.storage import normalize_uri, redact
 from pipelines.augment import AugmentSpec
+from pipelines.encode import EncodeSpec
 from pipelines.errors import SpecError
 from pipelines.label import LabelSpec
 
@@ -122,6 +123,7 @@ class PipelineSpec(_Model):
     split: SplitSpec = Field(default_factory=SplitSpec)
     label: LabelSpec | None = None  # none: keep the labels inputs came with
     augment: AugmentSpec | None = None  # none: no views table
+    encode: EncodeSpec | None = None  # none: no feature sets
     store: StoreSpec = Field(default_factory=StoreSpec)
     refresh: RefreshSpec = Field(default_factory=RefreshSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

@@ -242,3 +242,24 @@ def ray_cluster() -> Iterator[LocalCluster]:
         yield cluster
     finally:
         stop_cluster(cluster)
+
+
+def _stub_job(argv: list[str]) -> int:
+    """Cheap stand-in job entrypoints: ``spec SPEC`` validates a spec like a refresh would,
+    ``sleep SECONDS`` prints a line a second (something to follow and to stop)."""
+    if argv[:1] == ["spec"] and len(argv) == 2:
+        from pipelines.spec import load_spec
+
+        print(f"stub refresh of {load_spec(argv[1]).store.uri}", flush=True)
+        return 0
+    if argv[:1] == ["sleep"] and len(argv) == 2:
+        for i in range(int(argv[1])):
+            print(f"tick {i}", flush=True)
+            time.sleep(1)
+        return 0
+    print(f"usage: python -m tests.cluster_fixtures spec SPEC | sleep SECONDS; got {argv}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_stub_job(sys.argv[1:]))

@@ -22,12 +22,12 @@ import soundfile as sf
 
 from pipelines import synthetic
 from pipelines.encoders import ENCODERS, Encoder, EncoderConfig, device_for_actor, get_encoder
+from pipelines.encoders import tiny as tiny_models
 from pipelines.encoders.base import list_type
 from pipelines.encoders.featurizers import CLIP_MEAN, CLIP_STD, SILENCE_DB
 from pipelines.encoders.fingerprint import model_identity
 from pipelines.encoders.runtime import to_device
 from pipelines.errors import SpecError
-from tests import tiny_models
 
 # Which rows have each modality in the `batch` fixture.
 PRESENT = {

@@ -213,7 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     start_epoch, skip = divmod(w.step, spe)
     for epoch in range(start_epoch, cfg.epochs):
-        started, seen = time.perf_counter(), 0
+        started, seen = time.perf_counter(), 0; _p("epoch", w.rank, epoch)
         batches = shard.iter_torch_batches(
             batch_size=cfg.batch_size,
             prefetch_batches=cfg.prefetch_batches,
@@ -225,7 +225,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen = index + 1
             if index < skip:
                 continue  # trained on before the restart: same batch, same order
-            _t=time.perf_counter(); w.train_step(batch); print("PROF step", w.rank, round(time.perf_counter()-_t,3), round(time.perf_counter()-started,3), flush=True)
+            _t = time.perf_counter()
+            _p("batch", w.rank, index, round(time.perf_counter() - started, 3)); w.train_step(batch)
+            print(
+                "PROF step",
+                w.rank,
+                round(time.perf_counter() - _t, 3),
+                round(time.perf_counter() - started, 3),
+                flush=True,
+            )
             if (
                 cfg.checkpoint_every_steps
                 and w.step % cfg.checkpoint_every_steps == 0
@@ -247,10 +255,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "resumed_from_step": w.resumed_from,
             **{f"train_{k}": v for k, v in _means(w.running).items()},
         }
-        _t=time.perf_counter(); metrics.update(w.validate()); print("PROF val", w.rank, round(time.perf_counter()-_t,3), flush=True)
+        _t = time.perf_counter()
+        metrics.update(w.validate())
+        _p("val", w.rank, round(time.perf_counter() - _t, 3))
         w.history.append(metrics)
         w.running = {}
-        _t=time.perf_counter(); w.report(metrics, final=epoch + 1 == cfg.epochs); print("PROF report", w.rank, round(time.perf_counter()-_t,3), flush=True)
+        _t = time.perf_counter()
+        w.report(metrics, final=epoch + 1 == cfg.epochs)
+        _p("report", w.rank, round(time.perf_counter() - _t, 3))
         w.resumed_from = None
 
 
@@ -338,3 +350,8 @@ def run_training(config: TrainConfig):
         ),
     )
     return trainer.fit()
+
+
+def _p(*a):
+    with open("/tmp/smoke/prof.txt", "a") as f:
+        f.write(" ".join(str(x) for x in a) + f" t={time.time():.3f}\n")

@@ -1,4 +1,4 @@
-"""Tiny Hugging Face checkpoints written to a directory, for tests (no network, < 1 s each).
+"""Tiny Hugging Face checkpoints built from configs (no network, < 1 s each): demos and tests.
 
 Each ``tiny_*`` function saves a randomly initialised model (fixed seed) plus
 the tokenizer / image processor / feature extractor a real checkpoint ships,

@@ -1,0 +1,326 @@
+"""``mmfp query``, ``mmfp search`` and ``mmfp store diff|vacuum|optimize|stats|index|lineage``.
+
+Thin typer commands over ``features.sql``, ``features.search``,
+``features.catalog`` and ``features.stats``; ``register`` adds them to the
+``mmfp`` app (``jobs/cli.py``), wrapped so that store errors print one line and
+exit with code 2. This module imports nothing from ``jobs.cli`` at import time,
+so either module can be imported first.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from features.errors import StoreError
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore, Version
+
+console = Console()
+
+StoreOpt = Annotated[
+    str,
+    typer.Option("--store", envvar="MMFP_STORE", help="Store path or URI (s3://bucket/prefix)."),
+]
+TableArg = Annotated[str, typer.Argument(help="Table name, e.g. samples or features/clip.")]
+VersionOpt = Annotated[
+    str | None, typer.Option(help="Version number or ISO 8601 time; default: latest.")
+]
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+def register(app: typer.Typer, store_app: typer.Typer) -> None:
+    """Add this module's commands to the ``mmfp`` app and its ``store`` group."""
+    from jobs.cli import user_errors
+
+    app.command("query")(user_errors(query))
+    app.command("search")(user_errors(search))
+    for name, fn in [
+        ("diff", diff),
+        ("vacuum", vacuum),
+        ("optimize", optimize),
+        ("stats", stats),
+        ("index", index),
+        ("lineage", lineage),
+    ]:
+        store_app.command(name)(user_errors(fn))
+
+
+def _open(uri: str) -> FeatureStore:
+    from jobs.cli import _store
+
+    return _store(uri)
+
+
+def _grid(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    out = Table(title=title, title_justify="left")
+    for column in columns:
+        out.add_column(column)
+    for row in rows:
+        out.add_row(*("" if v is None else str(v) for v in row))
+    return out
+
+
+def parse_versions(values: list[str] | None) -> Version | dict[str, Version]:
+    """``["3"]`` -> ``"3"``; ``["samples=3", "clip=2"]`` -> a dict; a mix is an error."""
+    values = values or []
+    pinned = dict(v.split("=", 1) for v in values if "=" in v)
+    bare = [v for v in values if "=" not in v]
+    if bare and (pinned or len(bare) > 1):
+        raise StoreError(
+            f"--version {' '.join(values)}: give one bare VERSION, or TABLE=VERSION for each table"
+        )
+    return pinned or (bare[0] if bare else None)
+
+
+def query(
+    sql: Annotated[
+        str,
+        typer.Argument(
+            help='SQL. Tables by name (samples, _runs, "features/clip" or clip); '
+            'a table at a version as "samples@3".'
+        ),
+    ],
+    store: StoreOpt = "mmfp-store",
+    version: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TABLE=VERSION (repeatable), or VERSION when the query reads one table. "
+            "A version is a number or an ISO 8601 time."
+        ),
+    ] = None,
+    as_of: Annotated[
+        str | None, typer.Option(help="Every table at its last version at or before this time.")
+    ] = None,
+    fmt: Annotated[OutputFormat, typer.Option("--format", "-f")] = OutputFormat.table,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File; default stdout.")] = None,
+    max_rows: Annotated[int, typer.Option(min=1, help="Rows --format table shows.")] = 50,
+) -> None:
+    """Run DuckDB SQL over the store's tables; results stream to the terminal or a file."""
+    from features.sql import run_sql, write_result
+
+    relation = run_sql(_open(store), sql, version=parse_versions(version), as_of=as_of)
+    rows = write_result(relation, fmt.value, out, max_rows=max_rows)
+    if out is not None:
+        typer.echo(f"{rows} rows -> {out}", err=True)
+
+
+def search(
+    feature_set: Annotated[str, typer.Argument(help="Feature set, e.g. clip.")],
+    sample_id: Annotated[
+        str | None, typer.Option("--id", help="Query by a stored sample's embedding.")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="Query text (embedded by the encoder).")] = None,
+    file: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Query image or audio file.")
+    ] = None,
+    vector: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Query vector (.npy).")
+    ] = None,
+    column: Annotated[
+        str | None, typer.Option(help="Embedding column; needed when there are several.")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="How many results.")] = 10,
+    where: Annotated[
+        str | None, typer.Option(help="SQL filter, e.g. \"split = 'train' AND source = 'x'\".")
+    ] = None,
+    version: VersionOpt = None,
+    ann: Annotated[bool, typer.Option("--ann/--exact", help="Use the version's index.")] = False,
+    store: StoreOpt = "mmfp-store",
+) -> None:
+    """Nearest rows of a feature set by cosine similarity (exact, or with --ann the index)."""
+    import numpy as np
+
+    from features.search import search as run_search
+
+    given = [x for x in (sample_id, text, file, vector) if x is not None]
+    if len(given) != 1:
+        raise StoreError("give exactly one query: --id, --text, --file or --vector")
+    fs = _open(store)
+    query_vector = None
+    if vector is not None:
+        query_vector = np.load(vector, allow_pickle=False)
+    elif text is not None or file is not None:
+        query_vector = _embed(fs, feature_set, text, file)
+    hits = run_search(
+        fs,
+        feature_set,
+        column=column,
+        vector=query_vector,
+        sample_id=sample_id,
+        k=k,
+        where=where,
+        version=version,
+        method="ann" if ann else "exact",
+    )
+    rows = [
+        [i + 1, f"{r['score']:.4f}", r["sample_id"], r["view"], r["split"], r["label"]]
+        + [r.get("source"), (r.get("text") or "")[:60]]
+        for i, r in enumerate(hits.to_pylist())
+    ]
+    columns = ["#", "score", "sample_id", "view", "split", "label", "source", "text"]
+    console.print(_grid(f"top {k} in {feature_set}", columns, rows))
+
+
+def _embed(store: FeatureStore, feature_set: str, text: str | None, file: Path | None) -> Any:
+    """The encode stage's ``embed_query`` hook: text or media -> a vector in the feature set."""
+    try:
+        from pipelines.encode import embed_query
+    except ImportError as e:
+        raise StoreError(
+            "text and file queries need the encode stage (pipelines.encode.embed_query); "
+            "query by --id or --vector instead"
+        ) from e
+    if text is not None:
+        return embed_query(store, feature_set, text=text)
+    from pipelines.decode import modality_of
+
+    assert file is not None
+    modality = modality_of(file.suffix.lstrip("."))
+    if modality not in ("image", "audio"):
+        raise StoreError(f"{file}: not an image or audio file (by its extension)")
+    return embed_query(store, feature_set, **{f"{modality}_bytes": file.read_bytes()})
+
+
+def diff(
+    table: TableArg,
+    v1: Annotated[str, typer.Argument(help="From this version (number or ISO time).")],
+    v2: Annotated[str | None, typer.Argument(help="To this version; default latest.")] = None,
+    show: Annotated[int, typer.Option(min=0, help="Keys to list per side.")] = 20,
+    store: StoreOpt = "mmfp-store",
+) -> None:
+    """Rows added and removed between two versions of a table, by key."""
+    from features.catalog import diff as table_diff
+
+    d = table_diff(_open(store), table, v1, v2)
+    s = d.summary()
+    console.print(
+        f"[bold]{table}[/bold] v{d.v1} -> v{d.v2}: +{s['rows_added']} rows, "
+        f"-{s['rows_removed']} rows, {s['rows_rewritten']} rewritten "
+        f"({s['files_added']} files added, {s['files_removed']} removed)"
+    )
+    for sign, keys in (("+", d.added), ("-", d.removed)):
+        shown = keys.slice(0, show).to_pylist()
+        for row in shown:
+            console.print(f"  {sign} " + " ".join(str(v) for v in row.values()))
+        if keys.num_rows > len(shown):
+            console.print(f"  {sign} ... {keys.num_rows - len(shown)} more")
+
+
+def vacuum(
+    store: StoreOpt = "mmfp-store",
+    retention_hours: Annotated[
+        float | None, typer.Option(help="Keep files younger than this; default: each table's.")
+    ] = None,
+    apply: Annotated[
+        bool, typer.Option("--apply/--dry-run", help="Delete, or only list (default).")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="Allow a retention below the tables' minimum.")
+    ] = False,
+) -> None:
+    """Files no version within the retention window needs (and never-committed ones)."""
+    from features.catalog import vacuum as run_vacuum
+
+    files = run_vacuum(
+        _open(store), retention_hours=retention_hours, dry_run=not apply, force=force
+    )
+    verb = "deleted" if apply else "would delete"
+    for table, paths in files.items():
+        console.print(f"[bold]{table}[/bold]: {verb} {len(paths)} file(s)")
+        for path in paths:
+            console.print(f"  {path}")
+    if not apply and any(files.values()):
+        console.print("dry run: nothing deleted (add --apply to delete)")
+
+
+def optimize(table: TableArg, store: StoreOpt = "mmfp-store") -> None:
+    """Compact a table's small files into fewer large ones (one commit, same rows)."""
+    from features.catalog import optimize as run_optimize
+
+    r = run_optimize(_open(store), table)
+    console.print(
+        f"[bold]{table}[/bold] v{r['version']}: {r['files_before']} -> {r['files_after']} files"
+    )
+
+
+def stats(
+    table: Annotated[str, typer.Argument(help="Table name.")] = "samples",
+    version: VersionOpt = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the stats as a PNG here.")] = None,
+    embedding_map: Annotated[
+        Path | None, typer.Option("--map", help="Feature sets: PCA map PNG of an embedding.")
+    ] = None,
+    column: Annotated[str | None, typer.Option(help="Embedding column for --map.")] = None,
+    store: StoreOpt = "mmfp-store",
+) -> None:
+    """Counts per split / label / modality, media histograms and quarantine reasons."""
+    from features import stats as st
+
+    fs = _open(store)
+    summary = st.stats(fs, table, version)
+    console.print(f"[bold]{table}[/bold] v{summary['version']}: {summary['rows']} rows")
+    for key, counts in summary.items():
+        if key.startswith("by_") or key == "quarantine":
+            title = "quarantine reasons" if key == "quarantine" else key.replace("_", " ")
+            console.print(_grid(title, ["value", "rows"], [[k, v] for k, v in counts.items()]))
+    if plot is not None:
+        console.print(f"stats plot -> {st.plot_stats(summary, plot)}")
+    if embedding_map is not None:
+        out = st.embedding_map(fs, table, column, embedding_map, version=version)
+        console.print(f"embedding map -> {out}")
+
+
+def index(
+    feature_set: Annotated[str, typer.Argument(help="Feature set, e.g. clip.")],
+    column: Annotated[str | None, typer.Option(help="Embedding column.")] = None,
+    version: VersionOpt = None,
+    target_recall: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    store: StoreOpt = "mmfp-store",
+) -> None:
+    """Build the approximate (IVF) index of a feature-set version, tuned to a recall@10."""
+    from features.catalog import build_index
+
+    m = build_index(_open(store), feature_set, column, version=version, target_recall=target_recall)
+    console.print(
+        f"[bold]{m['table']}.{m['column']}[/bold] v{m['version']}: {m['rows']} rows, "
+        f"nlist {m['nlist']}, nprobe {m['nprobe']}, recall@10 {m['recall_at_10']:.3f} vs exact "
+        f"({m['probe_queries']} queries), built in {m['build_s']:.1f}s -> {m['uri']}"
+    )
+
+
+def lineage(table: TableArg, store: StoreOpt = "mmfp-store") -> None:
+    """Every version of a table with the run, spec hash and code version that wrote it."""
+    print_lineage(_open(store), table)
+
+
+def print_lineage(store: FeatureStore, table: str) -> None:
+    from features.catalog import lineage as table_lineage
+
+    rows = [
+        [
+            r["version"],
+            f"{r['timestamp']:%Y-%m-%d %H:%M:%S}",
+            r["operation"],
+            r["rows_added"],
+            r["run_id"],
+            r["kind"],
+            r["spec_hash"],
+            r["code_version"],
+        ]
+        for r in table_lineage(store, table)
+    ]
+    columns = ["version", "time", "operation", "rows", "run", "kind", "spec", "code"]
+    console.print(_grid(f"lineage of {table}", columns, rows))

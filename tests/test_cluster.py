@@ -1,0 +1,289 @@
+"""`mmfp submit` / `mmfp jobs` against a real two-node token-auth Ray cluster on loopback,
+plus the cluster configs (cluster.yaml against Ray's own schema, KubeRay, systemd).
+
+The CLI runs in subprocesses (``python -m jobs.cli_cluster``, the same commands `mmfp`
+registers), so this process never joins the cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from features.store import FeatureStore
+from pipelines.spec import write_spec
+from pipelines.synthetic import write_directory_source
+from tests.cluster_fixtures import ROOT, LocalCluster, alive_nodes, free_port, ray_cluster
+from tests.helpers import make_spec
+
+__all__ = ["ray_cluster"]  # the fixture, imported for this module
+
+
+def mmfp(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli_cluster", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory) -> dict[str, Path]:
+    """A 10-sample directory corpus, a spec that builds it, and a spec with no sources."""
+    root = tmp_path_factory.mktemp("submit")
+    stems = write_directory_source(root / "photos", n_per_class=1)
+    source = {"kind": "directory", "name": "photos", "uri": str(root / "photos")}
+    good = root / "good.yaml"
+    write_spec(make_spec(root / "store", [{**source, "class_folders": True}]), good)
+    bad = root / "bad.yaml"
+    bad.write_text("sources: []\n", encoding="utf-8")
+    return {"good": good, "bad": bad, "store": root / "store", "n": len(stems)}
+
+
+def test_two_nodes_on_loopback(ray_cluster: LocalCluster):
+    assert alive_nodes(ray_cluster) == 2
+    assert ray_cluster.address.startswith("http://127.0.0.1:")
+
+
+def test_job_api_refuses_requests_without_the_token(ray_cluster: LocalCluster):
+    url = f"{ray_cluster.address}/api/jobs/"
+    assert requests.get(url, timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-token"}
+    assert requests.get(url, headers=wrong, timeout=10).status_code == 403
+    assert requests.get(url, headers=ray_cluster.headers, timeout=10).status_code == 200
+
+
+def test_cli_without_or_with_a_wrong_token_says_so_in_one_line(ray_cluster, tmp_path):
+    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_TOKEN"}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    proc = mmfp("jobs", "list", env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "requires a token" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    (tmp_path / "token").write_text("wrong\n", encoding="utf-8")
+    proc = mmfp("jobs", "list", env={**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
+    assert proc.returncode == 2
+    assert "rejected the token" in proc.stderr
+    assert ray_cluster.token not in proc.stdout + proc.stderr
+
+
+def test_submit_build_wait_succeeds_and_the_store_is_readable(ray_cluster, specs):
+    proc = mmfp(
+        "submit", "build", str(specs["good"]), "--wait", "--id", "build-ok", env=ray_cluster.env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # --wait followed the job's own output up to the build summary
+    assert "Running entrypoint for job build-ok: python -m jobs.build" in proc.stdout
+    assert f"{specs['n']} new samples" in proc.stdout
+    assert "job build-ok SUCCEEDED" in proc.stdout
+
+    store = FeatureStore(str(specs["store"]))
+    samples = store.to_arrow("samples")
+    assert samples.num_rows == specs["n"]
+    assert store.version("samples") is not None
+
+    status = mmfp("jobs", "status", "build-ok", env=ray_cluster.env)
+    assert status.returncode == 0
+    assert "build-ok: SUCCEEDED" in status.stdout
+    logs = mmfp("jobs", "logs", "build-ok", env=ray_cluster.env)
+    assert f"{specs['n']} new samples" in logs.stdout
+    listing = mmfp("jobs", "list", env=ray_cluster.env)
+    assert "build-ok" in listing.stdout
+    assert "SUCCEEDED" in listing.stdout
+
+
+def test_a_second_job_with_the_same_id_is_refused(ray_cluster, specs):
+    mmfp("submit", "build", str(specs["good"]), "--id", "same-id", env=ray_cluster.env)
+    proc = mmfp("submit", "build", str(specs["good"]), "--id", "same-id", env=ray_cluster.env)
+    assert proc.returncode == 2
+    assert "job same-id already exists" in proc.stderr
+
+
+def test_bad_spec_job_fails_and_submit_wait_exits_nonzero(ray_cluster, specs):
+    proc = mmfp(
+        "submit", "build", str(specs["bad"]), "--wait", "--id", "bad-spec", env=ray_cluster.env
+    )
+    assert proc.returncode == 1
+    assert "invalid spec" in proc.stdout  # the job's own error, followed live
+    assert "job bad-spec ended FAILED" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    status = mmfp("jobs", "status", "bad-spec", env=ray_cluster.env)
+    assert "bad-spec: FAILED" in status.stdout
+
+
+def test_follow_then_stop_a_running_job(ray_cluster):
+    """`submit --wait` streams a running job's lines; `jobs stop` ends it; --wait exits 1."""
+    args = ["submit", "build", "--id", "sleeper", "--module", "tests.cluster_fixtures", "--wait"]
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli_cluster", *args, "--", "sleep", "120"],
+        cwd=ROOT,
+        env=ray_cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert waiting.stdout is not None
+        for line in waiting.stdout:  # live log lines, before the job ends
+            if line.startswith("tick 1"):
+                break
+        stop = mmfp("jobs", "stop", "sleeper", "--wait", env=ray_cluster.env)
+        assert stop.returncode == 0, stop.stderr
+        assert "sleeper: STOPPED" in stop.stdout
+        _, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.send_signal(signal.SIGINT)
+            waiting.wait(timeout=30)
+    assert waiting.returncode == 1
+    assert "ended STOPPED" in err
+    again = mmfp("jobs", "stop", "sleeper", env=ray_cluster.env)
+    assert "had already ended: STOPPED" in again.stdout
+
+
+def test_unknown_job_unreachable_cluster_and_explicit_address(ray_cluster):
+    proc = mmfp("jobs", "status", "no-such-job", env=ray_cluster.env)
+    assert proc.returncode == 2
+    assert "no job 'no-such-job'" in proc.stderr
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = mmfp("jobs", "list", "--address", dead, env=ray_cluster.env)
+    assert proc.returncode == 2
+    assert f"cannot reach the Ray Job API at {dead}" in proc.stderr
+    # --address wins over RAY_ADDRESS (Ray's own client would let the variable win)
+    proc = mmfp(
+        "jobs",
+        "list",
+        "--address",
+        ray_cluster.address,
+        env={**ray_cluster.env, "RAY_ADDRESS": dead},
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ADDRESS"}
+    proc = mmfp("jobs", "list", env=env)
+    assert proc.returncode == 2
+    assert "no cluster address" in proc.stderr
+
+
+# ---- configs -----------------------------------------------------------------------------
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))  # what `ray up` runs first
+
+    types = raw["available_node_types"]
+    assert types[raw["head_node_type"]]["resources"] == {"CPU": 0, "GPU": 0}
+    assert types["gpu_worker"]["resources"]["GPU"] >= 1
+    for name in ("cpu_worker", "gpu_worker"):
+        assert 0 <= types[name]["min_workers"] <= types[name]["max_workers"]
+    images = [raw["docker"]["head_image"], raw["docker"]["worker_image"]]
+    images.append(types["gpu_worker"]["docker"]["worker_image"])
+    assert all(img.startswith(f"rayproject/ray:{ray.__version__}-") for img in images)
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert any("pip install" in c and "/home/ray/mmfp" in c for c in raw["setup_commands"])
+
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["gpu_worker"]["min_wrokers"] = 1
+    with pytest.raises(Exception, match="min_wrokers"):
+        validate_config(prepare_config(broken))
+
+
+def _ray_containers(cluster_spec: dict) -> list[dict]:
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _token_env(container: dict) -> dict:
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    return env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+
+
+def test_kuberay_manifests():
+    deploy = ROOT / "deploy"
+    rc = yaml.safe_load((deploy / "kuberay-raycluster.yaml").read_text())
+    assert (rc["apiVersion"], rc["kind"]) == ("ray.io/v1", "RayCluster")
+    spec = rc["spec"]
+    assert spec["rayVersion"] == "2.60.0"
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for container in _ray_containers(spec):
+        assert _token_env(container) == {"name": "mmfp-ray-token", "key": "auth_token"}
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert groups["gpu"]["minReplicas"] == 0 < groups["gpu"]["maxReplicas"]
+    gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["nvidia.com/gpu"] == "1"
+
+    job = yaml.safe_load((deploy / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob"
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": rc["metadata"]["name"]}
+    assert job["spec"]["entrypoint"].startswith("python -m jobs.refresh ")
+    _token_env(job["spec"]["submitterPodTemplate"]["spec"]["containers"][0])
+
+    cron = yaml.safe_load((deploy / "kuberay-cronjob.yaml").read_text())
+    assert (cron["apiVersion"], cron["kind"]) == ("batch/v1", "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    script = " ".join(pod["args"])
+    assert "mmfp submit refresh" in script
+    assert '--id "refresh-nightly-${slot}"' in script
+    assert "--wait" in script
+    assert "$$(date" in script  # escaped from Kubernetes' own $(VAR) expansion
+
+
+def _unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """A systemd unit as section -> (key, value) lines; keys repeat (Environment=)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections[current] = []
+        else:
+            key, _, value = line.partition("=")
+            sections[current].append((key, value))
+    return sections
+
+
+def test_systemd_unit_runs_the_scheduler():
+    unit = _unit(ROOT / "deploy" / "mmfp-scheduler.service")
+    service = dict(unit["Service"])
+    assert service["ExecStart"].split()[1:4] == ["schedule", "run", "--file"]
+    assert service["Restart"] == "on-failure"
+    assert service["KillSignal"] == "SIGTERM"
+    envs = [v for k, v in unit["Service"] if k == "Environment"]
+    assert "RAY_AUTH_TOKEN_PATH=%d/ray_auth_token" in envs
+    assert service["LoadCredential"].startswith("ray_auth_token:")
+    assert dict(unit["Install"])["WantedBy"] == "multi-user.target"
+
+
+def test_the_cli_module_registers_on_an_app():
+    import typer
+
+    from jobs.cli_cluster import register
+
+    app = typer.Typer()
+    register(app)
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    assert names == {"submit", "jobs", "schedule"}
