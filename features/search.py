@@ -28,10 +28,13 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from features.errors import StoreError
 from features.schema import FEATURE_KEY_FIELDS, FEATURE_SET_KEY, FEATURES_PREFIX, ORIGINAL_VIEW
+from features.storage import filesystem_for
 from features.store import FeatureStore, Version
 
 KEYS = ["sample_id", "view", "split", "label"]
@@ -91,6 +94,7 @@ def embedding_column(
 
 
 def query_vector(
+    store: FeatureStore,
     dt: DeltaTable,
     col: EmbeddingColumn,
     *,
@@ -103,7 +107,7 @@ def query_vector(
         raise StoreError("give exactly one query: a vector or a sample_id")
     if sample_id is not None:
         where = (pc.field("sample_id") == sample_id) & (pc.field("view") == view)
-        rows = dt.to_pyarrow_dataset().to_table(columns=[col.column], filter=where)
+        rows = dataset(store, dt, col).to_table(columns=[col.column], filter=where)
         if rows.num_rows == 0:
             raise StoreError(f"no row sample_id={sample_id!r} view={view} in {col.table}")
         vector = rows.column(0)[0].as_py()
@@ -144,7 +148,7 @@ def search(
     if k < 1:
         raise StoreError(f"k must be at least 1, got {k}")
     dt, col = embedding_column(store, feature_set, column, version)
-    q = query_vector(dt, col, vector=vector, sample_id=sample_id)
+    q = query_vector(store, dt, col, vector=vector, sample_id=sample_id)
     exclude = [sample_id] if sample_id else []
     if method == "ann":
         from features.catalog import load_index
@@ -173,25 +177,40 @@ def as_matrix(column: pa.ChunkedArray | pa.Array, dim: int, where: str = "") -> 
     return values.reshape(len(column), dim)
 
 
+def dataset(store: FeatureStore, dt: DeltaTable, col: EmbeddingColumn) -> pads.Dataset:
+    """The version's files read through pyarrow's own filesystem (local or S3).
+
+    deltalake's default dataset reads through a Python filesystem handler;
+    the native one scans embeddings about twice as fast.
+    """
+    fs, root = filesystem_for(store.table_uri(col.table), store.storage_options)
+    return dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, fs))
+
+
 def chunks(
     store: FeatureStore, dt: DeltaTable, col: EmbeddingColumn, where: str | None, rows: int
 ) -> Any:
-    """(keys, matrix) per batch of the column's non-null rows (``where``: a SQL filter)."""
+    """(keys, matrix) per batch of the column's non-null rows (``where``: a SQL filter).
+
+    Rows come L2-normalised: a column stored without normalisation is normalised here.
+    """
     label = f"{col.table}.{col.column}"
     if where is None:
-        dataset = dt.to_pyarrow_dataset()
-        reader = dataset.to_batches(
-            columns=[*KEYS, col.column], filter=pc.is_valid(pc.field(col.column)), batch_size=rows
-        )
+        reader = dataset(store, dt, col).to_batches(columns=[*KEYS, col.column], batch_size=rows)
     else:
-        con = _where_con(store, dt.to_pyarrow_dataset(), where)
+        con = _where_con(store, dataset(store, dt, col), where)
         select = ", ".join(f'"{c}"' for c in [*KEYS, col.column])
         sql = f'SELECT {select} FROM v WHERE "{col.column}" IS NOT NULL AND ({where})'
         reader = _sql(con, sql).to_arrow_reader(rows)
     for batch in reader:
+        if batch.column(col.column).null_count:  # rows without this modality
+            batch = batch.filter(pc.is_valid(batch.column(col.column)))
         if batch.num_rows:
             keys = pa.Table.from_batches([batch.select(KEYS)])
-            yield keys, as_matrix(batch.column(col.column), col.dim, label)
+            matrix = as_matrix(batch.column(col.column), col.dim, label)
+            if not col.normalized:
+                matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+            yield keys, matrix
 
 
 def _top_k_stream(parts: Any, q: np.ndarray, k: int, exclude: list[str]) -> pa.Table:
@@ -262,7 +281,7 @@ def load_matrix(
     store: FeatureStore, dt: DeltaTable, col: EmbeddingColumn, rows: int = CHUNK_ROWS
 ) -> tuple[pa.Table, np.ndarray]:
     """All non-null rows of the column: their keys and one (n, dim) float32 matrix."""
-    n = dt.to_pyarrow_dataset().count_rows(filter=pc.is_valid(pc.field(col.column)))
+    n = dataset(store, dt, col).count_rows(filter=pc.is_valid(pc.field(col.column)))
     matrix = np.empty((n, col.dim), np.float32)
     keys, filled = [], 0
     for batch_keys, chunk in chunks(store, dt, col, None, rows):

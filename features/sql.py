@@ -239,8 +239,7 @@ def _write_csv(stream: Iterator[pa.RecordBatch], sink: IO[bytes]) -> int:
     rows, writer = 0, None
     for batch in stream:
         batch = _csv_safe(batch)
-        options = pacsv.WriteOptions(quoting_style="needed")
-        writer = writer or pacsv.CSVWriter(sink, batch.schema, write_options=options)
+        writer = writer or pacsv.CSVWriter(sink, batch.schema)
         writer.write_batch(batch)
         rows += batch.num_rows
     if writer is not None:

@@ -99,6 +99,23 @@ def refresh(
     run_refresh(str(spec), address=address, slot=slot)
 
 
+@app.command()
+@user_errors
+def encode(
+    spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML) with an `encode` section.")],
+    feature_set: Annotated[str, typer.Option(help="Name of the feature set to (re)compute.")],
+    reencode: Annotated[
+        bool,
+        typer.Option(help="Replace the feature set's rows (a new version) after a config change."),
+    ] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Encode the samples and views a feature set lacks (incremental), or all with --reencode."""
+    from jobs.build import run_encode
+
+    run_encode(str(spec), feature_set, reencode=reencode, address=address)
+
+
 def _store(uri: str) -> FeatureStore:
     store = FeatureStore(uri)
     if not store.tables():

@@ -135,12 +135,14 @@ def _cluster_errors(address: str, job: str | None = None) -> Iterator[None]:
     try:
         yield
     except AuthenticationError as e:
-        if "Authentication required" in str(e):
+        # 403 says "Authentication failed"; a 401, or Ray finding no token, says otherwise.
+        if "Authentication failed" not in str(e):
             raise ClusterError(
                 f"the cluster at {address} requires a token: set RAY_AUTH_TOKEN "
                 "(or RAY_AUTH_TOKEN_PATH) to its auth token"
             ) from None
-        source = (auth_token() or ("", "?"))[1]
+        found = auth_token()
+        source = found[1] if found else "Ray's token file"
         raise ClusterError(
             f"the cluster at {address} rejected the token from {source}: "
             "it is not this cluster's token"

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from deltalake.transaction import AddAction, RemoveAction, Transaction
+from ray.data import ActorPoolStrategy
 
 from features.commit import filter_files, rewrite_without, write_file
 from features.schema import FEATURES_PREFIX, INPUTS, conform
@@ -28,6 +29,7 @@ from features.sink import StoreSink
 from features.store import FeatureStore
 from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views
 from pipelines.dedup import IdRegistry, mark_duplicates
+from pipelines.errors import SpecError
 from pipelines.featurize import encode_feature_set
 from pipelines.inputs import (
     LedgerState,
@@ -192,6 +194,24 @@ def build(
     return result
 
 
+def encode_only(spec: PipelineSpec, name: str, *, reencode: bool = False) -> BuildResult:
+    """Run one feature set of the spec's ``encode`` section alone (``mmfp encode``)."""
+    if spec.encode is None:
+        raise SpecError("the spec has no `encode` section to run")
+    feature_set = spec.encode.get(name)
+    store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
+    if not store.exists("samples"):
+        raise SpecError(f"no samples in {store.uri} yet: run `mmfp build` first")
+    result = BuildResult(run_id=new_run_id(), store_uri=store.uri)
+    base = {n: store.version(n) for n in BASE_TABLES}
+    run = Run(spec, store, result, base, frozenset())
+    encode_feature_set(run, feature_set, reencode=reencode)
+    result.finished_at = datetime.now(UTC)
+    if result.changed:
+        record_run(store, spec, result, kind="encode")
+    return result
+
+
 def plan_removals(run: Run, listing: Listing, state: LedgerState) -> None:
     """Record inputs that disappeared; with ``on_removed: delete`` prepare their rows' removal."""
     gone = removed_inputs(listing, state)
@@ -222,7 +242,14 @@ def collect_samples(run: Run, listing: Listing, state: LedgerState) -> None:
         return
     registry = IdRegistry.remote(store, run.base["samples"])
     ds = collected_dataset(spec, listing)
-    if spec.label:
+    if spec.label and Labeller(spec.label).needs_model:  # zero-shot: the model loads once
+        ds = ds.map_batches(
+            Labeller,
+            fn_constructor_args=(spec.label,),
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=1),
+        )
+    elif spec.label:
         ds = ds.map_batches(Labeller(spec.label), batch_format="pyarrow")
     ds = ds.map_batches(
         split_batch,

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.errors import InputError, SpecError
+from pipelines.zeroshot import ZeroShotLabeller, ZeroShotLabels
 
 NONE = "(none)"  # class_balance key for rows without a label or split
 SPLIT_ORDER = ("train", "val", "test")
@@ -104,7 +105,8 @@ class FunctionLabels(_Model):
 
 
 LabelSource = Annotated[
-    ManifestLabels | FolderLabels | RulesLabels | FunctionLabels, Field(discriminator="kind")
+    ManifestLabels | FolderLabels | RulesLabels | FunctionLabels | ZeroShotLabels,
+    Field(discriminator="kind"),
 ]
 
 
@@ -122,6 +124,15 @@ class LabelSpec(_Model):
     vocabulary: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
+    def _zero_shot_has_labels(self) -> LabelSpec:
+        for source in self.sources:
+            if isinstance(source, ZeroShotLabels) and source.labels is None:
+                if self.vocabulary is None:
+                    raise ValueError("a zero_shot source needs `labels` or the spec's `vocabulary`")
+                source.labels = list(self.vocabulary)
+        return self
+
+    @model_validator(mode="after")
     def _vocabulary_covers_rules(self) -> LabelSpec:
         if self.vocabulary is None:
             return self
@@ -129,6 +140,9 @@ class LabelSpec(_Model):
         if dupes:
             raise ValueError(f"vocabulary repeats {dupes}")
         rules = [label for s in self.sources if isinstance(s, RulesLabels) for label in s.labels()]
+        rules += [
+            label for s in self.sources if isinstance(s, ZeroShotLabels) for label in s.labels
+        ]
         stray = [label for label in rules if label not in self.vocabulary]
         if stray:
             raise ValueError(f"rules produce labels {stray} that are not in the vocabulary")
@@ -259,11 +273,13 @@ class FunctionLabeller(SourceLabeller):
 
 
 # The registry: kind -> run-time class. Add a kind here and to the LabelSource union.
-LABELLERS: dict[str, type[SourceLabeller]] = {
+# kind -> run-time labeller (built from its spec section); a kind needs `annotate(batch)`
+LABELLERS: dict[str, Callable[[Any], Any]] = {
     "manifest": ManifestLabeller,
     "folder": FolderLabeller,
     "rules": RulesLabeller,
     "function": FunctionLabeller,
+    "zero_shot": ZeroShotLabeller,
 }
 
 
@@ -290,6 +306,11 @@ class Labeller:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "_sources": None}
+
+    @property
+    def needs_model(self) -> bool:
+        """True when a source loads a model: the build then runs this stage in actors."""
+        return any(isinstance(s, ZeroShotLabels) for s in self.spec.sources)
 
     @property
     def sources(self) -> list[SourceLabeller]:

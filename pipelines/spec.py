@@ -142,6 +142,10 @@ class PipelineSpec(_Model):
         for source in data["sources"]:
             source["uri"] = normalize_uri(source["uri"], base_dir=str(base_dir))
         data["store"]["uri"] = normalize_uri(data["store"]["uri"], base_dir=str(base_dir))
+        for config in _model_configs(data):
+            # a model given as a path next to the spec; hub ids stay as they are
+            if config.get("model") and (base_dir / config["model"]).exists():
+                config["model"] = str((base_dir / config["model"]).resolve())
         return PipelineSpec.model_validate(data)
 
     def spec_hash(self) -> str:
@@ -152,6 +156,17 @@ class PipelineSpec(_Model):
         data["store"]["storage_options"] = redact(data["store"]["storage_options"])
         canonical = json.dumps(data, sort_keys=True).encode()
         return hashlib.blake2b(canonical, digest_size=8).hexdigest()
+
+
+def _model_configs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every encoder config of a dumped spec: feature sets and zero-shot label sources."""
+    configs = [
+        c for fs in (data.get("encode") or {}).get("feature_sets", []) for c in fs["encoders"]
+    ]
+    for source in (data.get("label") or {}).get("sources", []):
+        if source.get("kind") == "zero_shot":
+            configs.append(source["encoder"])
+    return configs
 
 
 def load_spec(path: str | Path) -> PipelineSpec:

@@ -244,20 +244,31 @@ def ray_cluster() -> Iterator[LocalCluster]:
         stop_cluster(cluster)
 
 
+@pytest.fixture
+def cluster_env(ray_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> LocalCluster:
+    """This process set up as a client of ``ray_cluster`` (token, address) for one test."""
+    for name in _CLEARED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_cluster.token)
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)
+    return ray_cluster
+
+
 def _stub_job(argv: list[str]) -> int:
-    """Cheap stand-in job entrypoints: ``spec SPEC`` validates a spec like a refresh would,
-    ``sleep SECONDS`` prints a line a second (something to follow and to stop)."""
-    if argv[:1] == ["spec"] and len(argv) == 2:
+    """Cheap stand-in job entrypoints: ``SPEC`` validates a spec as a refresh would first
+    (a scheduler test's entrypoint), ``sleep SECONDS`` prints a line a second (a job to
+    follow and to stop)."""
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         from pipelines.spec import load_spec
 
-        print(f"stub refresh of {load_spec(argv[1]).store.uri}", flush=True)
+        print(f"stub refresh of {load_spec(argv[0]).store.uri}", flush=True)
         return 0
     if argv[:1] == ["sleep"] and len(argv) == 2:
         for i in range(int(argv[1])):
             print(f"tick {i}", flush=True)
             time.sleep(1)
         return 0
-    print(f"usage: python -m tests.cluster_fixtures spec SPEC | sleep SECONDS; got {argv}")
+    print(f"usage: python -m tests.cluster_fixtures SPEC | sleep SECONDS; got {argv}")
     return 2
 
 

@@ -8,6 +8,7 @@ registers), so this process never joins the cluster.
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import subprocess
 import sys
@@ -18,12 +19,20 @@ import requests
 import yaml
 
 from features.store import FeatureStore
+from jobs import submit as jobsubmit
 from pipelines.spec import write_spec
 from pipelines.synthetic import write_directory_source
-from tests.cluster_fixtures import ROOT, LocalCluster, alive_nodes, free_port, ray_cluster
+from tests.cluster_fixtures import (
+    ROOT,
+    LocalCluster,
+    alive_nodes,
+    cluster_env,
+    free_port,
+    ray_cluster,
+)
 from tests.helpers import make_spec
 
-__all__ = ["ray_cluster"]  # the fixture, imported for this module
+__all__ = ["cluster_env", "ray_cluster"]  # fixtures, imported for this module
 
 
 def mmfp(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -63,26 +72,55 @@ def test_job_api_refuses_requests_without_the_token(ray_cluster: LocalCluster):
     assert requests.get(url, headers=ray_cluster.headers, timeout=10).status_code == 200
 
 
-def test_cli_without_or_with_a_wrong_token_says_so_in_one_line(ray_cluster, tmp_path):
+def test_cli_without_a_token_says_so_in_one_line(ray_cluster, tmp_path):
     env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_TOKEN"}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
     proc = mmfp("jobs", "list", env=env)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "requires a token" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-    (tmp_path / "token").write_text("wrong\n", encoding="utf-8")
-    proc = mmfp("jobs", "list", env={**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
-    assert proc.returncode == 2
-    assert "rejected the token" in proc.stderr
-    assert ray_cluster.token not in proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: the cluster at http://127.0.0.1:")
+    assert "requires a token: set RAY_AUTH_TOKEN" in proc.stderr
 
 
-def test_submit_build_wait_succeeds_and_the_store_is_readable(ray_cluster, specs):
-    proc = mmfp(
-        "submit", "build", str(specs["good"]), "--wait", "--id", "build-ok", env=ray_cluster.env
-    )
+def test_a_wrong_token_is_named_by_its_source_never_shown(cluster_env, tmp_path, monkeypatch):
+    (tmp_path / "token").write_text("wrong-token\n", encoding="utf-8")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    with pytest.raises(
+        jobsubmit.ClusterError, match="rejected the token from .*token: it is not"
+    ) as e:
+        jobsubmit.list_jobs()
+    assert "wrong-token" not in str(e.value)
+    assert cluster_env.token not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def waited(ray_cluster: LocalCluster, specs) -> dict[str, subprocess.CompletedProcess[str]]:
+    """`submit --wait` of the good and the bad spec, run side by side (each costs ~10-30 s)."""
+    runs = {
+        "build-ok": ["build", str(specs["good"])],
+        "bad-spec": ["build", str(specs["bad"])],
+    }
+    procs = {
+        sid: subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli_cluster", "submit", *args, "--wait", "--id", sid],
+            cwd=ROOT,
+            env=ray_cluster.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for sid, args in runs.items()
+    }
+    done = {}
+    for sid, proc in procs.items():
+        out, err = proc.communicate(timeout=240)
+        done[sid] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+def test_submit_build_wait_succeeds_and_the_store_is_readable(ray_cluster, specs, waited):
+    proc = waited["build-ok"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # --wait followed the job's own output up to the build summary
     assert "Running entrypoint for job build-ok: python -m jobs.build" in proc.stdout
@@ -90,37 +128,30 @@ def test_submit_build_wait_succeeds_and_the_store_is_readable(ray_cluster, specs
     assert "job build-ok SUCCEEDED" in proc.stdout
 
     store = FeatureStore(str(specs["store"]))
-    samples = store.to_arrow("samples")
-    assert samples.num_rows == specs["n"]
-    assert store.version("samples") is not None
+    assert store.to_arrow("samples").num_rows == specs["n"]
 
     status = mmfp("jobs", "status", "build-ok", env=ray_cluster.env)
     assert status.returncode == 0
     assert "build-ok: SUCCEEDED" in status.stdout
-    logs = mmfp("jobs", "logs", "build-ok", env=ray_cluster.env)
-    assert f"{specs['n']} new samples" in logs.stdout
     listing = mmfp("jobs", "list", env=ray_cluster.env)
     assert "build-ok" in listing.stdout
-    assert "SUCCEEDED" in listing.stdout
+    assert "bad-spec" in listing.stdout
 
 
-def test_a_second_job_with_the_same_id_is_refused(ray_cluster, specs):
-    mmfp("submit", "build", str(specs["good"]), "--id", "same-id", env=ray_cluster.env)
-    proc = mmfp("submit", "build", str(specs["good"]), "--id", "same-id", env=ray_cluster.env)
-    assert proc.returncode == 2
-    assert "job same-id already exists" in proc.stderr
-
-
-def test_bad_spec_job_fails_and_submit_wait_exits_nonzero(ray_cluster, specs):
-    proc = mmfp(
-        "submit", "build", str(specs["bad"]), "--wait", "--id", "bad-spec", env=ray_cluster.env
-    )
+def test_bad_spec_job_fails_and_submit_wait_exits_nonzero(waited):
+    proc = waited["bad-spec"]
     assert proc.returncode == 1
     assert "invalid spec" in proc.stdout  # the job's own error, followed live
-    assert "job bad-spec ended FAILED" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: job bad-spec ended FAILED")
     assert "Traceback" not in proc.stderr
-    status = mmfp("jobs", "status", "bad-spec", env=ray_cluster.env)
-    assert "bad-spec: FAILED" in status.stdout
+
+
+def test_logs_and_a_reused_id(cluster_env, specs, waited):
+    logs = jobsubmit.job_logs("build-ok")
+    assert f"{specs['n']} new samples" in logs
+    proc = mmfp("submit", "build", str(specs["good"]), "--id", "build-ok", env=cluster_env.env)
+    assert proc.returncode == 2
+    assert "job build-ok already exists" in proc.stderr
 
 
 def test_follow_then_stop_a_running_job(ray_cluster):
@@ -153,29 +184,33 @@ def test_follow_then_stop_a_running_job(ray_cluster):
     assert "had already ended: STOPPED" in again.stdout
 
 
-def test_unknown_job_unreachable_cluster_and_explicit_address(ray_cluster):
-    proc = mmfp("jobs", "status", "no-such-job", env=ray_cluster.env)
+def test_unknown_job_is_one_line(cluster_env):
+    proc = mmfp("jobs", "status", "no-such-job", env=cluster_env.env)
     assert proc.returncode == 2
-    assert "no job 'no-such-job'" in proc.stderr
-
-    dead = f"http://127.0.0.1:{free_port()}"
-    proc = mmfp("jobs", "list", "--address", dead, env=ray_cluster.env)
-    assert proc.returncode == 2
-    assert f"cannot reach the Ray Job API at {dead}" in proc.stderr
-    # --address wins over RAY_ADDRESS (Ray's own client would let the variable win)
-    proc = mmfp(
-        "jobs",
-        "list",
-        "--address",
-        ray_cluster.address,
-        env={**ray_cluster.env, "RAY_ADDRESS": dead},
+    assert proc.stderr == (
+        f"error: no job 'no-such-job' on {cluster_env.address} (see `mmfp jobs list`)\n"
     )
-    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(jobsubmit.ClusterError, match="no job 'nope'"):
+        jobsubmit.stop("nope")
 
-    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ADDRESS"}
-    proc = mmfp("jobs", "list", env=env)
-    assert proc.returncode == 2
-    assert "no cluster address" in proc.stderr
+
+def test_unreachable_cluster_and_address_precedence(cluster_env, monkeypatch, waited):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(jobsubmit.ClusterError, match=f"cannot reach the Ray Job API at {dead}"):
+        jobsubmit.list_jobs(address=dead)
+    # --address wins over RAY_ADDRESS (Ray's own client would let the variable win) ...
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    assert any(
+        j.submission_id == "build-ok" for j in jobsubmit.list_jobs(address=cluster_env.address)
+    )
+    assert os.environ["RAY_ADDRESS"] == dead  # ... and the variable is put back
+    # RAY_API_SERVER_ADDRESS beats RAY_ADDRESS, as in `ray job`
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", cluster_env.address)
+    assert jobsubmit.resolve_address() == cluster_env.address
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(jobsubmit.ClusterError, match="no cluster address"):
+        jobsubmit.list_jobs()
 
 
 # ---- configs -----------------------------------------------------------------------------

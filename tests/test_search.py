@@ -19,12 +19,19 @@ from features.store import FeatureStore
 from jobs.cli_query import register
 from pipelines.build import build
 from tests.helpers import corpus_sources, make_spec
+from tests.test_object_storage import BUCKET
+from tests.test_object_storage import s3_options as s3_options  # the moto server fixture
 
 DIM = 16
 
 
 def write_feature_set(
-    store: FeatureStore, name: str, keys: pa.Table, columns: dict[str, list | np.ndarray]
+    store: FeatureStore,
+    name: str,
+    keys: pa.Table,
+    columns: dict[str, list | np.ndarray],
+    *,
+    normalized: bool = True,
 ) -> None:
     """Append ``features/<name>`` rows: ``keys`` (sample_id, view, split, label, ...) + embeddings.
 
@@ -35,7 +42,7 @@ def write_feature_set(
     meta = {
         "encoders": [{"name": "test", "version": "0", "config_hash": "0", "model": None}],
         "columns": {
-            c: {"shape": [d], "dtype": "float32", "encoder": "test", "normalized": True}
+            c: {"shape": [d], "dtype": "float32", "encoder": "test", "normalized": normalized}
             | {"kind": "embedding"}
             for c, d in dims.items()
         },
@@ -205,3 +212,38 @@ def test_cli_search(store, tmp_path):
     result = runner.invoke(app, ["store", "index", "solo", "--store", store.uri])
     assert result.exit_code == 0, result.output
     assert "recall@10" in result.output
+
+
+def test_unnormalised_columns_are_scored_by_cosine(tmp_path):
+    store = FeatureStore(str(tmp_path / "raw"))
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((50, 8)) * rng.uniform(0.1, 10, (50, 1))
+    keys = pa.table({"sample_id": [f"r{i}" for i in range(50)], "split": ["train"] * 50,
+                     "label": ["a"] * 50})  # fmt: skip
+    write_feature_set(store, "raw", keys, {"emb": vectors}, normalized=False)
+    q = unit(rng.standard_normal(8))
+    hits = search(store, "raw", vector=q, k=5)
+    cosine = unit(vectors) @ q
+    assert hits["sample_id"].to_pylist() == [f"r{i}" for i in np.argsort(-cosine)[:5]]
+    np.testing.assert_allclose(hits["score"].to_numpy(), np.sort(cosine)[::-1][:5], rtol=1e-5)
+
+
+def test_sql_and_search_on_object_storage(s3_options):
+    from features.sql import run_sql
+
+    options, _ = s3_options
+    store = FeatureStore(f"s3://{BUCKET}/search-store", storage_options=options)
+    rng = np.random.default_rng(5)
+    vectors = unit(rng.standard_normal((300, 12)))
+    keys = pa.table({"sample_id": [f"o{i:03d}" for i in range(300)],
+                     "split": ["train", "val", "test"] * 100, "label": ["x"] * 300})  # fmt: skip
+    write_feature_set(store, "objs", keys, {"emb": vectors})
+    q = "SELECT split, count(*) AS n FROM objs GROUP BY split ORDER BY split"
+    assert run_sql(store, q).fetchall() == [("test", 100), ("train", 100), ("val", 100)]
+    hits = search(store, "objs", sample_id="o000", k=5, where="split <> 'val'")
+    expected = [i for i in np.argsort(-(vectors @ vectors[0])) if i % 3 != 1 and i != 0][:5]
+    assert hits["sample_id"].to_pylist() == [f"o{i:03d}" for i in expected]
+    meta = build_index(store, "objs")
+    assert meta["uri"].startswith(f"s3://{BUCKET}/search-store/_indexes/objs/v")
+    approx = search(store, "objs", sample_id="o000", k=5, where="split <> 'val'", method="ann")
+    assert approx["sample_id"].to_pylist() == hits["sample_id"].to_pylist()

@@ -77,7 +77,10 @@ def test_feature_sets_answer_to_three_names(built):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"query": "SELECT * FROM nope"}, r"Table with name nope does not exist! \(tables: .*_runs.*samples"),
+        (
+            {"query": "SELECT * FROM nope"},
+            r"Table with name nope does not exist! \(tables: .*_runs.*samples",
+        ),
         ({"query": "SELECT nope FROM samples"}, r'column "nope" not found'),
         ({"query": "SELEC 1"}, "syntax error"),
         ({"query": "SELECT * FROM samples", "version": 99}, r"no version 99 \(versions 0\.\.2"),
@@ -139,7 +142,7 @@ def test_cli_query_formats_and_errors(built):
     ok = runner.invoke(app(), ["query", "SELECT count(*) AS n FROM samples", "--store", store.uri,
                                "--version", "samples=1", "-f", "csv"])  # fmt: skip
     assert ok.exit_code == 0, ok.output
-    assert ok.stdout.split() == ["n", str(photos)]
+    assert list(csv.reader(io.StringIO(ok.stdout))) == [["n"], [str(photos)]]
     ok = runner.invoke(app(), ["query", "SELECT split FROM samples", "--store", store.uri])
     assert ok.exit_code == 0, ok.output
     assert "split" in ok.stdout

@@ -78,7 +78,7 @@ class HfTower(_Model):
 
     kind: Literal["hf"]
     input: Literal["text_ids", "image_pixels", "audio_logmel"]
-    # AutoConfig.for_model(**config): needs `model_type`, e.g. bert, vit, audio-spectrogram-transformer
+    # AutoConfig.for_model(**config): needs `model_type` (bert, vit, audio-spectrogram-transformer)
     config: dict[str, Any] | None = None
     path: str | None = None  # local directory with config.json + model.safetensors
     pad_id: int = 0  # text: attention mask is ids != pad_id

@@ -86,6 +86,7 @@ class _Worker:
         self.history: list[dict[str, Any]] = []
         self.running: dict[str, float] = {}
         self.resumed_from: int | None = None
+        self.val_cache: dict[str, np.ndarray] | None = None
 
     def restore(self) -> None:
         import ray.train
@@ -136,18 +137,20 @@ class _Worker:
 
         if self.rank != 0 or not self.info.get("has_val"):
             return {}
-        arrays: dict[str, list[np.ndarray]] = {}
-        rows = 0
-        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=512):
-            for key, value in batch.items():
-                arrays.setdefault(key, []).append(value)
-            rows += len(next(iter(batch.values())))
-            if rows >= self.cfg.val_max_rows:
-                break
-        if not rows:
+        if self.val_cache is None:  # read once: the val rows do not change between epochs
+            arrays: dict[str, list[np.ndarray]] = {}
+            rows = 0
+            for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=512):
+                for key, value in batch.items():
+                    arrays.setdefault(key, []).append(value)
+                rows += len(next(iter(batch.values())))
+                if rows >= self.cfg.val_max_rows:
+                    break
+            cut = self.cfg.val_max_rows
+            self.val_cache = {k: np.concatenate(v)[:cut] for k, v in arrays.items()}
+        data = self.val_cache
+        if not data or not len(next(iter(data.values()))):
             return {}
-        cut = self.cfg.val_max_rows
-        data = {k: np.concatenate(v)[:cut] for k, v in arrays.items()}
         self.model.eval()
         feats = {
             m: embed(self.model, m, data[f"x_{m}"], device=self.device) for m in self.model.towers
@@ -213,7 +216,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     start_epoch, skip = divmod(w.step, spe)
     for epoch in range(start_epoch, cfg.epochs):
-        started, seen = time.perf_counter(), 0; _p("epoch", w.rank, epoch)
+        started, seen = time.perf_counter(), 0
         batches = shard.iter_torch_batches(
             batch_size=cfg.batch_size,
             prefetch_batches=cfg.prefetch_batches,
@@ -225,15 +228,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen = index + 1
             if index < skip:
                 continue  # trained on before the restart: same batch, same order
-            _t = time.perf_counter()
-            _p("batch", w.rank, index, round(time.perf_counter() - started, 3)); w.train_step(batch)
-            print(
-                "PROF step",
-                w.rank,
-                round(time.perf_counter() - _t, 3),
-                round(time.perf_counter() - started, 3),
-                flush=True,
-            )
+            w.train_step(batch)
             if (
                 cfg.checkpoint_every_steps
                 and w.step % cfg.checkpoint_every_steps == 0
@@ -254,15 +249,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_time_s": time.perf_counter() - started,
             "resumed_from_step": w.resumed_from,
             **{f"train_{k}": v for k, v in _means(w.running).items()},
+            **w.validate(),
         }
-        _t = time.perf_counter()
-        metrics.update(w.validate())
-        _p("val", w.rank, round(time.perf_counter() - _t, 3))
         w.history.append(metrics)
         w.running = {}
-        _t = time.perf_counter()
         w.report(metrics, final=epoch + 1 == cfg.epochs)
-        _p("report", w.rank, round(time.perf_counter() - _t, 3))
         w.resumed_from = None
 
 
@@ -350,8 +341,3 @@ def run_training(config: TrainConfig):
         ),
     )
     return trainer.fit()
-
-
-def _p(*a):
-    with open("/tmp/smoke/prof.txt", "a") as f:
-        f.write(" ".join(str(x) for x in a) + f" t={time.time():.3f}\n")

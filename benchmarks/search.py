@@ -1,0 +1,212 @@
+"""Search benchmark: exact top-10 from the store against bare NumPy, and the ANN index.
+
+    python benchmarks/search.py [--rows 1000000] [--dim 384] [--queries 20] [--data clustered]
+
+One run, one machine, the same query vectors for every measurement:
+
+- **bare**: ``X @ q`` + ``argpartition`` + sort of the top 10 on an in-memory float32
+  array (the floor any exact search pays);
+- **search, streamed**: ``features.search.search`` reading the feature set's Delta table in
+  ``--chunk-rows`` batches per query (memory bounded by one chunk; pays Parquet decode each time);
+- **search, cached**: ``search(cache=True)``, the decoded matrix kept in the process after the
+  first query (a notebook or service asking many questions of one version);
+- **ann**: ``catalog.build_index`` (faiss IVF-Flat, ``nprobe`` tuned to recall@10 >= 0.95
+  at build time) and ``search(method="ann")``: latency and recall@10 against exact top-10.
+
+Ratios are search time / bare time (target <= 2). ``--data clustered`` draws vectors around
+``--clusters`` centres (like real embeddings); ``gaussian`` is isotropic noise, the hard case for
+any ANN index. Nothing touches the network; the store lives in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from deltalake import WriterProperties, write_deltalake  # noqa: E402
+
+from features.catalog import build_index  # noqa: E402
+from features.schema import FEATURE_SET_KEY, conform, feature_schema, list_of  # noqa: E402
+from features.search import search  # noqa: E402
+from features.store import FeatureStore  # noqa: E402
+
+CHUNK = 100_000
+TARGET = 2.0
+
+
+def make_vectors(args: argparse.Namespace) -> np.ndarray:
+    rng = np.random.default_rng(args.seed)
+    out = np.empty((args.rows, args.dim), np.float32)
+    centres = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
+    for start in range(0, args.rows, CHUNK):
+        n = min(CHUNK, args.rows - start)
+        x = rng.standard_normal((n, args.dim), dtype=np.float32)
+        if args.data == "clustered":
+            x = centres[rng.integers(0, args.clusters, n)] + args.noise * x
+        out[start : start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def write_store(root: Path, vectors: np.ndarray) -> FeatureStore:
+    """Feature set ``bench``: the table contract of features/schema.py, one Delta commit."""
+    store = FeatureStore(str(root))
+    dim = vectors.shape[1]
+    meta = {
+        "encoders": [{"name": "bench", "version": "0", "config_hash": "0", "model": None}],
+        "columns": {
+            "text_emb": {"shape": [dim], "dtype": "float32", "encoder": "bench"}
+            | {"normalized": True, "kind": "embedding"}
+        },
+    }
+    schema = feature_schema({"text_emb": list_of(pa.float32())})
+    store.ensure_table("features/bench", schema, properties={FEATURE_SET_KEY: json.dumps(meta)})
+    splits = np.array(["train", "val", "test"])
+
+    def batches():
+        for start in range(0, len(vectors), CHUNK):
+            part = vectors[start : start + CHUNK]
+            n = len(part)
+            offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+            table = pa.table(
+                {
+                    "sample_id": [f"s{i:08d}" for i in range(start, start + n)],
+                    "view": pa.array(np.full(n, -1, np.int32)),
+                    "split": splits[np.arange(start, start + n) % 3],
+                    "label": pa.nulls(n, pa.string()),
+                    "text_emb": pa.ListArray.from_arrays(offsets, pa.array(part.ravel())),
+                }
+            )
+            yield from conform(table, schema).to_batches()
+
+    reader = pa.RecordBatchReader.from_batches(schema, batches())
+    write_deltalake(
+        store.table_uri("features/bench"),
+        reader,
+        mode="append",
+        writer_properties=WriterProperties(compression="ZSTD"),
+    )
+    return store
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def bare_top10(matrix: np.ndarray, q: np.ndarray) -> np.ndarray:
+    scores = matrix @ q
+    top = np.argpartition(-scores, 9)[:10]
+    return top[np.argsort(-scores[top])]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--streamed-queries", type=int, default=5, help="each reads the whole table")
+    p.add_argument("--chunk-rows", type=int, default=65_536)
+    p.add_argument("--data", choices=["clustered", "gaussian"], default="clustered")
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--noise", type=float, default=1.0, help="noise scale (centres have norm ~1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None)
+    args = p.parse_args()
+
+    t, vectors = timed(make_vectors, args)
+    print(f"data: {args.rows} x {args.dim} float32 ({vectors.nbytes / 2**30:.2f} GiB), "
+          f"{args.data}, made in {t:.1f}s", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        t, store = timed(write_store, Path(tmp) / "store", vectors)
+        files = store.delta("features/bench").file_uris()
+        print(f"store: features/bench written in {t:.1f}s ({len(files)} files)", flush=True)
+        rng = np.random.default_rng(args.seed + 1)
+        rows = rng.choice(args.rows, args.queries, replace=False)
+        noisy = vectors[rows] + 0.1 * rng.standard_normal((args.queries, args.dim), np.float32)
+        queries = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+
+        bare = [timed(bare_top10, vectors, q) for q in queries]
+        bare_s = statistics.median(t for t, _ in bare)
+        truth = [set(ids.tolist()) for _, ids in bare]
+        ids = np.array([f"s{i:08d}" for i in range(args.rows)])
+
+        def check(hits, i):
+            got = {int(s[1:]) for s in hits.column("sample_id").to_pylist()}
+            assert got == truth[i], f"query {i}: exact search disagrees with NumPy"
+
+        streamed = []
+        for i, q in enumerate(queries[: args.streamed_queries]):
+            t, hits = timed(search, store, "bench", vector=q, k=10, chunk_rows=args.chunk_rows)
+            check(hits, i)
+            streamed.append(t)
+        print(f"streamed search: {[round(t, 2) for t in streamed]}s", flush=True)
+        first_s, hits = timed(search, store, "bench", vector=queries[0], k=10, cache=True)
+        cached = []
+        for i, q in enumerate(queries):
+            t, hits = timed(search, store, "bench", vector=q, k=10, cache=True)
+            check(hits, i)
+            cached.append(t)
+        from features import search as search_module
+
+        search_module._CACHE.clear()  # free the cached copy before the index is built
+
+        build_s, meta = timed(build_index, store, "bench", target_recall=0.95)
+        print(f"ann index: {json.dumps({k: meta[k] for k in ('nlist', 'nprobe', 'recall_at_10', 'read_s', 'build_s')})}, "
+              f"build_index total {build_s:.1f}s", flush=True)  # fmt: skip
+        search(store, "bench", vector=queries[0], k=10, method="ann")  # loads the index
+        ann, recall = [], []
+        for i, q in enumerate(queries):
+            t, hits = timed(search, store, "bench", vector=q, k=10, method="ann")
+            ann.append(t)
+            got = {int(s[1:]) for s in hits.column("sample_id").to_pylist()}
+            recall.append(len(got & truth[i]) / 10)
+        del ids
+
+    streamed_s = statistics.median(streamed)
+    cached_s = statistics.median(cached)
+    ann_s = statistics.median(ann)
+    result = {
+        "rows": args.rows,
+        "dim": args.dim,
+        "data": args.data,
+        "bare_ms": round(bare_s * 1000, 1),
+        "streamed_ms": round(streamed_s * 1000, 1),
+        "streamed_ratio": round(streamed_s / bare_s, 2),
+        "cached_first_query_s": round(first_s, 2),
+        "cached_ms": round(cached_s * 1000, 1),
+        "cached_ratio": round(cached_s / bare_s, 2),
+        "ann_nlist": meta["nlist"],
+        "ann_nprobe": meta["nprobe"],
+        "ann_build_s": round(build_s, 1),
+        "ann_recall_at_10_build": round(meta["recall_at_10"], 3),
+        "ann_recall_at_10": round(float(np.mean(recall)), 3),
+        "ann_ms": round(ann_s * 1000, 2),
+        "ann_speedup_vs_bare": round(bare_s / ann_s, 1),
+    }
+    print()
+    print(f"bare NumPy matmul + argpartition   {result['bare_ms']:>9.1f} ms  (1.00)")
+    print(f"search, streamed from the store   {result['streamed_ms']:>9.1f} ms  "
+          f"({result['streamed_ratio']:.2f}x bare)")  # fmt: skip
+    print(f"search, cached matrix             {result['cached_ms']:>9.1f} ms  "
+          f"({result['cached_ratio']:.2f}x bare; first query {first_s:.1f}s)")  # fmt: skip
+    print(f"search, ann (IVF nprobe {meta['nprobe']}/{meta['nlist']})  {result['ann_ms']:>9.2f} ms  "
+          f"recall@10 {result['ann_recall_at_10']:.3f}")  # fmt: skip
+    verdict = "meets" if result["cached_ratio"] <= TARGET else "misses"
+    print(f"target <= {TARGET}x bare: cached {verdict}; streamed {result['streamed_ratio']:.1f}x")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

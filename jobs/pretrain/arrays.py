@@ -1,0 +1,66 @@
+"""Flat Arrow list columns -> dense NumPy arrays, inside Ray Data tasks.
+
+Columns are stored as flat ``list<float32>`` / ``list<int32>`` (Delta has no
+fixed-size lists); ``to_tensors`` reshapes them to the recorded per-row shape, so
+training workers receive dense arrays, and turns a null (a row missing that
+modality) into zeros plus a ``has_<modality>`` mask. Only NumPy and pyarrow are
+imported here: Ray may start a fresh worker process for a read task, and that
+process imports this module (torch would cost it seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features.errors import StoreError
+from features.schema import ORIGINAL_VIEW
+
+
+def dense(column: pa.Array | pa.ChunkedArray, shape: list[int], dtype: Any) -> tuple:
+    """A flat list column as an ``(rows, *shape)`` array (nulls -> zeros) and a presence mask."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    width = int(np.prod(shape))
+    present = column.is_valid().to_numpy(zero_copy_only=False)
+    out = np.zeros((len(column), width), dtype=dtype)
+    if present.any():
+        values = column.filter(pa.array(present)).flatten().to_numpy(zero_copy_only=False)
+        if values.size != int(present.sum()) * width:
+            raise StoreError(
+                f"column {column.type} rows do not all have {width} values (shape {shape}): "
+                "the table does not match its recorded shape"
+            )
+        out[present] = values.reshape(-1, width)
+    return out.reshape(len(column), *shape), present
+
+
+def row_filter(split: str, *, include_views: bool) -> pc.Expression:
+    expr = pc.field("split") == split
+    if not include_views:
+        expr = expr & (pc.field("view") == ORIGINAL_VIEW)
+    return expr
+
+
+def to_tensors(
+    batch: pa.Table,
+    *,
+    inputs: dict[str, tuple[str, list[int], str]],
+    split: str,
+    include_views: bool,
+) -> dict[str, np.ndarray]:
+    """Rows of ``split`` as ``x_<modality>`` arrays and ``has_<modality>`` masks.
+
+    ``inputs`` maps modality -> (column, per-row shape, dtype name). A pure
+    function of the batch, so it runs in Ray Data tasks and in unit tests alike.
+    """
+    batch = batch.filter(row_filter(split, include_views=include_views))
+    out: dict[str, np.ndarray] = {}
+    for modality, (column, shape, dtype) in sorted(inputs.items()):
+        x, present = dense(batch.column(column), shape, np.dtype(dtype))
+        out[f"x_{modality}"] = x
+        out[f"has_{modality}"] = present
+    return out
