@@ -134,8 +134,10 @@ def main() -> None:
         print(f"store: features/bench written in {t:.1f}s ({len(files)} files)", flush=True)
         rng = np.random.default_rng(args.seed + 1)
         rows = rng.choice(args.rows, args.queries, replace=False)
-        noisy = vectors[rows] + 0.1 * rng.standard_normal((args.queries, args.dim), np.float32)
-        queries = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+        # queries near stored rows (cosine ~0.9 to their row), as "more like this" queries are
+        noise = rng.standard_normal((args.queries, args.dim), np.float32) / np.sqrt(args.dim)
+        noisy = vectors[rows] + 0.5 * noise
+        queries = (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
 
         bare = [timed(bare_top10, vectors, q) for q in queries]
         bare_s = statistics.median(t for t, _ in bare)
@@ -163,8 +165,8 @@ def main() -> None:
         search_module._CACHE.clear()  # free the cached copy before the index is built
 
         build_s, meta = timed(build_index, store, "bench", target_recall=0.95)
-        print(f"ann index: {json.dumps({k: meta[k] for k in ('nlist', 'nprobe', 'recall_at_10', 'read_s', 'build_s')})}, "
-              f"build_index total {build_s:.1f}s", flush=True)  # fmt: skip
+        shown = {k: meta[k] for k in ("nlist", "nprobe", "recall_curve", "read_s", "build_s")}
+        print(f"ann index: {json.dumps(shown)}, build_index {build_s:.1f}s", flush=True)
         search(store, "bench", vector=queries[0], k=10, method="ann")  # loads the index
         ann, recall = [], []
         for i, q in enumerate(queries):
@@ -201,7 +203,8 @@ def main() -> None:
           f"({result['streamed_ratio']:.2f}x bare)")  # fmt: skip
     print(f"search, cached matrix             {result['cached_ms']:>9.1f} ms  "
           f"({result['cached_ratio']:.2f}x bare; first query {first_s:.1f}s)")  # fmt: skip
-    print(f"search, ann (IVF nprobe {meta['nprobe']}/{meta['nlist']})  {result['ann_ms']:>9.2f} ms  "
+    ivf = f"IVF nprobe {meta['nprobe']}/{meta['nlist']}"
+    print(f"search, ann ({ivf})  {result['ann_ms']:>9.2f} ms  "
           f"recall@10 {result['ann_recall_at_10']:.3f}")  # fmt: skip
     verdict = "meets" if result["cached_ratio"] <= TARGET else "misses"
     print(f"target <= {TARGET}x bare: cached {verdict}; streamed {result['streamed_ratio']:.1f}x")

@@ -251,9 +251,10 @@ def build_index(
     """Build, tune and save the IVF index of one feature-set version; returns its record.
 
     ``nlist`` defaults to about sqrt(rows) lists. ``nprobe`` is the smallest
-    power of two whose recall@10 against exact search (``queries`` stored rows
-    as queries, each leaving itself out) reaches ``target_recall``; the record
-    (saved as JSON beside the index) holds it and the whole recall curve.
+    power of two whose recall@10 against exact search reaches ``target_recall``
+    for ``queries`` held-out rows (added to the index only after tuning, so they
+    are queries it has not seen); the record, saved as JSON beside the index,
+    holds it and the whole recall curve.
     """
     import faiss
 
@@ -270,24 +271,27 @@ def build_index(
         faiss.IndexFlatIP(col.dim), col.dim, nlist, faiss.METRIC_INNER_PRODUCT
     )
     index.cp.niter = 20
-    index.train(matrix[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))])
-    index.add(matrix)
+    # tune on held-out rows: queries the index has not seen, as users' queries are
+    held = np.sort(rng.choice(n, min(queries, n // 10), replace=False))
+    rest = np.setdiff1d(np.arange(n), held)
+    index.train(matrix[np.sort(rng.choice(rest, min(len(rest), 40 * nlist), replace=False))])
+    index.add_with_ids(matrix[rest], rest)
     build_s = time.perf_counter() - started - read_s
-    probe = np.sort(rng.choice(n, min(n, queries), replace=False))
-    truth = exact_ids(matrix, matrix[probe], 11)
+    truth = exact_ids(matrix, matrix[held], 10, exclude=held)
     curve: dict[int, float] = {}
-    nprobe = 1
-    while True:
+    nprobe = 1 if len(held) else nlist  # too few rows to hold any out: probe every list
+    while len(held):
         index.nprobe = nprobe
-        curve[nprobe] = recall_at(index.search(matrix[probe], 11)[1], truth, probe, 10)
+        curve[nprobe] = recall_at(index.search(matrix[held], 10)[1], truth)
         if curve[nprobe] >= target_recall or nprobe >= nlist:
             break
         nprobe = min(2 * nprobe, nlist)
+    index.add_with_ids(matrix[held], held)
     meta = {
         "table": col.table, "column": col.column, "version": col.version, "dim": col.dim,
         "encoder": col.encoder, "rows": n, "kind": "faiss.IndexIVFFlat", "nlist": nlist,
-        "nprobe": nprobe, "recall_at_10": curve[nprobe], "target_recall": target_recall,
-        "recall_curve": curve, "probe_queries": len(probe), "read_s": round(read_s, 3),
+        "nprobe": nprobe, "recall_at_10": curve.get(nprobe, 1.0), "target_recall": target_recall,
+        "recall_curve": curve, "probe_queries": len(held), "read_s": round(read_s, 3),
         "build_s": round(build_s, 3), "faiss": faiss.__version__,
     }  # fmt: skip
     fs, root = filesystem_for(index_uri(store, col), store.storage_options)
@@ -322,19 +326,25 @@ def load_index(store: FeatureStore, col: EmbeddingColumn) -> AnnIndex:
     return _INDEXES[path]
 
 
-def exact_ids(matrix: np.ndarray, queries: np.ndarray, k: int, block: int = 32) -> np.ndarray:
+def exact_ids(
+    matrix: np.ndarray, queries: np.ndarray, k: int, *, exclude: Any = None, block: int = 32
+) -> np.ndarray:
     """Exact top-``k`` row ids per query (brute force, ``block`` queries at a time)."""
-    out = np.empty((len(queries), min(k, len(matrix))), np.int64)
+    out = np.full((len(queries), k), -1, np.int64)
     for i in range(0, len(queries), block):
         scores = queries[i : i + block] @ matrix.T
-        out[i : i + block] = [top_indices(row, k) for row in scores]
+        if exclude is not None:
+            scores[:, exclude] = -np.inf
+        for j, row in enumerate(scores):
+            top = top_indices(row, k)
+            out[i + j, : len(top)] = top
     return out
 
 
-def recall_at(got: np.ndarray, truth: np.ndarray, own: np.ndarray, k: int) -> float:
-    """Mean fraction of the true top-``k`` found, each query's own row left out of both."""
+def recall_at(got: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's true ids (``-1``: none) that ``got`` found."""
     found = []
-    for g, t, me in zip(got, truth, own, strict=True):
-        t = [x for x in t if x != me][:k]
-        found.append(len(set(t) & {x for x in g if x != me}) / max(len(t), 1))
+    for g, t in zip(got, truth, strict=True):
+        t = set(t[t >= 0].tolist())
+        found.append(len(t & set(g.tolist())) / max(len(t), 1))
     return float(np.mean(found))

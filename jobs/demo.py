@@ -10,6 +10,7 @@ from features.store import FeatureStore
 from jobs.report import console, print_build
 from jobs.runtime import init_ray
 from pipelines.build import BuildResult, build
+from pipelines.encoders.tiny import tiny_clip, write_tokenizer
 from pipelines.spec import load_spec
 from pipelines.synthetic import write_demo_corpus
 
@@ -46,6 +47,19 @@ augment:
     - {name: GaussNoise, params: {p: 0.3}}
   audio: {sample_rate: 16000, pitch_shift: [-2, 2], time_stretch: [0.9, 1.1], p: 0.7}
   text: {word_delete_p: 0.1, templates: ["{text}", "a picture of {text}"]}
+encode:
+  feature_sets:
+    # model inputs, weight-free: what trainable towers read
+    - name: inputs
+      encoders:
+        - {name: image_pixels, params: {size: 32}}
+        - {name: audio_logmel, params: {n_mels: 32, frames: 50}}
+        - {name: text_ids, model: models/tokenizer, params: {max_length: 16}}
+    # a joint model by local path (here a tiny random CLIP built from a config; on a
+    # cluster, a real checkpoint path or hub id and num_gpus per actor)
+    - name: clip
+      encoders:
+        - {name: clip, model: models/tiny-clip, batch_size: 64}
 store:
   uri: store
 """
@@ -58,6 +72,10 @@ def run_demo(
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = write_demo_corpus(workdir / "data", n_per_class=n_per_class)
+    models = workdir / "models"
+    if not (models / "tiny-clip").exists():
+        tiny_clip(models / "tiny-clip")
+        write_tokenizer(models / "tokenizer")
     spec_path = workdir / "spec.yaml"
     spec_path.write_text(DEMO_SPEC)
     n_good = sum(corpus["counts"].values())

@@ -62,6 +62,8 @@ def print_build(result: BuildResult, store: FeatureStore) -> None:
         console.print(
             f"views: {result.view_counts.get('views', 0)} new augmented views of train samples"
         )
+    for name, rows in sorted(result.feature_counts.items()):
+        console.print(f"feature set {name}: {rows} (sample, view) rows encoded")
     reasons = query.quarantine_reasons(store, run_id=result.run_id).to_pylist()
     if reasons:
         console.print(

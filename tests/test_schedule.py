@@ -95,7 +95,7 @@ def test_slots_and_their_ids():
     berlin = sched.parse_cron("30 2 * * *", "Europe/Berlin")
     slot = sched.latest_slot(berlin, WED, lookback_s=86400)
     assert sched.slot_id("n", slot) == "refresh-n-20261125T013000Z"  # 02:30 CET in UTC
-    assert sched.latest_slot(trigger, WED, lookback_s=0.5) is None
+    assert sched.latest_slot(trigger, WED + timedelta(seconds=1), lookback_s=0.5) is None
 
 
 # ---- the schedule file --------------------------------------------------------------------
@@ -200,7 +200,9 @@ def test_a_slot_fires_once_and_failures_are_retried(tmp_path, spec):
 def test_the_same_slot_on_a_real_cluster(cluster_env: LocalCluster, tmp_path, spec):
     """History stops the second submission; without history Ray refuses the duplicate id."""
     f = tmp_path / "s.json"
-    s = sched.add("real", "*/3 * * * * *", spec, address=cluster_env.address, entrypoint=STUB, path=f)
+    s = sched.add(
+        "real", "*/3 * * * * *", spec, address=cluster_env.address, entrypoint=STUB, path=f
+    )
     now = datetime.now(UTC)
     first = sched.Runner(f).fire(s, now=now)
     assert first.outcome == "submitted"
@@ -244,11 +246,11 @@ def test_a_restart_within_a_slot_does_not_fire_it_again(cluster_env, tmp_path, s
         assert {r.submission_id for r in b.fired}.isdisjoint({a.fired[0].submission_id})
 
 
-def test_schedule_run_fires_each_slot_once_across_restarts(ray_cluster: LocalCluster, tmp_path, spec):
+def test_schedule_run_fires_each_slot_once_across_restarts(cluster_env, tmp_path, spec):
     """`mmfp schedule run` with a 3-second cron: distinct slot ids, no slot twice after a
     restart, every id one Ray job, and the refresh (here jobs.build) succeeds."""
     f = tmp_path / "sched.json"
-    env = {**ray_cluster.env, "MMFP_SCHEDULES": str(f)}
+    env = {**cluster_env.env, "MMFP_SCHEDULES": str(f)}
     cli = [sys.executable, "-m", "jobs.cli_cluster", "schedule"]
     add = [*cli, "add", "every3", "--cron", "*/3 * * * * *", "--spec", str(spec)]
     add += ["--entrypoint", "jobs.build", "--grace", "10"]
@@ -276,7 +278,7 @@ def test_schedule_run_fires_each_slot_once_across_restarts(ray_cluster: LocalClu
     assert all(f.slot.second % 3 == 0 for f in fired)
     assert [f.slot for f in fired] == sorted({f.slot for f in fired})
     assert ids[0] == f"refresh-every3-{fired[0].slot:%Y%m%dT%H%M%SZ}"
-    jobs = {j.submission_id: j for j in _list_jobs(ray_cluster)}
+    jobs = {j.submission_id: j for j in jobsubmit.list_jobs()}
     assert all(i in jobs for i in ids)
 
     history = subprocess.run([*cli, "history"], cwd=ROOT, env=env, capture_output=True,
@@ -284,17 +286,5 @@ def test_schedule_run_fires_each_slot_once_across_restarts(ray_cluster: LocalClu
     assert history.returncode == 0, history.stderr
     assert ids[0] in history.stdout
     assert any(s in history.stdout for s in ("PENDING", "RUNNING", "SUCCEEDED"))
-    done = _wait(ray_cluster, ids[0])
+    done = jobsubmit.wait_for(ids[0], timeout=150)
     assert done.status == "SUCCEEDED", done.message
-
-
-def _list_jobs(cluster: LocalCluster):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_TOKEN", cluster.token)
-        return jobsubmit.list_jobs(address=cluster.address)
-
-
-def _wait(cluster: LocalCluster, sid: str):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_TOKEN", cluster.token)
-        return jobsubmit.wait_for(sid, address=cluster.address, timeout=150)

@@ -229,11 +229,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if index < skip:
                 continue  # trained on before the restart: same batch, same order
             w.train_step(batch)
-            if (
-                cfg.checkpoint_every_steps
-                and w.step % cfg.checkpoint_every_steps == 0
-                and seen < spe
-            ):
+            if seen >= spe:
+                continue  # the epoch's last step reports (and checkpoints) below
+            if cfg.checkpoint_every_steps and w.step % cfg.checkpoint_every_steps == 0:
                 w.report({"epoch": epoch, "step": w.step, **_means(w.running)})
             w.maybe_fail()
         if seen != spe:
@@ -255,6 +253,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         w.running = {}
         w.report(metrics, final=epoch + 1 == cfg.epochs)
         w.resumed_from = None
+        w.maybe_fail()
 
 
 def _means(running: dict[str, float]) -> dict[str, float]:
