@@ -28,13 +28,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from features.errors import StoreError
 from features.schema import FEATURE_KEY_FIELDS, FEATURE_SET_KEY, FEATURES_PREFIX, ORIGINAL_VIEW
-from features.storage import filesystem_for
+from features.sql import dataset
 from features.store import FeatureStore, Version
 
 KEYS = ["sample_id", "view", "split", "label"]
@@ -107,7 +105,7 @@ def query_vector(
         raise StoreError("give exactly one query: a vector or a sample_id")
     if sample_id is not None:
         where = (pc.field("sample_id") == sample_id) & (pc.field("view") == view)
-        rows = dataset(store, dt, col).to_table(columns=[col.column], filter=where)
+        rows = dataset(store, col.table, dt).to_table(columns=[col.column], filter=where)
         if rows.num_rows == 0:
             raise StoreError(f"no row sample_id={sample_id!r} view={view} in {col.table}")
         vector = rows.column(0)[0].as_py()
@@ -166,25 +164,15 @@ def search(
 # ---- exact ----------------------------------------------------------------------
 
 
-def as_matrix(column: pa.ChunkedArray | pa.Array, dim: int, where: str = "") -> np.ndarray:
+def as_matrix(column: pa.ChunkedArray | pa.Array, dim: int, name: str = "") -> np.ndarray:
     """``list<float32>`` rows (no nulls) as an (n, dim) float32 array, without a copy."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     lengths = np.diff(column.offsets.to_numpy())
     if len(lengths) and (lengths.min() != dim or lengths.max() != dim):
-        raise StoreError(f"{where} rows have {lengths.min()}..{lengths.max()} values, not {dim}")
+        raise StoreError(f"{name} rows have {lengths.min()}..{lengths.max()} values, not {dim}")
     values = column.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(len(column), dim)
-
-
-def dataset(store: FeatureStore, dt: DeltaTable, col: EmbeddingColumn) -> pads.Dataset:
-    """The version's files read through pyarrow's own filesystem (local or S3).
-
-    deltalake's default dataset reads through a Python filesystem handler;
-    the native one scans embeddings about twice as fast.
-    """
-    fs, root = filesystem_for(store.table_uri(col.table), store.storage_options)
-    return dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, fs))
 
 
 def chunks(
@@ -196,9 +184,11 @@ def chunks(
     """
     label = f"{col.table}.{col.column}"
     if where is None:
-        reader = dataset(store, dt, col).to_batches(columns=[*KEYS, col.column], batch_size=rows)
+        reader = dataset(store, col.table, dt).to_batches(
+            columns=[*KEYS, col.column], batch_size=rows
+        )
     else:
-        con = _where_con(store, dataset(store, dt, col), where)
+        con = _where_con(store, dataset(store, col.table, dt), where)
         select = ", ".join(f'"{c}"' for c in [*KEYS, col.column])
         sql = f'SELECT {select} FROM v WHERE "{col.column}" IS NOT NULL AND ({where})'
         reader = _sql(con, sql).to_arrow_reader(rows)
@@ -277,11 +267,16 @@ def _cached(
     return _CACHE[key]
 
 
+def clear_cache() -> None:
+    """Forget the matrix ``search(cache=True)`` keeps (frees its memory)."""
+    _CACHE.clear()
+
+
 def load_matrix(
     store: FeatureStore, dt: DeltaTable, col: EmbeddingColumn, rows: int = CHUNK_ROWS
 ) -> tuple[pa.Table, np.ndarray]:
     """All non-null rows of the column: their keys and one (n, dim) float32 matrix."""
-    n = dataset(store, dt, col).count_rows(filter=pc.is_valid(pc.field(col.column)))
+    n = dataset(store, col.table, dt).count_rows(filter=pc.is_valid(pc.field(col.column)))
     matrix = np.empty((n, col.dim), np.float32)
     keys, filled = [], 0
     for batch_keys, chunk in chunks(store, dt, col, None, rows):
@@ -303,7 +298,7 @@ def _where_con(store: FeatureStore, features: Any, where: str) -> duckdb.DuckDBP
     words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", where))
     extra = [c for c in SAMPLE_COLUMNS if c in words]
     if extra and store.exists("samples"):
-        con.register("s", store.delta("samples").to_pyarrow_dataset())
+        con.register("s", dataset(store, "samples", store.delta("samples")))
         picked = ", ".join(f's."{c}"' for c in extra)
         _sql(con, f"CREATE VIEW v AS SELECT f.*, {picked} FROM f LEFT JOIN s USING (sample_id)")
     else:
@@ -332,15 +327,14 @@ def hits_table(keys: pa.Table, scores: np.ndarray) -> pa.Table:
 
 
 def _with_samples(store: FeatureStore, hits: pa.Table) -> pa.Table:
-    """Add the samples' source, uri, text and metadata to the hits (order kept)."""
-    if not store.exists("samples") or hits.num_rows == 0:
-        return hits
-    ids = hits.column("sample_id").unique()
-    info = store.to_arrow(
-        "samples",
-        columns=["sample_id", *RESULT_SAMPLE_COLUMNS],
-        filter=pc.is_in(pc.field("sample_id"), ids),
-    )
+    """Add the samples' source, uri, text and metadata to the hits (order kept; null if none)."""
+    columns = ["sample_id", *RESULT_SAMPLE_COLUMNS]
+    if store.exists("samples") and hits.num_rows:
+        ids = hits.column("sample_id").unique()
+        where = pc.is_in(pc.field("sample_id"), ids)
+        info = store.to_arrow("samples", columns=columns, filter=where)
+    else:
+        info = pa.table({c: pa.array([], pa.string()) for c in columns})
     where = pc.index_in(hits.column("sample_id"), info.column("sample_id"))
     for name in RESULT_SAMPLE_COLUMNS:
         hits = hits.append_column(name, info.column(name).take(where))

@@ -32,10 +32,13 @@ from typing import IO, Any, Literal
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from features.errors import StoreError
 from features.schema import FEATURES_PREFIX
+from features.storage import filesystem_for
 from features.store import FeatureStore, Version
 
 Format = Literal["table", "csv", "json", "parquet"]
@@ -79,8 +82,7 @@ def run_sql(
             if table is None:
                 raise _sql_error(e, tables) from e
             at = _version_for(table, inline, pins, as_of, registered)
-            dt = open_version(store, table, at)
-            con.register(sql_name, dt.to_pyarrow_dataset())
+            con.register(sql_name, dataset(store, table, open_version(store, table, at)))
             registered[sql_name] = table
         except duckdb.Error as e:
             raise _sql_error(e, tables) from e
@@ -161,6 +163,16 @@ def open_version(store: FeatureStore, table: str, version: Version) -> DeltaTabl
                 f"(created {created:%Y-%m-%d %H:%M:%S%z})"
             )
     return store.delta(table, version)
+
+
+def dataset(store: FeatureStore, table: str, dt: DeltaTable) -> pads.Dataset:
+    """The version's Parquet files, read through pyarrow's own filesystem (local or S3).
+
+    deltalake's default dataset reads through a Python filesystem handler; the
+    native one scans large columns (embeddings) about twice as fast.
+    """
+    fs, root = filesystem_for(store.table_uri(table), store.storage_options)
+    return dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, fs))
 
 
 def parse_time(text: str) -> datetime:

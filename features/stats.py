@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 
 from features.search import chunks, embedding_column
-from features.sql import open_version
+from features.sql import dataset, open_version
 from features.store import FeatureStore, Version
 
 COUNTED = ("split", "label", "source", "label_source")
@@ -34,7 +34,7 @@ def stats(store: FeatureStore, table: str = "samples", version: Version = None) 
     names = {f.name for f in dt.schema().fields}
     con = duckdb.connect()
     con.execute("SET python_enable_replacements = false")
-    con.register("t", dt.to_pyarrow_dataset())
+    con.register("t", dataset(store, table, dt))
     out: dict[str, Any] = {"table": table, "version": dt.version()}
     out["rows"] = con.sql("SELECT count(*) FROM t").fetchall()[0][0]
     for column in COUNTED:
@@ -109,7 +109,7 @@ def embedding_map(
     """
     plt = _pyplot()
     dt, col = embedding_column(store, feature_set, column, version)
-    total = max(1, dt.to_pyarrow_dataset().count_rows())
+    total = max(1, dataset(store, col.table, dt).count_rows())
     rate = min(1.0, max_points / total)
     rng = np.random.default_rng(seed)
     picked, labels = [], []

@@ -100,7 +100,7 @@ def test_demo_then_store_commands(tmp_path):
     assert "WRITE" in history.output
     unknown = runner.invoke(app, ["store", "describe", "nope", "--store", store])
     assert unknown.exit_code == 2
-    assert "tables: _inputs, _runs, quarantine, samples, views" in unknown.output
+    assert "_inputs, _runs, features/clip, features/inputs, quarantine, samples" in unknown.output
     # the demo is deterministic: a second run finds everything already stored
     again = runner.invoke(app, ["demo", "--workdir", str(workdir), "--n-per-class", "1"])
     assert again.exit_code == 0

@@ -1,0 +1,243 @@
+"""Helpers shared by ``benchmarks/augment.py`` and ``benchmarks/encode.py`` (DESIGN §7).
+
+- ``write_corpus``: a tri-modal directory corpus at any image size (``pipelines.synthetic``'s
+  generators; every sample complete unless a modality is turned off);
+- ``local_ray``: a private local Ray (``address="local"``), optionally with logical GPUs;
+- ``build_samples``: one collect-only build of a corpus into a store, in its own Ray session,
+  so the session that is measured afterwards starts cold;
+- ``clip_b32``: a CLIP ViT-B/32-sized checkpoint with random weights (no download);
+- ``StandIn``: a fixed-latency encoder that models a GPU forward in the GPU simulation;
+- small report helpers (load average, ratios, a table printer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pipelines import synthetic
+from pipelines.encoders import hf_inputs, hub
+from pipelines.encoders.base import Encoder, EncoderParams, list_type
+from pipelines.spec import PipelineSpec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---- corpus ---------------------------------------------------------------------------
+
+
+def write_corpus(
+    root: Path,
+    *,
+    samples: int,
+    image_size: int,
+    audio_seconds: float | None = 0.5,
+    text: bool = True,
+    seed: int = 0,
+) -> int:
+    """``root/<class>/<stem>.jpg[.wav][.txt]``, ``image_size`` px JPEGs; returns the count.
+
+    ``synthetic.write_directory_source`` only writes 64 px images and leaves some modalities
+    out on purpose; a benchmark wants the same work in every sample.
+    """
+    import cv2
+    import soundfile as sf
+
+    classes = synthetic.CLASSES
+    per_class = math.ceil(samples / len(classes))
+    written = 0
+    for k, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            if written == samples:
+                return written
+            i = k * per_class + j
+            rng = np.random.default_rng([seed, 11, i])
+            ok, jpg = cv2.imencode(
+                ".jpg", synthetic.make_image(rng, k, image_size), [cv2.IMWRITE_JPEG_QUALITY, 90]
+            )
+            if not ok:
+                raise RuntimeError("OpenCV could not encode a JPEG")
+            (folder / f"d{i:05d}.jpg").write_bytes(jpg.tobytes())
+            if audio_seconds:
+                audio = synthetic.make_audio(rng, k, seconds=audio_seconds)
+                sf.write(folder / f"d{i:05d}.wav", audio, synthetic.SAMPLE_RATE, subtype="PCM_16")
+            if text:
+                caption = synthetic.make_caption(rng, k)
+                (folder / f"d{i:05d}.txt").write_text(caption, encoding="utf-8")
+            written += 1
+    return written
+
+
+def make_spec(source: Path, store: Path, **sections: Any) -> PipelineSpec:
+    raw = {
+        "name": "bench",
+        "sources": [{"kind": "directory", "uri": str(source), "class_folders": True}],
+        "store": {"uri": str(store)},
+        **sections,
+    }
+    return parse_spec(raw, origin="benchmarks").resolved(store.parent)
+
+
+# ---- Ray --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_ray(cores: int, gpus: int = 0) -> Iterator[float]:
+    """A private local Ray (never joins a stray cluster); yields the seconds ray.init took.
+
+    ``gpus`` are logical: Ray schedules ``num_gpus`` actors on them without any device.
+    """
+    import ray
+    import ray.data
+
+    # Workers import ``benchmarks._common`` (the stand-in encoder) from this checkout: they
+    # inherit the environment of the local Ray that this process starts.
+    os.environ["PYTHONPATH"] = os.pathsep.join(_pythonpath())
+    t0 = time.perf_counter()
+    ray.init(
+        address="local",
+        num_cpus=cores,
+        num_gpus=gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    init_s = time.perf_counter() - t0
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        yield init_s
+    finally:
+        ray.shutdown()
+
+
+def _pythonpath() -> list[str]:
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return [str(ROOT), *[p for p in extra if p != str(ROOT)]]
+
+
+def build_samples(spec: PipelineSpec, cores: int) -> tuple[float, int]:
+    """Collect-only build of ``spec`` in a Ray session of its own: (seconds, samples)."""
+    from pipelines.build import build
+
+    with local_ray(cores):
+        t0 = time.perf_counter()
+        result = build(spec)
+        return time.perf_counter() - t0, result.counts["samples"]
+
+
+# ---- models -----------------------------------------------------------------------------
+
+
+def clip_b32(path: Path) -> Path:
+    """CLIP ViT-B/32 (``CLIPConfig`` defaults: 224 px, patch 32, 12x768 vision, 12x512 text,
+    512-d projection) with random weights, its ``CLIPImageProcessor`` and a local tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from pipelines.encoders import tiny
+
+    torch.manual_seed(0)
+    # special ids inside the local tokenizer's vocabulary (DESIGN §8)
+    text = {"bos_token_id": tiny.CLS_ID, "eos_token_id": tiny.SEP_ID, "pad_token_id": tiny.PAD_ID}
+    CLIPModel(CLIPConfig(text_config=text)).save_pretrained(path)
+    CLIPImageProcessor().save_pretrained(path)  # resize 224 shortest edge, crop 224, normalise
+    return tiny.write_tokenizer(path, max_length=77)
+
+
+# ---- the GPU stand-in -------------------------------------------------------------------
+
+
+class StandInParams(EncoderParams):
+    latency_ms: float = Field(20.0, ge=0)  # per forward batch (``batch_size`` rows)
+    dim: int = Field(512, gt=0)
+    trace_dir: str | None = None  # one file per process: "start end rows" per forward
+
+
+class StandIn(Encoder):
+    """A model encoder whose forward sleeps a fixed latency per batch, as a GPU would be busy.
+
+    Preprocessing is real: JPEG decode + the checkpoint's image processor at ``model`` (the
+    same CPU work as ``hf_image``/``clip``). ``needs_model`` puts it in the actor pool with
+    ``num_gpus``; each forward's wall interval is appended to ``trace_dir``.
+    """
+
+    modality = "image"
+    needs_model = True
+    Params = StandInParams
+    params: StandInParams
+
+    def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
+        return {"image_emb": (list_type(pa.float32()), (self.params.dim,))}
+
+    def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        assert self.config.model, "StandIn needs `model`: a directory with an image processor"
+        path = self.config.model
+        processor = self.cached("processor", lambda: hub.load_image_processor(path, None))
+        return hf_inputs.image_inputs(processor, batch)
+
+    def load(self, device: str) -> None:
+        self.device = device
+
+    def encode(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = inputs["image_mask"]
+        rows = int(mask.sum())
+        out = np.zeros((len(mask), self.params.dim), np.float32)
+        out[mask, 0] = 1.0
+        spans = []
+        for start in range(0, rows, self.config.batch_size):
+            t0 = time.time()
+            time.sleep(self.params.latency_ms / 1000)
+            spans.append((t0, time.time(), min(self.config.batch_size, rows - start)))
+        if self.params.trace_dir:
+            trace = Path(self.params.trace_dir) / f"forward-{os.getpid()}.txt"
+            with trace.open("a") as f:
+                f.writelines(f"{a:.6f} {b:.6f} {n}\n" for a, b, n in spans)
+        return {"image_emb": out, "image_mask": mask}
+
+
+def read_trace(trace_dir: Path) -> list[tuple[float, float, int]]:
+    spans = []
+    for path in sorted(Path(trace_dir).glob("forward-*.txt")):
+        for line in path.read_text().splitlines():
+            a, b, n = line.split()
+            spans.append((float(a), float(b), int(n)))
+    return sorted(spans)
+
+
+# ---- reporting --------------------------------------------------------------------------
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def ratio(rows: int, seconds: float, ideal_rows: int, ideal_seconds: float, cores: int = 1) -> float:
+    """Throughput over ideal throughput (``ideal_seconds`` is one process; x ``cores``)."""
+    return (rows / seconds) / (ideal_rows / ideal_seconds * cores)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], widths: Sequence[int]) -> None:
+    def fmt(values: Sequence[Any]) -> str:
+        cells = []
+        for i, (v, w) in enumerate(zip(values, widths, strict=True)):
+            text = f"{v:.2f}" if isinstance(v, float) else str(v)
+            cells.append(text.ljust(w) if i == 0 else text.rjust(w))
+        return "".join(cells)
+
+    print(fmt(header))
+    for row in rows:
+        print(fmt(row))

@@ -1,0 +1,301 @@
+"""Augment benchmark (issue 4): the build's augment stage against ideal (DESIGN §7).
+
+    python benchmarks/augment.py [--samples N] [--cores C] [--image-size PX] [--views V]
+                                 [--repeats R] [--batch-size B]
+
+One run, one machine, the same work on the same stored samples:
+
+- **setup** (not timed): a corpus of complete samples (JPEG + 0.5 s WAV + caption) is
+  collected into a store by one ``build`` in a Ray session of its own, so the measured
+  session starts cold;
+- **ideal**: the stage function ``make_views`` in a plain single-process loop over the same
+  samples rows (read from the store as Arrow, batches of ``resources.batch_size``),
+  throughput times ``--cores``; Parquet writing is not part of the ideal, so the pipeline's
+  writes count against it;
+- **pipeline**: the build's augment path, ``pipelines.build.augment_samples`` (``read_delta``
+  of ``samples`` -> ``map_batches(make_missing_views)`` -> ``StoreSink`` Parquet writes) plus
+  the ``views`` and ``quarantine`` commits, on a fresh copy of the samples store each time.
+  Collect is excluded by construction (the samples are already stored), rather than by
+  subtracting two builds' times, which on a shared box doubles the noise. Cold is the first
+  augment of a fresh Ray session (workers start, import albumentations/librosa, numba JIT);
+  warm runs follow in the same session.
+
+Ratios are pipeline throughput / ideal throughput; target >= 0.85. Ideal and warm are the
+best of ``--repeats`` (plus the median of warm runs each paired with the ideal run just
+before it). Correctness: the views stored equal the ideal's views (keys and media bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+
+from benchmarks._common import (  # noqa: E402
+    build_samples,
+    load_average,
+    local_ray,
+    make_spec,
+    print_table,
+    write_corpus,
+)
+from pipelines.spec import PipelineSpec  # noqa: E402
+
+TARGET = 0.85
+
+
+@dataclass
+class Outcome:
+    """Views made from one pass over the samples: good rows, error rows, and their digest."""
+
+    views: int
+    errors: int
+    digest: str
+
+
+def digest(views: pa.Table) -> str:
+    """Order-free digest of (sample_id, view, media bytes) of the good views."""
+    rows = views.select(["sample_id", "view", "image", "audio", "text"]).to_pylist()
+    h = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: (r["sample_id"], r["view"])):
+        for key in ("sample_id", "view", "image", "audio", "text"):
+            value = row[key]
+            h.update(b"\0" if value is None else value if isinstance(value, bytes) else
+                     str(value).encode())  # fmt: skip
+    return h.hexdigest()
+
+
+# ---- ideal: make_views in one process ---------------------------------------------------
+
+
+@dataclass
+class Ideal:
+    seconds: float
+    cpu_seconds: float  # process CPU time; wall well above CPU means the box was busy
+    outcome: Outcome
+    first_call: float | None = None  # imports + JIT of the first call in this process
+
+
+def run_ideal(spec: PipelineSpec, *, warm_up: bool) -> Ideal:
+    """Read ``samples`` as Arrow, then ``make_views`` on batches of ``batch_size`` rows."""
+    from features.store import FeatureStore
+    from pipelines.augment import VIEW_INPUT_COLUMNS, make_views
+
+    assert spec.augment is not None
+    store = FeatureStore(spec.store.uri)
+    first = None
+    if warm_up:  # outside the clock: imports (albumentations, librosa) and numba's JIT
+        t0 = time.perf_counter()
+        rows = store.to_arrow("samples", columns=list(VIEW_INPUT_COLUMNS)).slice(0, 8)
+        make_views(rows, spec=spec.augment, run_id="warm-up")
+        first = time.perf_counter() - t0
+    cpu, start = time.process_time(), time.perf_counter()
+    samples = store.to_arrow("samples", columns=list(VIEW_INPUT_COLUMNS))
+    batch = spec.resources.batch_size
+    parts = [
+        make_views(samples.slice(i, batch), spec=spec.augment, run_id="ideal")
+        for i in range(0, samples.num_rows, batch)
+    ]
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    views = pa.concat_tables(parts)
+    good = views.filter(pc.is_null(views.column("error_type")))
+    return Ideal(
+        seconds, cpu_seconds, Outcome(good.num_rows, views.num_rows - good.num_rows, digest(good))
+    )
+
+
+# ---- pipeline: augment_samples on a fresh copy of the store -----------------------------
+
+
+@dataclass
+class PipelineRun:
+    label: str
+    seconds: float
+    outcome: Outcome
+    view_counts: dict[str, int]
+
+
+def run_pipeline(spec: PipelineSpec, samples_store: Path, label: str) -> PipelineRun:
+    """``augment_samples`` + the views/quarantine commits, as ``build`` runs them."""
+    from features.store import FeatureStore
+    from pipelines.build import BASE_TABLES, BuildResult, Run, augment_samples, new_run_id
+
+    store_dir = Path(spec.store.uri)
+    shutil.copytree(samples_store, store_dir)  # not timed: a fresh store without views
+    store = FeatureStore(spec.store.uri)
+    result = BuildResult(run_id=new_run_id(), store_uri=store.uri)
+    base = {name: store.version(name) for name in BASE_TABLES}
+    known = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
+    run = Run(spec, store, result, base, known)
+    start = time.perf_counter()
+    augment_samples(run)
+    run.commit_pending("views")
+    run.commit_pending("quarantine")
+    seconds = time.perf_counter() - start
+    views = store.to_arrow("views")
+    quarantined = 0
+    if store.exists("quarantine"):
+        q = store.to_arrow("quarantine", columns=["stage", "run_id"])
+        mine = pc.and_(pc.equal(q["stage"], "augment"), pc.equal(q["run_id"], result.run_id))
+        quarantined = int(pc.sum(mine.cast(pa.int64())).as_py() or 0)
+    outcome = Outcome(views.num_rows, quarantined, digest(views))
+    return PipelineRun(label, seconds, outcome, dict(result.view_counts))
+
+
+# ---- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Augment benchmark: augment_samples vs ideal.")
+    parser.add_argument("--samples", type=int, default=1000, help="corpus size (1000)")
+    parser.add_argument(
+        "--cores",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPUs for Ray and the ideal's multiplier (default: all)",
+    )
+    parser.add_argument("--image-size", type=int, default=128, help="image side, px (128)")
+    parser.add_argument("--views", type=int, default=2, help="views_per_sample (2)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of ideal/warm (2)")
+    parser.add_argument("--batch-size", type=int, help="spec resources.batch_size (32)")
+    parser.add_argument("--blocks-per-cpu", type=int, help="spec resources.blocks_per_cpu (2)")
+    args = parser.parse_args(argv)
+    if min(args.samples, args.cores, args.repeats, args.views) < 1 or args.image_size < 16:
+        parser.error("--samples, --cores, --repeats, --views must be >= 1, --image-size >= 16")
+    return args
+
+
+@dataclass
+class Measurements:
+    cores: int
+    ideal: list[Ideal] = field(default_factory=list)  # the first one is paired with cold
+    runs: list[PipelineRun] = field(default_factory=list)  # cold first
+    load: list[float] = field(default_factory=list)
+
+    def ratio(self, seconds: float, ideal_seconds: float) -> float:
+        """Same rows on both sides: (1 / seconds) / (1 / ideal_seconds * cores)."""
+        return ideal_seconds / (seconds * self.cores)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    resources = {
+        k: v
+        for k, v in (("batch_size", args.batch_size), ("blocks_per_cpu", args.blocks_per_cpu))
+        if v is not None
+    }
+    augment = {"views_per_sample": args.views, "seed": 7}
+    m = Measurements(cores=args.cores, load=[load_average()])
+    with tempfile.TemporaryDirectory(prefix="mmfp-bench-augment-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        n = write_corpus(work / "corpus", samples=args.samples, image_size=args.image_size)
+        print(
+            f"corpus: {n} samples (jpg {args.image_size}px + wav 0.5 s + txt), "
+            f"written in {time.perf_counter() - t0:.1f} s (not timed)"
+        )
+        samples_store = work / "samples-store"
+        collect_s, stored = build_samples(
+            make_spec(work / "corpus", samples_store, resources=resources), args.cores
+        )
+        files = len(list((samples_store / "samples").glob("*.parquet")))
+        print(
+            f"collect: {stored} samples in {files} Parquet files, {collect_s:.1f} s in its own Ray "
+            "session (not timed: augment reads the stored samples)"
+        )
+
+        def spec_for(name: str) -> PipelineSpec:
+            return make_spec(
+                work / "corpus", work / name, augment=augment, resources=resources
+            )
+
+        ideal_spec = make_spec(work / "corpus", samples_store, augment=augment, resources=resources)
+        print(
+            f"spec: views_per_sample={args.views}, default image/audio/text ops, "
+            f"batch_size={ideal_spec.resources.batch_size}, "
+            f"blocks_per_cpu={ideal_spec.resources.blocks_per_cpu}; order: ideal, ray.init, "
+            "cold, then (ideal, warm) x repeats"
+        )
+        m.ideal.append(run_ideal(ideal_spec, warm_up=True))
+        with local_ray(args.cores) as init_s:
+            print(f"ray.init: {init_s:.2f} s (not counted)")
+            m.runs.append(run_pipeline(spec_for("store-cold"), samples_store, "cold"))
+            for i in range(args.repeats):
+                m.ideal.append(run_ideal(ideal_spec, warm_up=False))
+                m.runs.append(run_pipeline(spec_for(f"store-warm{i + 1}"), samples_store,
+                                           f"warm{i + 1}"))  # fmt: skip
+        m.load.append(load_average())
+    return 0 if report(m, args, n) else 1
+
+
+def report(m: Measurements, args: argparse.Namespace, n: int) -> bool:
+    first = m.ideal[0]
+    for i, ideal in enumerate(m.ideal):
+        note = f", first call in the process {first.first_call:.2f} s (not timed)" if i == 0 else ""
+        print(
+            f"ideal: {ideal.seconds:.2f} s in 1 process (CPU {ideal.cpu_seconds:.2f} s), "
+            f"{ideal.outcome.views} views + {ideal.outcome.errors} error rows{note}"
+        )
+    for run in m.runs:
+        print(
+            f"pipeline {run.label}: {run.seconds:.2f} s, counts {run.view_counts}, "
+            f"{run.outcome.views} views in store, {run.outcome.errors} quarantined"
+        )
+    views = first.outcome.views
+    ideal = min(i.seconds for i in m.ideal)
+    cold, warms = m.runs[0], m.runs[1:]
+    best = min(w.seconds for w in warms)
+    median = statistics.median(w.seconds for w in warms)
+    paired = statistics.median(
+        m.ratio(w.seconds, i.seconds) for w, i in zip(warms, m.ideal[1:], strict=True)
+    )
+    cold_ratio, warm_ratio = m.ratio(cold.seconds, ideal), m.ratio(best, ideal)
+    expected = first.outcome
+    ok = all(i.outcome == expected for i in m.ideal)
+    ok = ok and all(r.outcome == expected for r in m.runs)
+
+    line = "=" * 72
+    print(f"\n{line}")
+    print(
+        f"augment benchmark: {n} samples -> {views} views ({args.views} per train sample), "
+        f"{m.cores} cores, image {args.image_size}px, best of {args.repeats}"
+    )
+    print(f"load average (1 min) before / after: {m.load[0]:.1f} / {m.load[-1]:.1f}")
+    print("-" * 72)
+    rows = [
+        ("ideal (1 proc / cores)", ideal / m.cores, views / (ideal / m.cores), 1.0),
+        ("pipeline cold", cold.seconds, views / cold.seconds, cold_ratio),
+        ("pipeline warm (best)", best, views / best, warm_ratio),
+        ("pipeline warm (median)", median, views / median, m.ratio(median, ideal)),
+    ]
+    print_table(("", "seconds", "views/s", "ratio"), rows, (26, 9, 10, 8))
+    print("-" * 72)
+    verdict = "met" if min(cold_ratio, warm_ratio) >= TARGET else "NOT met"
+    print(
+        f"ratio pipeline/ideal: cold {cold_ratio:.2f}, warm {warm_ratio:.2f} "
+        f"(median of paired warm runs {paired:.2f}); target >= {TARGET}: {verdict}"
+    )
+    print(
+        f"correctness: every run stored {expected.views} views + {expected.errors} quarantined, "
+        f"same keys and bytes as the ideal: {'OK' if ok else 'FAILED'}"
+    )
+    print(line)
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(main())

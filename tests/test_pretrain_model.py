@@ -1,0 +1,157 @@
+"""Towers build from configs and recorded shapes, export to safetensors and load back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jobs.pretrain.config import parse_config
+from jobs.pretrain.model import ContrastiveModel, export_towers, load_tower, param_groups
+from jobs.pretrain.train import cosine_with_warmup
+
+SHAPES = {
+    "image_emb": [48],
+    "text_emb": [32],
+    "image_pixels": [3, 16, 16],
+    "audio_logmel": [8, 32],
+    "text_ids": [12],
+}
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 16,
+}
+TINY_VIT = {
+    "model_type": "vit",
+    "image_size": 16,
+    "patch_size": 8,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+}
+TINY_AST = {
+    "model_type": "audio-spectrogram-transformer",
+    "num_mel_bins": 8,
+    "max_length": 32,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+}
+
+
+def _inputs(n: int = 3) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, 64, (n, 12), dtype=torch.int32)
+    ids[:, -3:] = 0
+    ids[0] = 0  # an all-padding row must not produce NaN
+    return {
+        "image_emb": torch.randn(n, 48),
+        "text_emb": torch.randn(n, 32),
+        "image_pixels": torch.randn(n, 3, 16, 16),
+        "audio_logmel": torch.randn(n, 8, 32) * 20 - 40,
+        "text_ids": ids,
+    }
+
+
+TOWER_SETS = {
+    "projection": {
+        "image": {"kind": "projection", "input": "image_emb", "hidden": 0, "out_dim": 8},
+        "text": {"kind": "projection", "input": "text_emb", "hidden": 16, "out_dim": 8},
+    },
+    "scratch": {
+        "image": {"kind": "cnn", "input": "image_pixels", "channels": [4, 8], "out_dim": 8},
+        "audio": {"kind": "cnn", "input": "audio_logmel", "channels": [4], "out_dim": 8},
+        "text": {"kind": "transformer", "vocab_size": 64, "width": 16, "heads": 2, "out_dim": 8},
+    },
+    "hf": {
+        "image": {"kind": "hf", "input": "image_pixels", "config": TINY_VIT, "out_dim": 8},
+        "audio": {"kind": "hf", "input": "audio_logmel", "config": TINY_AST, "out_dim": 8},
+        "text": {"kind": "hf", "input": "text_ids", "config": TINY_BERT, "out_dim": 8},
+    },
+}
+
+
+def _config(towers: dict, loss: str = "infonce"):
+    return parse_config({"feature_set": "syn", "modalities": towers, "loss": loss})
+
+
+@pytest.mark.parametrize("name", list(TOWER_SETS))
+def test_towers_give_normalised_features_that_train(name):
+    torch.manual_seed(0)
+    cfg = _config(TOWER_SETS[name])
+    model = ContrastiveModel(cfg, SHAPES)
+    batch = {f"x_{m}": _inputs()[t.input] for m, t in cfg.modalities.items()}
+    out = model(batch)
+    for m in cfg.modalities:
+        assert out[m].shape == (3, 8)
+        torch.testing.assert_close(out[m].norm(dim=-1), torch.ones(3))
+    assert float(out["scale"]) == pytest.approx(1 / 0.07, rel=1e-5)
+    sum(out[m].sum() for m in cfg.modalities).backward()
+    assert all(t.weight.grad is not None for t in model.modules() if isinstance(t, torch.nn.Linear))
+
+
+def test_hf_tower_loads_from_a_local_directory(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    AutoModel.from_config(AutoConfig.for_model(**TINY_BERT)).save_pretrained(tmp_path / "bert")
+    towers = {
+        "text": {"kind": "hf", "input": "text_ids", "path": str(tmp_path / "bert"), "out_dim": 8},
+        "image": {"kind": "projection", "input": "image_emb", "out_dim": 8},
+    }
+    model = ContrastiveModel(_config(towers), SHAPES)
+    assert model.encode("text", _inputs()["text_ids"]).shape == (3, 8)
+
+
+def test_siglip_bias_trains_and_infonce_bias_is_frozen():
+    towers = TOWER_SETS["projection"]
+    assert ContrastiveModel(_config(towers, "siglip"), SHAPES).logit_bias.requires_grad
+    model = ContrastiveModel(_config(towers), SHAPES)
+    assert not model.logit_bias.requires_grad
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any(p is model.logit_scale for p in no_decay["params"])
+
+
+def test_scale_is_clamped():
+    model = ContrastiveModel(_config(TOWER_SETS["projection"]), SHAPES)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert float(model.scale()) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("name", ["projection", "scratch"])
+def test_export_round_trip(tmp_path, name):
+    cfg = _config(TOWER_SETS[name])
+    model = ContrastiveModel(cfg, SHAPES).eval()
+    info = {
+        "config": cfg.public_dict(),
+        "shapes": SHAPES,
+        "feature_set": "syn",
+        "version": 3,
+        "encoders": [],
+    }
+    export_towers(model, tmp_path, info)
+    for m, tower_cfg in cfg.modalities.items():
+        tower, meta = load_tower(tmp_path, m)
+        x = _inputs()[tower_cfg.input]
+        with torch.no_grad():
+            want = model.encode(m, x)
+            got = torch.nn.functional.normalize(tower(x), dim=-1)
+        torch.testing.assert_close(got, want)
+        assert meta["input"] == tower_cfg.input
+        assert meta["version"] == 3
+        assert json.loads((tmp_path / f"{m}.json").read_text())["out_dim"] == 8
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    f = cosine_with_warmup(4, 20)
+    assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(12) == pytest.approx(0.5)
+    assert f(20) == pytest.approx(0.0)
