@@ -225,12 +225,9 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def ratio(rows: int, seconds: float, ideal_rows: int, ideal_seconds: float, cores: int = 1) -> float:
-    """Throughput over ideal throughput (``ideal_seconds`` is one process; x ``cores``)."""
-    return (rows / seconds) / (ideal_rows / ideal_seconds * cores)
-
-
-def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], widths: Sequence[int]) -> None:
+def print_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], widths: Sequence[int]
+) -> None:
     def fmt(values: Sequence[Any]) -> str:
         cells = []
         for i, (v, w) in enumerate(zip(values, widths, strict=True)):

@@ -113,9 +113,8 @@ def run_ideal(spec: PipelineSpec, *, warm_up: bool) -> Ideal:
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     views = pa.concat_tables(parts)
     good = views.filter(pc.is_null(views.column("error_type")))
-    return Ideal(
-        seconds, cpu_seconds, Outcome(good.num_rows, views.num_rows - good.num_rows, digest(good))
-    )
+    outcome = Outcome(good.num_rows, views.num_rows - good.num_rows, digest(good))
+    return Ideal(seconds, cpu_seconds, outcome, first)
 
 
 # ---- pipeline: augment_samples on a fresh copy of the store -----------------------------
@@ -219,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def spec_for(name: str) -> PipelineSpec:
-            return make_spec(
-                work / "corpus", work / name, augment=augment, resources=resources
-            )
+            return make_spec(work / "corpus", work / name, augment=augment, resources=resources)
 
         ideal_spec = make_spec(work / "corpus", samples_store, augment=augment, resources=resources)
         print(

@@ -36,9 +36,10 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-from deltalake import WriterProperties, write_deltalake  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 from features.catalog import build_index  # noqa: E402
+from features.commit import add_action, write_file  # noqa: E402
 from features.schema import FEATURE_SET_KEY, conform, feature_schema, list_of  # noqa: E402
 from features.search import clear_cache, search  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
@@ -60,8 +61,13 @@ def make_vectors(args: argparse.Namespace) -> np.ndarray:
     return out
 
 
-def write_store(root: Path, vectors: np.ndarray) -> FeatureStore:
-    """Feature set ``bench``: the table contract of features/schema.py, one Delta commit."""
+def write_store(root: Path, vectors: np.ndarray, layout: str) -> FeatureStore:
+    """Feature set ``bench`` (the contract of features/schema.py) in one Delta commit.
+
+    ``sink``: files of 100k rows written as the store's own writer writes them
+    (``features.commit.write_file``: zstd, dictionary on); ``bss``: the embedding
+    column as BYTE_STREAM_SPLIT + zstd without a dictionary (smaller, faster to decode).
+    """
     store = FeatureStore(str(root))
     dim = vectors.shape[1]
     meta = {
@@ -73,14 +79,15 @@ def write_store(root: Path, vectors: np.ndarray) -> FeatureStore:
     }
     schema = feature_schema({"text_emb": list_of(pa.float32())})
     store.ensure_table("features/bench", schema, properties={FEATURE_SET_KEY: json.dumps(meta)})
+    uri = store.table_uri("features/bench")
     splits = np.array(["train", "val", "test"])
-
-    def batches():
-        for start in range(0, len(vectors), CHUNK):
-            part = vectors[start : start + CHUNK]
-            n = len(part)
-            offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-            table = pa.table(
+    actions = []
+    for start in range(0, len(vectors), CHUNK):
+        part = vectors[start : start + CHUNK]
+        n = len(part)
+        offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+        table = conform(
+            pa.table(
                 {
                     "sample_id": [f"s{i:08d}" for i in range(start, start + n)],
                     "view": pa.array(np.full(n, -1, np.int32)),
@@ -88,16 +95,22 @@ def write_store(root: Path, vectors: np.ndarray) -> FeatureStore:
                     "label": pa.nulls(n, pa.string()),
                     "text_emb": pa.ListArray.from_arrays(offsets, pa.array(part.ravel())),
                 }
+            ),
+            schema,
+        )
+        if layout == "sink":
+            actions.append(write_file(uri, {}, table, "bench"))
+        else:
+            name = f"part-bench-{start:09d}.parquet"
+            pq.write_table(
+                table,
+                f"{uri}/{name}",
+                compression="zstd",
+                use_dictionary=["sample_id", "split", "label"],
+                use_byte_stream_split=["text_emb.list.element"],
             )
-            yield from conform(table, schema).to_batches()
-
-    reader = pa.RecordBatchReader.from_batches(schema, batches())
-    write_deltalake(
-        store.table_uri("features/bench"),
-        reader,
-        mode="append",
-        writer_properties=WriterProperties(compression="ZSTD"),
-    )
+            actions.append(add_action(name, Path(f"{uri}/{name}").stat().st_size, n))
+    store.commit("features/bench", actions, run_id="bench")
     return store
 
 
@@ -125,15 +138,17 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=1.0, help="noise scale (centres have norm ~1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--layout", choices=["sink", "bss"], default="sink", help="see write_store")
     args = p.parse_args()
 
     t, vectors = timed(make_vectors, args)
     print(f"data: {args.rows} x {args.dim} float32 ({vectors.nbytes / 2**30:.2f} GiB), "
           f"{args.data}, made in {t:.1f}s", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        t, store = timed(write_store, Path(tmp) / "store", vectors)
+        t, store = timed(write_store, Path(tmp) / "store", vectors, args.layout)
         files = store.delta("features/bench").file_uris()
-        print(f"store: features/bench written in {t:.1f}s ({len(files)} files)", flush=True)
+        print(f"store: features/bench written in {t:.1f}s ({len(files)} files, "
+              f"layout {args.layout})", flush=True)  # fmt: skip
         rng = np.random.default_rng(args.seed + 1)
         rows = rng.choice(args.rows, args.queries, replace=False)
         # queries near stored rows (cosine ~0.9 to their row), as "more like this" queries are
@@ -178,6 +193,7 @@ def main() -> None:
         "rows": args.rows,
         "dim": args.dim,
         "data": args.data,
+        "layout": args.layout,
         "bare_ms": round(bare_s * 1000, 1),
         "streamed_ms": round(streamed_s * 1000, 1),
         "streamed_ratio": round(ratio(streamed), 2),

@@ -35,8 +35,11 @@ from features.schema import FEATURE_KEY_FIELDS, FEATURE_SET_KEY, FEATURES_PREFIX
 from features.sql import dataset
 from features.store import FeatureStore, Version
 
-KEYS = ["sample_id", "view", "split", "label"]
-KEY_SCHEMA = pa.schema([f for f in FEATURE_KEY_FIELDS if f.name in KEYS])
+# the feature set's key columns travel with every row (a `where` may use any of them);
+# results show the first four
+KEY_SCHEMA = pa.schema(FEATURE_KEY_FIELDS)
+KEYS = KEY_SCHEMA.names
+SHOWN = ["sample_id", "view", "split", "label"]
 # samples columns a `where` may use besides the feature set's own (media bytes left out)
 SAMPLE_COLUMNS = ["source", "source_uri", "group_id", "text", "image_width", "image_height"]
 SAMPLE_COLUMNS += ["audio_duration", "label_source", "metadata", "ingested_at"]
@@ -139,9 +142,10 @@ def search(
 ) -> pa.Table:
     """Top-``k`` rows by cosine similarity to the query, best first.
 
-    ``where`` is a DuckDB SQL condition over the feature set's columns and the
-    sample's (``source``, ``text``, ``metadata``, ...). Returns sample_id,
-    view, score, split, label and the sample's source, uri, text and metadata.
+    ``where`` is a DuckDB SQL condition over the feature set's key columns
+    (split, label, labels, modalities, view) and the sample's (``source``,
+    ``text``, ``metadata``, ... from ``samples``). Returns sample_id, view,
+    score, split, label and the sample's source, uri, text and metadata.
     """
     if k < 1:
         raise StoreError(f"k must be at least 1, got {k}")
@@ -322,7 +326,7 @@ def _sql(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
 
 
 def hits_table(keys: pa.Table, scores: np.ndarray) -> pa.Table:
-    keys = keys.select(KEYS)
+    keys = keys.select(SHOWN)
     return keys.add_column(2, "score", pa.array(scores, pa.float32()))
 
 

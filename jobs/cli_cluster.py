@@ -266,8 +266,11 @@ def schedule_add(
     spec: Annotated[Path, typer.Option(help="Pipeline spec to refresh.")],
     address: AddressOpt = None,
     entrypoint: Annotated[
-        str, typer.Option(help="Module the job runs: python -m MODULE SPEC.")
+        str, typer.Option(help="Module the job runs: python -m MODULE SPEC [--slot S].")
     ] = sched.DEFAULT_ENTRYPOINT,
+    pass_slot: Annotated[
+        bool, typer.Option(help="Append --slot EPOCH_SECONDS (jobs.refresh: once per slot).")
+    ] = True,
     timezone: Annotated[str, typer.Option(help="Time zone of the cron fields.")] = "UTC",
     grace: Annotated[
         int, typer.Option(min=1, help="Seconds a missed slot may still run late.")
@@ -282,6 +285,7 @@ def schedule_add(
         spec,
         address=address,
         entrypoint=entrypoint,
+        pass_slot=pass_slot,
         timezone=timezone,
         misfire_grace_s=grace,
         replace=replace,

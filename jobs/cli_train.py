@@ -136,7 +136,9 @@ def print_eval_summary(result: Any) -> None:
         console.print(f"{kind}: {path}")
 
 
-app = typer.Typer(help="Contrastive pretraining.", no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Contrastive pretraining.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 

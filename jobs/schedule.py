@@ -62,7 +62,10 @@ class Schedule(BaseModel):
     cron: str
     spec: str  # absolute path on the scheduler host; shipped relative when inside the project
     address: str | None = None  # None: the scheduler's RAY_ADDRESS when a slot fires
-    entrypoint: str = DEFAULT_ENTRYPOINT  # module run as `python -m MODULE SPEC`
+    entrypoint: str = DEFAULT_ENTRYPOINT  # module run as `python -m MODULE SPEC [--slot S]`
+    # Append `--slot <epoch seconds>`: jobs.refresh then commits a slot at most once, even
+    # when Ray retries the job. Off for entrypoints without that option.
+    pass_slot: bool = True
     timezone: str = "UTC"
     misfire_grace_s: int = Field(300, gt=0)  # a slot later than this is skipped, not run
     created_at: datetime
@@ -127,6 +130,7 @@ def parse_cron(expr: str, timezone: str = "UTC") -> CronTrigger:
             "or 6 with seconds first (s m h dom mon dow)"
         )
     second, minute, hour, day, month, dow = fields if len(fields) == 6 else ["0", *fields]
+    day = "*" if day == "?" else day  # Quartz-style "no specific value"
     if day not in ("*", "?") and dow not in ("*", "?"):
         raise ScheduleError(
             f"cron {expr!r} restricts both day of month and day of week; cron ORs them, "
@@ -211,6 +215,7 @@ def add(
     *,
     address: str | None = None,
     entrypoint: str = DEFAULT_ENTRYPOINT,
+    pass_slot: bool = True,
     timezone: str = "UTC",
     misfire_grace_s: int = 300,
     replace: bool = False,
@@ -228,6 +233,7 @@ def add(
             spec=str(Path(spec).resolve()),
             address=address,
             entrypoint=entrypoint,
+            pass_slot=pass_slot,
             timezone=timezone,
             misfire_grace_s=misfire_grace_s,
             created_at=datetime.now(UTC),
@@ -264,7 +270,14 @@ def history(
         lines = history_file(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return []
-    fired = [Fired.model_validate_json(ln) for ln in lines if ln.strip()]
+    fired = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            fired.append(Fired.model_validate_json(line))
+        except ValidationError:  # e.g. a line cut short by a crash: skip it, say so
+            log.warning("%s:%d is not a history record; skipped", history_file(path), n)
     fired = [f for f in fired if name is None or f.schedule == name]
     return fired[-limit:] if limit else fired
 
@@ -337,9 +350,12 @@ class Runner:
         address, error, outcome = schedule.address, None, "submitted"
         try:
             address = jobsubmit.resolve_address(schedule.address)
+            args = [schedule.spec]
+            if schedule.pass_slot:
+                args += ["--slot", str(int(slot.timestamp()))]
             self.submitter(
                 "refresh",
-                [schedule.spec],
+                args,
                 address=address,
                 submission_id=sid,
                 module=schedule.entrypoint,

@@ -62,6 +62,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "benchmarks/results/",
     "checkpoints/",
     "*.ckpt",
+    "mmfp-schedules*",  # scheduler state (jobs/schedule.py)
 )
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -86,10 +87,25 @@ class JobFailed(ClusterError):
 
 
 def resolve_address(address: str | None = None) -> str:
-    """The Job API address: explicit, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``."""
-    for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
+    """The Job API address: explicit, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``.
+
+    It must be a URL (``http://HEAD:8265``). A bare ``HOST:PORT`` is a GCS address: inside
+    a Ray job RAY_ADDRESS holds one for ``ray.init``, and Ray's client would spend ~45 s
+    trying it as a GCS before failing, so it is refused here with a hint.
+    """
+    for name, value in (
+        ("--address", address),
+        ("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_API_SERVER_ADDRESS")),
+        ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS")),
+    ):
         if value and value.strip():
-            return value.strip().rstrip("/")
+            value = value.strip().rstrip("/")
+            if "://" not in value:
+                raise ClusterError(
+                    f"{name}={value} is a GCS address; job submission needs the Job API "
+                    "(dashboard) URL, e.g. http://HEAD:8265"
+                )
+            return value
     raise ClusterError(
         "no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS "
         "(use `mmfp build` to run on this machine)"
@@ -120,15 +136,18 @@ def first_line(text: str | None) -> str:
     return line.split(", last available logs")[0]
 
 
-def _last_line(text: str) -> str:
-    """Ray answers errors with a server traceback; its last line is the message."""
-    lines = [ln.strip() for ln in str(text).strip().rstrip(".").splitlines() if ln.strip()]
-    return lines[-1] if lines else str(text)
+def _summary(text: str) -> str:
+    """One line of a Ray error: a server traceback's last line, else the first line."""
+    lines = [ln.strip() for ln in text.strip().rstrip(".").splitlines() if ln.strip()]
+    if not lines:
+        return text
+    return lines[-1] if "Traceback" in text else lines[0]
 
 
 @contextlib.contextmanager
 def _cluster_errors(address: str, job: str | None = None) -> Iterator[None]:
     """Turn the ways a Job API call fails into one ClusterError line (never the token)."""
+    import aiohttp
     import requests
     from ray.exceptions import AuthenticationError
 
@@ -147,18 +166,20 @@ def _cluster_errors(address: str, job: str | None = None) -> Iterator[None]:
             f"the cluster at {address} rejected the token from {source}: "
             "it is not this cluster's token"
         ) from None
-    except (ConnectionError, requests.ConnectionError, OSError) as e:
+    except (ConnectionError, requests.ConnectionError, aiohttp.ClientConnectionError) as e:
         raise ClusterError(
             f"cannot reach the Ray Job API at {address} ({type(e).__name__}); is the "
             "cluster up and is this its dashboard address (http://HEAD:8265)?"
         ) from None
+    except (requests.RequestException, aiohttp.ClientError) as e:
+        raise ClusterError(f"a request to {address} failed: {type(e).__name__}: {e}") from None
     except RuntimeError as e:
         msg = str(e)
         if "already exists" in msg:
             raise JobExists(f"job {job} already exists on {address}") from None
-        if "status code 404" in msg or "does not exist" in msg:
+        if job and ("status code 404" in msg or f"Job {job} does not exist" in msg):
             raise ClusterError(f"no job {job!r} on {address} (see `mmfp jobs list`)") from None
-        raise ClusterError(f"the Ray Job API at {address} failed: {_last_line(msg)}") from None
+        raise ClusterError(f"the Ray Job API at {address} failed: {_summary(msg)}") from None
 
 
 @contextlib.contextmanager

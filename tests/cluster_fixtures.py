@@ -53,23 +53,28 @@ class LocalCluster:
         return {"Authorization": f"Bearer {self.token}"}
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all sockets stay open until all are picked, so the
+    kernel cannot hand out one port twice (it did, one by one)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def _node_ports() -> list[str]:
-    """Explicit ports for every listener of a node: two nodes on one host must not share."""
-    names = (
-        "node-manager-port",
-        "object-manager-port",
-        "metrics-export-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "runtime-env-agent-port",
-    )
-    return [f"--{name}={free_port()}" for name in names]
+_NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+)
 
 
 def _start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -101,7 +106,13 @@ def start_cluster(*, workers: int = 1, num_cpus: int = 1, timeout: float = 120) 
     # A short path: Ray puts unix sockets under it (the limit is ~107 bytes).
     temp_dir = Path(tempfile.mkdtemp(prefix="mmfp-rt-", dir="/tmp"))
     token = secrets.token_hex(24)
-    port, dash_port = free_port(), free_port()
+    # Every listener of every node gets its own port: nodes on one host must not share.
+    ports = iter(free_ports(3 + len(_NODE_PORTS) * (workers + 1)))
+    port, dash_port, client_port = next(ports), next(ports), next(ports)
+
+    def node_ports() -> list[str]:
+        return [f"--{name}={next(ports)}" for name in _NODE_PORTS]
+
     cluster = LocalCluster(
         address=f"http://127.0.0.1:{dash_port}",
         gcs_address=f"127.0.0.1:{port}",
@@ -129,10 +140,10 @@ def start_cluster(*, workers: int = 1, num_cpus: int = 1, timeout: float = 120) 
             f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={client_port}",
         ]
         cluster.procs.append(
-            _start_node([*head, *common, *_node_ports()], env, temp_dir / "head.log")
+            _start_node([*head, *common, *node_ports()], env, temp_dir / "head.log")
         )
         _wait_until(
             lambda: (
@@ -145,7 +156,7 @@ def start_cluster(*, workers: int = 1, num_cpus: int = 1, timeout: float = 120) 
             procs=cluster.procs,
         )
         for i in range(workers):
-            args = [f"--address={cluster.gcs_address}", *common, *_node_ports()]
+            args = [f"--address={cluster.gcs_address}", *common, *node_ports()]
             cluster.procs.append(_start_node(args, env, temp_dir / f"worker{i}.log"))
         _wait_until(
             lambda: alive_nodes(cluster) == workers + 1,
@@ -255,13 +266,13 @@ def cluster_env(ray_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> L
 
 
 def _stub_job(argv: list[str]) -> int:
-    """Cheap stand-in job entrypoints: ``SPEC`` validates a spec as a refresh would first
-    (a scheduler test's entrypoint), ``sleep SECONDS`` prints a line a second (a job to
-    follow and to stop)."""
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+    """Cheap stand-in job entrypoints: ``SPEC [--slot S]`` validates a spec as a refresh
+    would first (a scheduler test's entrypoint), ``sleep SECONDS`` prints a line a second
+    (a job to follow and to stop)."""
+    if argv and argv[0].endswith((".yaml", ".yml")) and argv[1:2] in ([], ["--slot"]):
         from pipelines.spec import load_spec
 
-        print(f"stub refresh of {load_spec(argv[0]).store.uri}", flush=True)
+        print(f"stub refresh of {load_spec(argv[0]).store.uri} {' '.join(argv[1:])}", flush=True)
         return 0
     if argv[:1] == ["sleep"] and len(argv) == 2:
         for i in range(int(argv[1])):

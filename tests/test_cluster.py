@@ -208,9 +208,65 @@ def test_unreachable_cluster_and_address_precedence(cluster_env, monkeypatch, wa
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", cluster_env.address)
     assert jobsubmit.resolve_address() == cluster_env.address
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what a job's driver sees: a GCS
+    with pytest.raises(jobsubmit.ClusterError, match="RAY_ADDRESS=127.0.0.1:6379 is a GCS"):
+        jobsubmit.list_jobs()
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(jobsubmit.ClusterError, match="no cluster address"):
         jobsubmit.list_jobs()
+
+
+# ---- submission pieces, no cluster ---------------------------------------------------------
+
+
+def test_entrypoint_and_job_args(tmp_path, monkeypatch):
+    spec = ROOT / "pyproject.toml"  # any file inside the project
+    outside = tmp_path / "my spec.yaml"
+    outside.write_text("x")
+    monkeypatch.chdir(ROOT / "jobs")
+    args = jobsubmit.job_args(["../pyproject.toml", str(outside), "--flag", "s3://b/k"], ROOT)
+    assert args == ["pyproject.toml", str(outside), "--flag", "s3://b/k"]
+    assert jobsubmit.job_args([str(spec)], ROOT) == ["pyproject.toml"]
+    command = jobsubmit.entrypoint("jobs.build", [str(outside)])
+    assert command == f"python -m jobs.build '{outside}'"
+    with pytest.raises(jobsubmit.ClusterError, match="not a dotted module"):
+        jobsubmit.entrypoint("jobs.build; rm -rf /", [])
+
+
+def test_runtime_env_ships_the_project_only(tmp_path):
+    env = jobsubmit.runtime_env(ROOT, pip=["x==1"], env_vars={"A": "1"})
+    assert env["working_dir"] == str(ROOT)
+    assert {".venv/", ".git/", "mmfp-demo/"} <= set(env["excludes"])
+    assert (env["pip"], env["env_vars"]) == (["x==1"], {"A": "1"})
+    with pytest.raises(jobsubmit.ClusterError, match="not an mmfp checkout"):
+        jobsubmit.runtime_env(tmp_path)
+
+
+def test_submit_checks_kind_and_id_before_any_request():
+    with pytest.raises(jobsubmit.ClusterError, match="unknown job kind 'deploy'"):
+        jobsubmit.submit("deploy", [], address="http://127.0.0.1:1")  # type: ignore[arg-type]
+    with pytest.raises(jobsubmit.ClusterError, match="submission id 'a b'"):
+        jobsubmit.submit("build", [], address="http://127.0.0.1:1", submission_id="a b")
+    assert jobsubmit.new_submission_id("build").startswith("mmfp-build-")
+
+
+def test_token_sources_in_rays_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert jobsubmit.auth_token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert jobsubmit.auth_token() == ("from-home", str(tmp_path / ".ray" / "auth_token"))
+    (tmp_path / "t").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert jobsubmit.auth_token()[0] == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", " from-env ")
+    assert jobsubmit.auth_token() == ("from-env", "RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(jobsubmit.ClusterError, match="RAY_AUTH_TOKEN_PATH=.*does not exist"):
+        jobsubmit.auth_token()
 
 
 # ---- configs -----------------------------------------------------------------------------
@@ -279,9 +335,8 @@ def test_kuberay_manifests():
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     script = " ".join(pod["args"])
     assert "mmfp submit refresh" in script
-    assert '--id "refresh-nightly-${slot}"' in script
-    assert "--wait" in script
-    assert "$$(date" in script  # escaped from Kubernetes' own $(VAR) expansion
+    assert '--id "refresh-nightly-$slot" --wait -- specs/nightly.yaml --slot "$epoch"' in script
+    assert "$(" not in script.replace("$$(", "")  # escaped from Kubernetes' $(VAR) expansion
 
 
 def _unit(path: Path) -> dict[str, list[tuple[str, str]]]:

@@ -150,6 +150,13 @@ def test_cli_add_list_history_remove(tmp_path, spec, monkeypatch):
     assert runner.invoke(app, ["schedule", "remove", "nightly"]).exit_code == 2
 
 
+def test_one_scheduler_per_file(tmp_path):
+    f = tmp_path / "s.json"
+    held = sched._locked(f.with_name(f"{f.name}.run.lock"))  # another `schedule run`
+    with held, pytest.raises(sched.ScheduleError, match="another `mmfp schedule run` holds"):
+        sched.Runner(f).run(threading.Event())
+
+
 # ---- firing -----------------------------------------------------------------------------
 
 
@@ -175,7 +182,9 @@ def test_a_slot_fires_once_and_failures_are_retried(tmp_path, spec):
     assert record.outcome == "submitted"
     assert record.submission_id == "refresh-every3-20261125T120003Z"
     call = submitter.calls[0]
-    assert (call["kind"], call["args"], call["module"]) == ("refresh", [s.spec], "jobs.refresh")
+    slot_seconds = str(int((WED + timedelta(seconds=3)).timestamp()))
+    assert call["args"] == [s.spec, "--slot", slot_seconds]  # jobs.refresh: once per slot
+    assert (call["kind"], call["module"]) == ("refresh", "jobs.refresh")
     assert call["metadata"]["mmfp.schedule"] == "every3"
     assert runner.fire(s, now=now) is None  # same slot: history says it was submitted
     assert runner.skipped == [record.submission_id]
@@ -213,7 +222,8 @@ def test_the_same_slot_on_a_real_cluster(cluster_env: LocalCluster, tmp_path, sp
     assert ids.count(first.submission_id) == 1
     job = jobsubmit.wait_for(first.submission_id, timeout=120)
     assert job.status == "SUCCEEDED", job.message
-    assert "stub refresh of" in jobsubmit.job_logs(first.submission_id)
+    slot_seconds = int(first.slot.timestamp())
+    assert f"--slot {slot_seconds}" in jobsubmit.job_logs(first.submission_id)
 
 
 def test_a_restart_within_a_slot_does_not_fire_it_again(cluster_env, tmp_path, spec):
@@ -248,12 +258,11 @@ def test_a_restart_within_a_slot_does_not_fire_it_again(cluster_env, tmp_path, s
 
 def test_schedule_run_fires_each_slot_once_across_restarts(cluster_env, tmp_path, spec):
     """`mmfp schedule run` with a 3-second cron: distinct slot ids, no slot twice after a
-    restart, every id one Ray job, and the refresh (here jobs.build) succeeds."""
+    restart, every id one Ray job, and the refresh jobs (jobs.refresh --slot) succeed."""
     f = tmp_path / "sched.json"
     env = {**cluster_env.env, "MMFP_SCHEDULES": str(f)}
     cli = [sys.executable, "-m", "jobs.cli_cluster", "schedule"]
-    add = [*cli, "add", "every3", "--cron", "*/3 * * * * *", "--spec", str(spec)]
-    add += ["--entrypoint", "jobs.build", "--grace", "10"]
+    add = [*cli, "add", "every3", "--cron", "*/3 * * * * *", "--spec", str(spec), "--grace", "10"]
     subprocess.run(add, cwd=ROOT, env=env, check=True, capture_output=True, timeout=60)
 
     def run_until_fired(n: int) -> list[sched.Fired]:

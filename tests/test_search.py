@@ -139,6 +139,10 @@ def test_where_filters_on_feature_and_sample_columns(store, cache):
                   where="source = 'catalog' AND label IS NOT NULL", cache=cache)  # fmt: skip
     assert set(hits.column("source").to_pylist()) == {"catalog"}
     assert hits.num_rows == 4
+    audio = "list_contains(modalities, 'audio') AND view = -1"
+    hits = search(store, "clip", column="image_emb", vector=q, k=100, where=audio, cache=cache)
+    rows, _ = brute_force(store, mask=lambda r: "audio" in r["modalities"])
+    assert sorted(hits.column("sample_id").to_pylist()) == sorted(r["sample_id"] for r in rows)
 
 
 def test_refusals_name_the_problem(store):
@@ -192,6 +196,10 @@ def test_ann_index_is_per_version_and_honours_filters(store):
     assert set(hits.column("split").to_pylist()) <= {"train"}
     exact = search(store, "solo", sample_id=me, k=5, where="split = 'train'")
     assert hits.column("sample_id").to_pylist() == exact.column("sample_id").to_pylist()
+    images = "list_contains(modalities, 'image')"
+    hits = search(store, "solo", vector=np.ones(DIM), k=500, method="ann", where=images)
+    exact = search(store, "solo", vector=np.ones(DIM), k=500, where=images)
+    assert hits.num_rows == exact.num_rows > 0
 
 
 def test_cli_search(store, tmp_path):

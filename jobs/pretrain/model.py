@@ -227,7 +227,7 @@ def export_towers(model: ContrastiveModel, out_dir: Path, info: dict[str, Any]) 
             "input_shape": info["shapes"][model.inputs[modality]],
             "out_dim": info["config"]["modalities"][modality]["out_dim"],
             "normalize": True,  # apply F.normalize to the tower output
-            "logit_scale": float(model.scale()),
+            "logit_scale": float(model.scale().detach()),
             "feature_set": info["feature_set"],
             "version": info["version"],
             "encoders": info["encoders"],

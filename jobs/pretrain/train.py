@@ -243,7 +243,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "step": w.step,
             "lr": w.scheduler.get_last_lr()[0],
-            "logit_scale": float(w.model.scale()),
+            "logit_scale": float(w.model.scale().detach()),
             "epoch_time_s": time.perf_counter() - started,
             "resumed_from_step": w.resumed_from,
             **{f"train_{k}": v for k, v in _means(w.running).items()},

@@ -1,0 +1,196 @@
+"""End to end on a local 2-CPU Ray: 2-worker CPU TorchTrainer runs that learn, resume and recover.
+
+Four fits in all: ``run_a`` (through the CLI; learns, is the uninterrupted
+baseline), ``run_c`` (fails after a checkpoint, rerun resumes and matches A),
+``run_b`` (trainable towers + SigLIP, a worker process dies, the group restarts).
+Runs use 0.5 CPU per worker so Ray Data's read tasks get the second CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from features.schema import FEATURE_SET_KEY
+from features.store import FeatureStore
+from jobs.pretrain import checkpoint as ckpt
+from jobs.pretrain.config import parse_config
+from jobs.pretrain.synthetic import write_synthetic_feature_set
+from pipelines.errors import SpecError
+
+MODS = ("audio", "image", "text")
+PINNED: dict[str, int] = {}  # the synthetic table's first full version, pinned by every run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_controller():
+    """Ray Train's controller polls workers every 2 s; 0.5 s keeps these short runs short."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, ray_session) -> FeatureStore:
+    store = FeatureStore(str(tmp_path_factory.mktemp("trainstore")))
+    PINNED["syn"] = write_synthetic_feature_set(store, "syn", inputs=True)
+    return store
+
+
+def _config(store: FeatureStore, name: str, **over) -> dict:
+    raw = {
+        "name": name,
+        "store": store.uri,
+        "feature_set": "syn",
+        "version": PINNED["syn"],
+        "modalities": {
+            m: {"kind": "projection", "input": f"{m}_emb", "hidden": 64, "out_dim": 32}
+            for m in MODS
+        },
+        "epochs": 6,
+        "batch_size": 24,  # 144 train rows / 2 workers / 24 = 3 steps per epoch
+        "num_workers": 2,
+        "cpus_per_worker": 0.5,
+        "optimizer": {"lr": 0.004, "weight_decay": 0.01},
+        "warmup_steps": 2,
+        "checkpoint_every_steps": 2,
+        "shuffle_buffer": 48,
+        "seed": 3,
+    }
+    raw.update(over)
+    return raw
+
+
+def _history(checkpoint_path: str) -> list[dict]:
+    return ckpt.read_metrics(checkpoint_path)
+
+
+@pytest.fixture(scope="module")
+def run_a(store, tmp_path_factory):
+    """The baseline, started the way a user does: ``mmfp train CONFIG``."""
+    from jobs.cli_train import app
+
+    path = tmp_path_factory.mktemp("cfg") / "a.yaml"
+    path.write_text(yaml.safe_dump(_config(store, "a")))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint:" in result.output
+    from ray.train import Result
+
+    return Result.from_path(str(Path(store.uri) / "_train" / "a"))
+
+
+def test_a_run_learns_and_exports(run_a, store):
+    from jobs.evaluate import evaluate
+    from jobs.pretrain.model import load_tower
+
+    directory = run_a.checkpoint.path
+    meta = ckpt.read_meta(directory)
+    assert meta["step"] == 18
+    assert meta["feature_set"] == "syn"
+    assert meta["version"] == PINNED["syn"]
+    assert meta["shapes"] == {"audio_emb": [24], "image_emb": [48], "text_emb": [32]}
+    history = _history(directory)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5, 6]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+    result = evaluate(directory, split="test")
+    chance = 1 / result.rows  # 48 test rows
+    recall1 = [v for k, v in result.recall.items() if k.endswith("r@1")]
+    assert len(recall1) == 6
+    assert min(recall1) > 5 * chance, result.recall
+    assert all(acc > 0.3 for acc in result.zero_shot.values()), result.zero_shot  # chance 0.1
+    for name in ("eval_test.json", "eval_test.parquet", "curves.png"):
+        assert (Path(directory) / name).is_file()
+    tower, tower_meta = load_tower(Path(directory) / ckpt.EXPORT_DIR, "image")
+    assert tower_meta["input"] == "image_emb"
+    assert tower_meta["input_shape"] == [48]
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(run_a, store, tmp_path):
+    """Fails after step 10 (a checkpoint); the rerun starts at step 10 and ends where A did."""
+    from ray.train import TrainingFailedError
+
+    from jobs.pretrain.train import run_training
+
+    fault = {"after_step": 10, "mode": "raise", "marker": str(tmp_path / "fault-c")}
+    config = parse_config(_config(store, "c", fault=fault))
+    with pytest.raises(TrainingFailedError, match="injected fault after step 10"):
+        run_training(config)
+    assert (tmp_path / "fault-c").exists()
+    partial = ckpt.latest_run_checkpoint(str(Path(store.uri) / "_train" / "c"))
+    assert partial["step"] == 10
+
+    result = run_training(config)  # same name: Ray Train restores the run's latest checkpoint
+    history = _history(result.checkpoint.path)
+    assert [row["resumed_from_step"] for row in history] == [None] * 3 + [10, None, None]
+    assert history[-1]["step"] == 18
+    baseline = _history(run_a.checkpoint.path)
+    for got, want in zip(history, baseline, strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-3)
+    final_keys = [k for k in baseline[-1] if k.startswith("val/")]
+    for key in final_keys:
+        assert history[-1][key] == pytest.approx(baseline[-1][key], abs=0.05), key
+
+
+def test_killed_worker_restarts_and_finishes(store, tmp_path):
+    """A worker process exits after step 4 (os._exit); with max_failures=1 the run finishes."""
+    from jobs.pretrain.train import run_training
+
+    raw = _config(
+        store,
+        "b",
+        modalities={
+            "image": {"kind": "cnn", "input": "image_pixels", "channels": [8, 16], "out_dim": 16},
+            "audio": {"kind": "cnn", "input": "audio_logmel", "channels": [8], "out_dim": 16},
+            "text": {
+                "kind": "transformer",
+                "vocab_size": 64,
+                "width": 16,
+                "heads": 2,
+                "layers": 1,
+                "out_dim": 16,
+            },
+        },  # fmt: skip
+        loss="siglip",
+        epochs=3,
+        max_failures=1,
+        fault={"after_step": 4, "mode": "exit", "rank": 1, "marker": str(tmp_path / "fault-b")},
+    )
+    result = run_training(parse_config(raw))
+    assert (tmp_path / "fault-b").exists()
+    history = _history(result.checkpoint.path)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[1]["resumed_from_step"] == 4
+    assert history[-1]["step"] == 9
+    assert all(row["train_loss"] == row["train_loss"] for row in history)  # no NaN
+
+
+def test_resume_refuses_a_changed_feature_set(run_a, store):
+    """New encoder output (other dimension, other config hash): resuming run A is refused."""
+    from jobs.pretrain.train import run_training
+
+    meta = json.loads(store.properties("features/syn")[FEATURE_SET_KEY])
+    meta["columns"]["image_emb"]["shape"] = [64]
+    for enc in meta["encoders"]:
+        if enc["name"] == "synthetic-text":
+            enc["config_hash"] = "retrained"
+    store.set_properties("features/syn", {FEATURE_SET_KEY: json.dumps(meta)})
+    changed = store.version("features/syn")
+    with pytest.raises(SpecError, match="refusing to resume") as err:
+        run_training(parse_config(_config(store, "a", version=changed)))
+    message = str(err.value)
+    assert "image_emb shape: checkpoint [48]" in message
+    assert "[64]" in message
+    assert "text_emb config_hash" in message
+
+
+def test_too_few_rows_for_one_batch_is_a_spec_error(store):
+    from jobs.pretrain.train import run_training
+
+    with pytest.raises(SpecError, match="not one full batch"):
+        run_training(parse_config(_config(store, "tiny", batch_size=500)))
