@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import logging
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -134,6 +135,33 @@ def run_ideal(spec: PipelineSpec) -> Ideal:
     return Ideal(time.perf_counter() - start, time.process_time() - cpu, rows, listed)
 
 
+def _loop_share(args: tuple[PipelineSpec, pa.Table]) -> int:
+    spec, refs = args
+    reader, batch = make_reader(spec), spec.resources.batch_size
+    return sum(
+        collect_stages(refs.slice(o, batch), spec, reader).num_rows
+        for o in range(0, refs.num_rows, batch)
+    )
+
+
+def run_parallel_loop(spec: PipelineSpec, cores: int) -> float:
+    """The ideal loop in ``cores`` forked processes at once, each on 1/cores of the refs.
+
+    Not the DESIGN's ideal: a gauge of how many cores the machine really delivers right now
+    (on a shared box two busy processes get less than twice one), to tell framework overhead
+    from other people's load.
+    """
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(cores) as pool:
+        pool.map(abs, range(cores))  # processes up before the clock starts
+        start = time.perf_counter()
+        refs = list_directory(spec.sources[0])
+        step = -(-refs.num_rows // cores)
+        shares = [(spec, refs.slice(i, step)) for i in range(0, refs.num_rows, step)]
+        pool.map(_loop_share, shares, chunksize=1)
+        return time.perf_counter() - start
+
+
 # ---- pipeline: build(spec) on a local Ray ---------------------------------------
 
 
@@ -224,6 +252,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blocks-per-cpu", type=int, help="spec resources.blocks_per_cpu")
     parser.add_argument("--no-peer", action="store_true", help="skip the datasets peer")
     parser.add_argument(
+        "--no-op-reservation",
+        action="store_true",
+        help="set DataContext.op_resource_reservation_enabled = False before the builds "
+        "(the tuning proposed in BENCHMARKS.md; build() picks the driver's context up)",
+    )
+    parser.add_argument(
         "--worker-niceness",
         type=int,
         default=0,
@@ -262,10 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         m = Measurements(n=n, cores=args.cores)
         m.ideal.append(run_ideal(spec))  # paired with the cold build
-        with local_ray(args.cores, args.worker_niceness) as init_s:
+        m.parallel = [run_parallel_loop(spec, args.cores) for _ in range(args.repeats)]
+        with local_ray(
+            args.cores, args.worker_niceness, op_reservation=not args.no_op_reservation
+        ) as init_s:
             print(
                 f"ray.init: {init_s:.2f} s (not counted); Ray workers at nice "
-                f"{args.worker_niceness}"
+                f"{args.worker_niceness}; Ray Data op resource reservation "
+                f"{'off' if args.no_op_reservation else 'on (default)'}"
             )
             m.builds.append(run_build(make_spec(corpus, work / "store-cold", resources), "cold"))
             for i in range(args.repeats):
@@ -295,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def local_ray(cores: int, niceness: int) -> Iterator[float]:
+def local_ray(cores: int, niceness: int, *, op_reservation: bool = True) -> Iterator[float]:
     """A private local Ray (never joins a stray cluster); yields the seconds ray.init took.
 
     Ray starts its workers at nice 15; the ideal loop and the peer's processes run at nice 0,
@@ -315,7 +353,9 @@ def local_ray(cores: int, niceness: int) -> Iterator[float]:
         logging_level="WARNING",
     )
     init_s = time.perf_counter() - t0
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.op_resource_reservation_enabled = op_reservation
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
     try:
         yield init_s
@@ -330,6 +370,7 @@ class Measurements:
     ideal: list[Ideal] = field(default_factory=list)
     builds: list[BuildRun] = field(default_factory=list)  # cold first
     peer: list[tuple[float, int]] = field(default_factory=list)
+    parallel: list[float] = field(default_factory=list)  # ideal loop in `cores` processes
     load: tuple[float, float] = (0.0, 0.0)
 
     def ratio(self, seconds: float, ideal_seconds: float) -> float:
@@ -371,6 +412,8 @@ class Measurements:
             print(row("peer: datasets (best)", min(s for s, _ in self.peer)))
         else:
             print(f"{'peer: datasets':26}not measured")
+        if self.parallel:
+            print(row(f"loop in {cores} processes", min(self.parallel)) + "  (gauge)")
         print("-" * 70)
         verdict = "met" if min(cold_ratio, warm_ratio) >= TARGET else "NOT met"
         print(
@@ -380,6 +423,13 @@ class Measurements:
         if self.peer:
             peer_best = min(s for s, _ in self.peer)
             print(f"ratio peer/ideal: {self.ratio(peer_best, ideal):.2f}")
+        if self.parallel:
+            par = min(self.parallel)
+            print(
+                f"machine gauge: the loop in {cores} processes reached "
+                f"{self.ratio(par, ideal):.2f} of ideal; pipeline warm / that loop = "
+                f"{par / best:.2f} (framework overhead without other people's load)"
+            )
         print(f"correctness: rows in store == {n} after every build: {'OK' if ok else 'FAILED'}")
         print(line)
         return ok

@@ -115,7 +115,7 @@ def _keys(dataset: pads.FileSystemDataset, fragments: list, key: list[str]) -> p
 def vacuum(
     store: FeatureStore,
     *,
-    retention_hours: float | None = None,
+    retention_hours: int | None = None,
     dry_run: bool = True,
     force: bool = False,
 ) -> dict[str, list[str]]:
@@ -128,25 +128,24 @@ def vacuum(
     the files of a write in progress. Every table is checked before any file
     is deleted, so a refusal deletes nothing.
     """
-    hours = None if retention_hours is None else int(retention_hours)
     plan: dict[str, list[str]] = {}
     refused = []
     for table in store.tables():
         try:
-            plan[table] = _vacuum(store, table, hours, dry_run=True, force=force)
+            plan[table] = _vacuum(store, table, retention_hours, dry_run=True, force=force)
         except DeltaError as e:
             if "retention" not in str(e).lower():
                 raise StoreError(f"vacuum of {table!r} failed: {e}") from e
             refused.append(table)
     if refused:
         raise StoreError(
-            f"retention of {hours} hours is shorter than the tables' minimum "
+            f"retention of {retention_hours} hours is shorter than the tables' minimum "
             f"(delta.deletedFileRetentionDuration) for {', '.join(refused)}; "
             "add --force to vacuum anyway (time travel to older versions stops working)"
         )
     if dry_run:
         return plan
-    return {t: _vacuum(store, t, hours, dry_run=False, force=force) for t in plan}
+    return {t: _vacuum(store, t, retention_hours, dry_run=False, force=force) for t in plan}
 
 
 def _vacuum(

@@ -19,7 +19,7 @@ from features.search import chunks, embedding_column
 from features.sql import dataset, open_version
 from features.store import FeatureStore, Version
 
-COUNTED = ("split", "label", "source", "label_source")
+COUNTED = ("split", "label", "source", "label_source", "error_type", "stage")
 HISTOGRAMS = ("image_width", "image_height", "audio_duration")
 TOP_LABELS = 10
 

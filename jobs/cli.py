@@ -15,6 +15,7 @@ import typer
 
 from features.errors import StoreError
 from features.store import FeatureStore
+from jobs.cli_cluster import register as register_cluster
 from pipelines.errors import MmfpError
 
 app = typer.Typer(
@@ -77,7 +78,7 @@ def build(
     spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML).")],
     address: AddressOpt = None,
 ) -> None:
-    """Collect, validate, split and store every source of SPEC (one commit per table)."""
+    """Collect, label, split, augment and encode every source of SPEC (one commit per table)."""
     from jobs.build import run_build
 
     run_build(str(spec), address=address)
@@ -154,6 +155,9 @@ def store_history(
     from jobs.report import print_history
 
     print_history(_store(store), table)
+
+
+register_cluster(app)  # submit, jobs, schedule
 
 
 if __name__ == "__main__":

@@ -93,7 +93,15 @@ def _table(
     columns: Sequence[str],
     rows: Iterable[Sequence[Any]],
     *,
-    no_wrap: Sequence[str] = ("submission id", "name"),  # ids stay copy-pasteable
+    # ids stay copy-pasteable, times readable; the other columns fold
+    no_wrap: Sequence[str] = (
+        "submission id",
+        "name",
+        "kind",
+        "status",
+        "started UTC",
+        "next slot UTC",
+    ),
 ) -> Table:
     out = Table(title=title, title_justify="left")
     for col in columns:
@@ -303,16 +311,14 @@ def schedule_list(file: FileOpt = None) -> None:
     rows = [
         [
             s.name,
-            s.cron,
-            s.timezone,
-            f"{s.trigger().get_next_fire_time(None, now):%Y-%m-%d %H:%M:%S%z}",
-            s.spec,
+            f"{s.cron} ({s.timezone})",
+            f"{s.trigger().get_next_fire_time(None, now).astimezone(UTC):%m-%d %H:%M:%S}",
+            f"{s.entrypoint} {s.spec}" + (" --slot" if s.pass_slot else ""),
             s.address or "$RAY_ADDRESS",
-            s.entrypoint,
         ]
         for s in sched.load(file).values()
     ]
-    cols = ["name", "cron", "tz", "next slot", "spec", "address", "entrypoint"]
+    cols = ["name", "cron", "next slot UTC", "runs", "address"]
     console.print(_table(f"schedules in {sched.schedules_file(file)}", cols, rows))
 
 
@@ -339,15 +345,13 @@ def schedule_history(
     statuses = sched.job_statuses(fired) if status else {}
     rows = [
         [
-            f"{f.slot:%Y-%m-%d %H:%M:%SZ}",
-            f.schedule,
             f.submission_id,
             f.outcome,
             statuses.get(f.submission_id, "") if f.outcome != "failed" else f.error,
         ]
         for f in fired
     ]
-    cols = ["slot (UTC)", "schedule", "submission id", "outcome", "job status / error"]
+    cols = ["submission id", "outcome", "job status / error"]  # the id names schedule and slot
     console.print(_table(f"history in {sched.history_file(file)}", cols, rows))
 
 

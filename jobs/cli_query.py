@@ -222,7 +222,8 @@ def diff(
 def vacuum(
     store: StoreOpt = "mmfp-store",
     retention_hours: Annotated[
-        float | None, typer.Option(help="Keep files younger than this; default: each table's.")
+        int | None,
+        typer.Option(min=0, help="Keep files younger than this; default: each table's (168)."),
     ] = None,
     apply: Annotated[
         bool, typer.Option("--apply/--dry-run", help="Delete, or only list (default).")
@@ -299,6 +300,11 @@ def index(
         f"nlist {m['nlist']}, nprobe {m['nprobe']}, recall@10 {m['recall_at_10']:.3f} vs exact "
         f"({m['probe_queries']} queries), built in {m['build_s']:.1f}s -> {m['uri']}"
     )
+    if m["nprobe"] >= m["nlist"] > 1:
+        console.print(
+            "note: reaching that recall takes every list: these embeddings have no cluster "
+            "structure the index can use, so --ann is no faster than exact search"
+        )
 
 
 def lineage(table: TableArg, store: StoreOpt = "mmfp-store") -> None:

@@ -8,7 +8,7 @@ refresh exactly-once for that slot, even when the job is retried.
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 
 from features.store import FeatureStore
 from jobs.report import console, print_build
@@ -24,11 +24,10 @@ def parse_slot(slot: str | None) -> int | None:
         return None
     if slot.isdigit():
         return int(slot)
-    for fmt in ("%Y%m%dT%H%M%SZ", "%Y%m%dT%H%M%S%z"):
-        try:
-            return int(datetime.strptime(slot, fmt).timestamp())
-        except ValueError:
-            pass
+    try:  # the scheduler's slot ids: 20261125T011500Z, always UTC
+        return int(datetime.strptime(slot, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        pass
     try:
         return int(datetime.fromisoformat(slot).timestamp())
     except ValueError as e:

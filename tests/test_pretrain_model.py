@@ -9,7 +9,7 @@ import torch
 
 from jobs.pretrain.config import parse_config
 from jobs.pretrain.model import ContrastiveModel, export_towers, load_tower, param_groups
-from jobs.pretrain.train import cosine_with_warmup
+from jobs.pretrain.step import cosine_with_warmup
 
 SHAPES = {
     "image_emb": [48],

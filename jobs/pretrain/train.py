@@ -10,7 +10,6 @@ batches it already trained on, so it matches an uninterrupted run up to float no
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -25,66 +24,41 @@ from features.store import FeatureStore
 from jobs.pretrain import checkpoint as ckpt
 from jobs.pretrain.config import TrainConfig
 from jobs.pretrain.data import (
+    FeatureSetInfo,
     check_compatible,
     check_towers,
     count_rows,
     feature_set_info,
     split_dataset,
 )
-from jobs.pretrain.loss import contrastive_loss
 from jobs.pretrain.metrics import embed, pair_recalls
-from jobs.pretrain.model import ContrastiveModel, export_towers, param_groups
+from jobs.pretrain.model import export_towers
+from jobs.pretrain.step import Stepper
 from pipelines.errors import SpecError
-
-
-def cosine_with_warmup(warmup: int, total: int):
-    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
 
 # ---- worker side ------------------------------------------------------------------
 
 
-class _Worker:
-    """Everything one worker holds across steps; methods are the loop's parts."""
+class _Worker(Stepper):
+    """Everything one Ray Train worker holds across steps; methods are the loop's parts."""
 
     def __init__(self, loop_config: dict[str, Any]) -> None:
         import ray.train
         import ray.train.torch
 
-        self.cfg = TrainConfig.model_validate(loop_config["config"])
+        cfg = TrainConfig.model_validate(loop_config["config"])
         self.info: dict[str, Any] = loop_config["info"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        cuda = self.device.type == "cuda"
-        self.amp = (
-            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp) if cuda else None
-        )
-
-        torch.manual_seed(self.cfg.seed)  # identical initial weights on every worker
-        self.model = ContrastiveModel(self.cfg, self.info["shapes"])
-        self.ddp = ray.train.torch.prepare_model(self.model)
-        opt = self.cfg.optimizer
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps
-        )
         self.spe: int = self.info["steps_per_epoch"]
-        total = self.cfg.epochs * self.spe
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_warmup(self.cfg.warmup_steps, total)
+        super().__init__(
+            cfg,
+            self.info["shapes"],
+            total_steps=cfg.epochs * self.spe,
+            device=ray.train.torch.get_device(),
+            wrap=ray.train.torch.prepare_model,
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
-        self.step = 0
         self.history: list[dict[str, Any]] = []
-        self.running: dict[str, float] = {}
         self.resumed_from: int | None = None
         self.val_cache: dict[str, np.ndarray] | None = None
 
@@ -103,32 +77,6 @@ class _Worker:
         self.step, self.history = int(state["step"]), list(state["history"])
         self.running = dict(state["running"])
         self.resumed_from = self.step
-
-    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
-        self.ddp.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(
-            self.device.type, dtype=self.amp or torch.float32, enabled=bool(self.amp)
-        ):
-            out = self.ddp(batch)
-        present = {m: batch[f"has_{m}"] for m in self.model.towers}
-        feats = {m: out[m] for m in self.model.towers}
-        siglip = self.cfg.loss.kind == "siglip"
-        loss, stats = contrastive_loss(
-            feats, present, self.cfg.modality_pairs, kind=self.cfg.loss.kind,
-            scale=out["scale"], bias=out["bias"] if siglip else None,
-        )  # fmt: skip
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.step += 1
-        for key, value in {"loss": float(loss.detach()), "grad_norm": float(norm), **stats}.items():
-            self.running[key] = self.running.get(key, 0.0) + value
-        self.running["n"] = self.running.get("n", 0.0) + 1
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -162,10 +110,7 @@ class _Worker:
     def state(self) -> dict[str, Any]:
         meta = {**self.info, "config": self.cfg.public_dict(), "world_size": self.world}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            **self.state_dicts(),
             "step": self.step,
             "running": dict(self.running),
             "history": list(self.history),
@@ -232,7 +177,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if seen >= spe:
                 continue  # the epoch's last step reports (and checkpoints) below
             if cfg.checkpoint_every_steps and w.step % cfg.checkpoint_every_steps == 0:
-                w.report({"epoch": epoch, "step": w.step, **_means(w.running)})
+                w.report({"epoch": epoch, "step": w.step, **w.running_means()})
             w.maybe_fail()
         if seen != spe:
             raise RuntimeError(
@@ -246,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "logit_scale": float(w.model.scale().detach()),
             "epoch_time_s": time.perf_counter() - started,
             "resumed_from_step": w.resumed_from,
-            **{f"train_{k}": v for k, v in _means(w.running).items()},
+            **{f"train_{k}": v for k, v in w.running_means().items()},
             **w.validate(),
         }
         w.history.append(metrics)
@@ -256,12 +201,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         w.maybe_fail()
 
 
-def _means(running: dict[str, float]) -> dict[str, float]:
-    n = running.get("n", 0.0)
-    return {k: v / n for k, v in running.items() if k != "n"} if n else {}
-
-
 # ---- driver side ------------------------------------------------------------------
+
+
+def run_meta(
+    store: FeatureStore,
+    info: FeatureSetInfo,
+    config: TrainConfig,
+    *,
+    steps_per_epoch: int,
+    train_rows: int,
+    has_val: bool,
+) -> dict[str, Any]:
+    """What every checkpoint of a run records about its data (``state["meta"]``)."""
+    columns = sorted({t.input for t in config.modalities.values()})
+    return {
+        "store": store.uri,
+        "feature_set": info.name,
+        "version": info.version,
+        "shapes": {c: info.shape(c) for c in columns},
+        "signature": info.signature(columns),
+        "encoders": info.encoders,
+        "steps_per_epoch": steps_per_epoch,
+        "train_rows": train_rows,
+        "has_val": has_val,
+        "config_hash": config.config_hash(),
+        "config": config.public_dict(),
+    }
 
 
 def run_training(config: TrainConfig):
@@ -308,18 +274,14 @@ def run_training(config: TrainConfig):
     if val_rows:
         datasets["val"] = split_dataset(store, info, config, "val", views=False)
 
-    loop_info = {
-        "store": store.uri,
-        "feature_set": info.name,
-        "version": info.version,
-        "shapes": {c: info.shape(c) for c in columns},
-        "signature": info.signature(columns),
-        "encoders": info.encoders,
-        "steps_per_epoch": steps_per_epoch,
-        "train_rows": rows,
-        "has_val": bool(val_rows),
-        "config_hash": config.config_hash(),
-    }
+    loop_info = run_meta(
+        store,
+        info,
+        config,
+        steps_per_epoch=steps_per_epoch,
+        train_rows=rows,
+        has_val=bool(val_rows),
+    )
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -1,0 +1,458 @@
+"""Encode benchmark (issue 5): the encode stage against a pure forward loop, and the GPU path
+by simulation (DESIGN §7).
+
+    python benchmarks/encode.py [--samples N] [--sim-samples M] [--image-size PX]
+                                [--batch-size B] [--cores C] [--repeats R]
+                                [--latency-ms MS ...] [--encoder hf_image|clip]
+                                [--skip-cpu] [--skip-small] [--skip-sim]
+
+**(a) CPU, measured.** The full pipeline, ``pipelines.build.encode_only`` (``read_delta`` of
+``samples`` -> ``Preprocess`` CPU tasks -> ``Encode`` in an ``ActorPoolStrategy`` actor ->
+``StoreSink`` Parquet + one Delta commit), against the ideal: a pure model-forward loop in
+this process on the same device, same model, same batch size, with the inputs prepared in
+memory beforehand (only ``encoder.encode`` is timed; torch uses its default threads, one
+per core). Models: a CLIP ViT-B/32 with random weights built from ``CLIPConfig`` defaults
+(image tower through ``hf_image``; ``--encoder clip`` adds the text tower), and the tiny
+CLIP of ``pipelines.encoders.tiny`` as the small model. Ratio = ideal seconds / pipeline
+seconds for the same rows (cold: first encode of a fresh Ray session; warm: later ones; each
+encode starts its own actor and loads the model, as every ``mmfp encode`` does). On a
+CPU-only machine the preprocessing has to share the cores with the forward, so the best the
+pipeline can reach is ``forward / (forward + preprocess)``; that ceiling is printed too.
+
+**(b) GPU, simulated.** A local Ray with one *logical* GPU (``ray.init(num_gpus=1)``, no
+device), the real ``encode_feature_set`` path with its actor pool and ``num_gpus=1``, and the
+model replaced by ``benchmarks._common:StandIn``: real JPEG decode + the checkpoint's real
+image processor in the ``Preprocess`` tasks, and a forward that sleeps ``--latency-ms`` per
+batch (a GPU's forward) and records its intervals. Busy fraction = time inside forward /
+wall time of the encode stage (the window from the first forward's start to the last one's
+end; the whole ``encode_only`` call is shown too); target >= 0.9. The ideal busy fraction
+``min(1, preprocess rate x CPUs free for preprocessing / forward rate)`` uses the
+preprocessing rate of one process measured here. A second latency, chosen so that the
+preprocessing should keep up twice over, separates the pipeline's own losses from
+starvation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from benchmarks._common import (  # noqa: E402
+    CpuMeter,
+    build_samples,
+    clip_b32,
+    load_average,
+    local_ray,
+    make_spec,
+    map_workers,
+    print_table,
+    read_trace,
+    write_corpus,
+)
+from pipelines.spec import PipelineSpec  # noqa: E402
+
+TARGET_RATIO = 0.85
+TARGET_BUSY = 0.9
+STAND_IN = "benchmarks._common:StandIn"
+
+
+# ---- shared ---------------------------------------------------------------------------
+
+
+def feature_inputs(store_uri: str) -> pa.Table:
+    """The ``samples`` rows as the encoders see them (``as_feature_input``)."""
+    from features.store import FeatureStore
+    from pipelines.encode import KEY_COLUMNS, MEDIA_COLUMNS, as_feature_input
+
+    columns = [c for c in KEY_COLUMNS if c != "view"] + MEDIA_COLUMNS
+    rows = FeatureStore(store_uri).to_arrow("samples", columns=columns)
+    return as_feature_input(rows, is_view=False)
+
+
+def spec_with(corpus: Path, store: Path, name: str, config: dict[str, Any]) -> PipelineSpec:
+    encode = {"feature_sets": [{"name": name, "views": False, "encoders": [config]}]}
+    return make_spec(corpus, store, encode=encode)
+
+
+@dataclass
+class EncodeRun:
+    label: str
+    seconds: float  # the whole encode_only call
+    cpu_seconds: float  # every process of the local Ray plus this one
+    rows: int  # rows in the feature set afterwards
+    null_rows: int
+    started: float  # time.time() at the call's start and end
+    ended: float
+    actors: list[str]  # class names of the map actors the run started (shows fusion)
+    emb: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def run_encode(spec: PipelineSpec, name: str, label: str, *, keep: bool = False) -> EncodeRun:
+    """``mmfp encode``'s path: one feature set, read back to count (and compare) its rows."""
+    from features.store import FeatureStore
+    from pipelines.build import encode_only
+
+    before = map_workers()
+    with CpuMeter() as cpu:
+        started, t0 = time.time(), time.perf_counter()
+        result = encode_only(spec, name)
+        seconds = time.perf_counter() - t0
+    actors = sorted({v for k, v in map_workers().items() if k not in before})
+    table = FeatureStore(spec.store.uri).to_arrow(f"features/{name}")
+    assert result.feature_counts == {name: table.num_rows}, result.feature_counts
+    emb_columns = [c for c in table.column_names if c.endswith("_emb")]
+    nulls = sum(table.column(c).null_count for c in emb_columns)
+    emb = {}
+    if keep:
+        ids = table.column("sample_id").to_pylist()
+        for c in emb_columns:
+            values = np.array(table.column(c).to_pylist(), dtype=np.float32)
+            emb[c] = values[np.argsort(ids)]
+    return EncodeRun(
+        label, seconds, cpu.seconds, table.num_rows, nulls, started, time.time(), actors, emb
+    )
+
+
+# ---- (a) CPU: pipeline vs pure forward --------------------------------------------------
+
+
+@dataclass
+class Forward:
+    """The ideal: ``encoder.encode`` over in-memory inputs, batch by batch, in this process."""
+
+    seconds: float
+    cpu_seconds: float
+    rows: int
+
+
+@dataclass
+class Prepared:
+    encoder: Any
+    inputs: list[dict[str, np.ndarray]]
+    preprocess_seconds: float  # encoder.preprocess of every batch, one process
+    load_seconds: float
+    rows: int
+    order: np.ndarray  # sorts the rows by sample_id
+
+
+def prepare(config: dict[str, Any], store_uri: str) -> Prepared:
+    from pipelines.encoders import EncoderConfig, get_encoder
+
+    encoder = get_encoder(EncoderConfig.model_validate(config))
+    rows = feature_inputs(store_uri)
+    size = encoder.config.batch_size
+    encoder.preprocess(rows.slice(0, 2))  # processor / tokenizer created outside the clock
+    t0 = time.perf_counter()
+    inputs = [encoder.preprocess(rows.slice(i, size)) for i in range(0, rows.num_rows, size)]
+    preprocess_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    encoder.load("cpu")
+    load_seconds = time.perf_counter() - t0
+    encoder.encode(inputs[0])  # first forward (allocator, kernels) outside the clock
+    order = np.argsort(rows.column("sample_id").to_pylist())
+    return Prepared(encoder, inputs, preprocess_seconds, load_seconds, rows.num_rows, order)
+
+
+def run_forward(prepared: Prepared) -> tuple[Forward, dict[str, np.ndarray]]:
+    encoder = prepared.encoder
+    cpu, t0 = time.process_time(), time.perf_counter()
+    outputs = [encoder.encode(batch) for batch in prepared.inputs]
+    forward = Forward(time.perf_counter() - t0, time.process_time() - cpu, prepared.rows)
+    emb = {
+        k: np.concatenate([o[k] for o in outputs])[prepared.order]
+        for k in outputs[0]
+        if k.endswith("_emb")
+    }
+    return forward, emb
+
+
+@dataclass
+class CpuResult:
+    model: str
+    prepared: Prepared
+    forwards: list[Forward]
+    runs: list[EncodeRun]  # cold first
+    max_diff: float
+    torch_threads: int
+
+
+def bench_cpu(
+    model: str, config: dict[str, Any], corpus: Path, store: Path, args: Any
+) -> CpuResult:
+    """Order: prepare + forward, ray.init, cold encode, then (forward, warm encode) x repeats."""
+    import torch
+
+    prepared = prepare(config, str(store))
+    forward, reference = run_forward(prepared)
+    forwards = [forward]
+    runs: list[EncodeRun] = []
+    with local_ray(args.cores) as init_s:
+        print(f"[{model}] ray.init: {init_s:.2f} s (not counted)")
+        labels = ["cold", *(f"warm{i + 1}" for i in range(args.repeats))]
+        for i, label in enumerate(labels):
+            if i:
+                forwards.append(run_forward(prepared)[0])
+            name = f"{model}-{label}"  # every run: a new feature set of the one store
+            runs.append(run_encode(spec_with(corpus, store, name, config), name, label, keep=True))
+    diffs = [float(np.max(np.abs(r.emb[k] - reference[k]))) for r in runs for k in reference]
+    return CpuResult(model, prepared, forwards, runs, max(diffs), torch.get_num_threads())
+
+
+def report_cpu(result: CpuResult, cores: int) -> bool:
+    p, n = result.prepared, result.prepared.rows
+    fwd = min(f.seconds for f in result.forwards)
+    fwd_cpu = min(f.cpu_seconds for f in result.forwards)
+    cold, warms = result.runs[0], result.runs[1:]
+    best = min(warms, key=lambda r: r.seconds)
+    paired = statistics.median(
+        f.seconds / w.seconds for f, w in zip(result.forwards[1:], warms, strict=True)
+    )
+    ceiling = fwd / (fwd + p.preprocess_seconds)
+    ok = all(r.rows == n and r.null_rows == 0 for r in result.runs) and result.max_diff < 1e-3
+
+    def row(name: str, run: EncodeRun) -> tuple[object, ...]:
+        busy = run.cpu_seconds / (run.seconds * cores)
+        return (name, run.seconds, n / run.seconds, fwd / run.seconds, run.cpu_seconds, busy)
+
+    line = "=" * 80
+    print(f"\n{line}")
+    print(
+        f"encode (a) CPU, {result.model}: {n} images, batch {p.encoder.config.batch_size}, "
+        f"{cores} cores, forward loop with torch threads={result.torch_threads}"
+    )
+    print(
+        f"one process: preprocess {p.preprocess_seconds:.2f} s ({n / p.preprocess_seconds:.0f} "
+        f"rows/s), model load {p.load_seconds:.2f} s, forward runs "
+        + ", ".join(f"{f.seconds:.2f}" for f in result.forwards)
+        + " s"
+    )
+    print("-" * 80)
+    rows = [
+        ("pure forward (best)", fwd, n / fwd, 1.0, fwd_cpu, fwd_cpu / (fwd * cores)),
+        row("pipeline cold", cold),
+        row("pipeline warm (best)", best),
+    ]
+    print_table(("", "seconds", "rows/s", "ratio", "CPU s", "CPU busy"), rows, (24, 9, 9, 8, 9, 10))
+    print("-" * 80)
+    cold_r, warm_r = fwd / cold.seconds, fwd / best.seconds
+    verdict = "met" if min(cold_r, warm_r) >= TARGET_RATIO else "NOT met"
+    print(
+        f"ratio pipeline/forward: cold {cold_r:.2f}, warm {warm_r:.2f} (median of paired warm "
+        f"runs {paired:.2f}); CPU-only ceiling forward/(forward+preprocess) {ceiling:.2f}; "
+        f"target >= {TARGET_RATIO}: {verdict}"
+    )
+    print(f"map actors of the cold run: {', '.join(cold.actors) or 'none'}")
+    print(
+        f"correctness: {n} rows in every feature set, no null embeddings, max |pipeline - "
+        f"forward| = {result.max_diff:.1e}: {'OK' if ok else 'FAILED'}"
+    )
+    print(line)
+    return ok
+
+
+# ---- (b) GPU simulation -----------------------------------------------------------------
+
+
+@dataclass
+class SimRun:
+    latency_ms: float
+    run: EncodeRun
+    spans: list[tuple[float, float, int]]
+
+    @property
+    def forward_seconds(self) -> float:
+        return sum(b - a for a, b, _ in self.spans)
+
+    @property
+    def window(self) -> float:
+        return self.spans[-1][1] - self.spans[0][0]
+
+    @property
+    def busy(self) -> float:
+        return self.forward_seconds / self.window
+
+    @property
+    def busy_call(self) -> float:
+        return self.forward_seconds / self.run.seconds
+
+
+def preprocess_rate(config: dict[str, Any], store_uri: str) -> float:
+    """Rows per second of the stand-in's real preprocessing, one process."""
+    from pipelines.encoders import EncoderConfig, get_encoder
+
+    encoder = get_encoder(EncoderConfig.model_validate(config))
+    rows = feature_inputs(store_uri)
+    size = encoder.config.batch_size
+    encoder.preprocess(rows.slice(0, 2))
+    t0 = time.perf_counter()
+    for i in range(0, rows.num_rows, size):
+        encoder.preprocess(rows.slice(i, size))
+    return rows.num_rows / (time.perf_counter() - t0)
+
+
+def bench_sim(model_dir: Path, corpus: Path, store: Path, work: Path, args: Any) -> bool:
+    batch = args.batch_size
+    base = {"name": STAND_IN, "model": str(model_dir), "batch_size": batch}
+    rate = preprocess_rate(base, str(store))
+    free = max(1, args.cores - 1)  # Ray Data reserves 1 CPU for a GPU actor unless told
+    fed_ms = round(1000 * batch / (0.5 * rate * free), 1)  # preprocessing keeps up twice over
+    latencies = [*args.latency_ms, fed_ms]
+    runs: list[SimRun] = []
+    with local_ray(args.cores, gpus=1) as init_s:
+        print(f"[sim] ray.init(num_cpus={args.cores}, num_gpus=1): {init_s:.2f} s (not counted)")
+        for i, latency in enumerate([latencies[0], *latencies]):
+            label = "cold" if i == 0 else f"{latency:g}ms"
+            trace = work / f"trace-{i}"
+            trace.mkdir()
+            config = base | {"params": {"latency_ms": latency, "trace_dir": str(trace)}}
+            name = f"sim-{i}"
+            spec = spec_with(corpus, store, name, config)
+            runs.append(SimRun(latency, run_encode(spec, name, label), read_trace(trace)))
+    return report_sim(runs, rate, free, args)
+
+
+def report_sim(runs: list[SimRun], rate: float, free: int, args: Any) -> bool:
+    n = args.sim_samples
+    line = "=" * 96
+    print(f"\n{line}")
+    print(
+        f"encode (b) GPU simulation: {n} images {args.image_size}px, stand-in forward of "
+        f"batch {args.batch_size}, {args.cores} CPUs + 1 logical GPU (no device)"
+    )
+    print(
+        f"preprocess (JPEG decode + CLIP image processor), one process: {rate:.0f} rows/s; "
+        f"CPUs left for Preprocess tasks next to the GPU actor (it reserves 1): {free}"
+    )
+    print("-" * 96)
+    header = ("run", "lat ms", "fwd rows/s", "ideal busy", "busy", "busy(call)", "window s",
+              "call s", "fill s", "rows")  # fmt: skip
+    rows = []
+    for s in runs:
+        fwd_rate = args.batch_size / (s.latency_ms / 1000)
+        ideal = min(1.0, rate * free / fwd_rate)
+        fill = s.spans[0][0] - s.run.started
+        rows.append(
+            (s.run.label, s.latency_ms, round(fwd_rate), ideal, s.busy, s.busy_call, s.window,
+             s.run.seconds, fill, s.run.rows)
+        )  # fmt: skip
+    print_table(header, rows, (8, 8, 11, 11, 7, 11, 10, 8, 8, 7))
+    print("-" * 96)
+    print(
+        "busy = time inside forward / (last forward end - first forward start); busy(call) "
+        "divides by the\nwhole encode_only call (actor start, reads, fill, commit); ideal busy "
+        f"= min(1, preprocess rate x {free} / forward rate)"
+    )
+    headline = next(s for s in runs[1:] if s.latency_ms == args.latency_ms[0])
+    verdict = "met" if headline.busy >= TARGET_BUSY else "NOT met"
+    print(
+        f"busy fraction at {headline.latency_ms:g} ms/batch (warm): {headline.busy:.2f} "
+        f"(whole call {headline.busy_call:.2f}); target >= {TARGET_BUSY}: {verdict}"
+    )
+    print(f"map actors of the cold run: {', '.join(runs[0].run.actors) or 'none'}")
+    batches = -(-n // args.batch_size)
+    ok = all(s.run.rows == n and s.run.null_rows == 0 for s in runs)
+    ok = ok and all(sum(r for *_, r in s.spans) == n and len(s.spans) >= batches for s in runs)
+    print(
+        f"correctness: {n} rows in every feature set, every row through the stand-in forward: "
+        f"{'OK' if ok else 'FAILED'}"
+    )
+    print(line)
+    return ok
+
+
+# ---- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Encode benchmark: CPU ratio and GPU simulation")
+    parser.add_argument("--samples", type=int, default=256, help="images for (a) (256)")
+    parser.add_argument("--sim-samples", type=int, default=2048, help="images for (b) (2048)")
+    parser.add_argument("--image-size", type=int, default=224, help="JPEG side, px (224)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward (32)")
+    parser.add_argument(
+        "--cores", type=int, default=os.cpu_count() or 1, help="CPUs for Ray (default: all)"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="warm runs per model in (a) (1)")
+    parser.add_argument(
+        "--latency-ms", type=float, nargs="+", default=[20.0], help="stand-in forward (20)"
+    )
+    parser.add_argument(
+        "--encoder", choices=("hf_image", "clip"), default="hf_image",
+        help="hf_image: the B/32 image tower; clip: both towers (images + captions)",
+    )  # fmt: skip
+    parser.add_argument("--skip-cpu", action="store_true", help="skip (a) for ViT-B/32")
+    parser.add_argument("--skip-small", action="store_true", help="skip (a) for the tiny model")
+    parser.add_argument("--skip-sim", action="store_true", help="skip (b)")
+    args = parser.parse_args(argv)
+    if min(args.samples, args.sim_samples, args.batch_size, args.cores, args.repeats) < 1:
+        parser.error("sizes, --cores and --repeats must be >= 1")
+    if min(args.latency_ms) <= 0:
+        parser.error("--latency-ms must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pipelines.encoders import tiny
+
+    load_before = load_average()
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="mmfp-bench-encode-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        b32 = clip_b32(work / "clip-b32")
+        small = tiny.tiny_clip(work / "clip-tiny")
+        print(
+            f"models: CLIP ViT-B/32 (random weights), tiny CLIP ({time.perf_counter() - t0:.1f} s)"
+        )
+        stores = {}
+        for part, n, skip in (
+            ("cpu", args.samples, args.skip_cpu and args.skip_small),
+            ("sim", args.sim_samples, args.skip_sim),
+        ):
+            if skip:
+                continue
+            corpus, store = work / f"corpus-{part}", work / f"store-{part}"
+            t0 = time.perf_counter()
+            write_corpus(corpus, samples=n, image_size=args.image_size, audio_seconds=None)
+            written = time.perf_counter() - t0
+            collect_s, stored = build_samples(make_spec(corpus, store), args.cores)
+            assert stored == n, (stored, n)
+            print(
+                f"corpus {part}: {n} samples (jpg {args.image_size}px + caption) written in "
+                f"{written:.1f} s, collected in {collect_s:.1f} s (not timed)"
+            )
+            stores[part] = (corpus, store)
+        cpu_models = []
+        if not args.skip_cpu:
+            cpu_models.append(("b32", b32))
+        if not args.skip_small:
+            cpu_models.append(("tiny", small))
+        for model, path in cpu_models:
+            config = {"name": args.encoder, "model": str(path), "batch_size": args.batch_size}
+            corpus, store = stores["cpu"]
+            result = bench_cpu(model, config, corpus, store, args)
+            ok = report_cpu(result, args.cores) and ok
+        if not args.skip_sim:
+            corpus, store = stores["sim"]
+            ok = bench_sim(b32, corpus, store, work, args) and ok
+    print(f"load average (1 min) before / after: {load_before:.1f} / {load_average():.1f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
