@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from features.catalog import build_index  # noqa: E402
+from features.catalog import build_index, load_index  # noqa: E402
 from features.commit import add_action, write_file  # noqa: E402
 from features.schema import FEATURE_SET_KEY, conform, feature_schema, list_of  # noqa: E402
-from features.search import clear_cache, search  # noqa: E402
+from features.search import clear_cache, embedding_column, search  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 
 CHUNK = 100_000
@@ -181,6 +181,8 @@ def main() -> None:
         search(store, "bench", vector=queries[0], k=10, method="ann")  # loads the index
         recall = []
         ann = [paired(i, method="ann") for i in range(args.queries)]
+        index = load_index(store, embedding_column(store, "bench")[1]).index
+        raw = [timed(index.search, q[None, :], 10)[0] for q in queries]  # faiss alone
 
     def ratio(pairs: list[tuple[float, float]]) -> float:
         return statistics.median(t / b for b, t in pairs)
@@ -206,6 +208,7 @@ def main() -> None:
         "ann_recall_at_10_build": round(meta["recall_at_10"], 3),
         "ann_recall_at_10": round(float(np.mean(recall)), 3),
         "ann_ms": round(ann_s * 1000, 2),
+        "ann_faiss_only_ms": round(statistics.median(raw) * 1000, 3),
         "ann_speedup_vs_bare": round(1 / ratio(ann), 1),
     }
     print()
@@ -216,7 +219,8 @@ def main() -> None:
           f"({result['cached_ratio']:.2f}x bare; first query {first_s:.1f}s)")  # fmt: skip
     ivf = f"IVF nprobe {meta['nprobe']}/{meta['nlist']}"
     print(f"search, ann ({ivf})  {result['ann_ms']:>9.2f} ms  "
-          f"recall@10 {result['ann_recall_at_10']:.3f}")  # fmt: skip
+          f"recall@10 {result['ann_recall_at_10']:.3f}; the faiss query alone "
+          f"{result['ann_faiss_only_ms']:.2f} ms")  # fmt: skip
     verdict = "meets" if result["cached_ratio"] <= TARGET else "misses"
     print(f"target <= {TARGET}x bare: cached {verdict}; streamed {result['streamed_ratio']:.1f}x")
     print(json.dumps(result))

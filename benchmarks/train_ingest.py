@@ -133,7 +133,9 @@ def main() -> None:
         f"first epoch (pipeline + worker start-up): {history[0]['epoch_time_s']:.2f} s; "
         f"whole run incl. Ray Train start-up: {wall:.1f} s"
     )
-    epoch_times = ", ".join(f"{row['epoch_time_s']:.2f}" for row in warm_epochs)
+    epoch_times = ", ".join(
+        f"{row['epoch_time_s']:.2f} ({row['step_time_s']:.2f} in steps)" for row in warm_epochs
+    )
     print(
         f"store  (Ray Data -> Ray Train): {store_rate:7.2f} steps/s  (warm epochs: {epoch_times} s)"
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from features.store import FeatureStore
-from jobs.report import console, print_build
+from jobs.report import print_build
 from jobs.runtime import init_ray
-from pipelines.build import BuildResult, build, encode_only
+from pipelines.build import BuildResult, build
 from pipelines.spec import load_spec
 
 
@@ -16,23 +16,6 @@ def run_build(spec_path: str, *, address: str | None = None) -> BuildResult:
     init_ray(address)
     result = build(spec)
     print_build(result, FeatureStore(spec.store.uri, storage_options=spec.store.storage_options))
-    return result
-
-
-def run_encode(
-    spec_path: str, feature_set: str, *, reencode: bool = False, address: str | None = None
-) -> BuildResult:
-    spec = load_spec(spec_path)
-    init_ray(address)
-    result = encode_only(spec, feature_set, reencode=reencode)
-    rows = result.feature_counts.get(feature_set, 0)
-    store = spec.store.uri
-    if not result.changed:
-        console.print(f"feature set {feature_set!r} is up to date in {store}: nothing to encode")
-    else:
-        console.print(
-            f"feature set {feature_set!r}: {rows} rows encoded, committed {result.versions}"
-        )
     return result
 
 

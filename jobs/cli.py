@@ -112,7 +112,7 @@ def encode(
     address: AddressOpt = None,
 ) -> None:
     """Encode the samples and views a feature set lacks (incremental), or all with --reencode."""
-    from jobs.build import run_encode
+    from jobs.encode import run_encode
 
     run_encode(str(spec), feature_set, reencode=reencode, address=address)
 

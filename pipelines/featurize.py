@@ -73,6 +73,8 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
         else:
             check_compatible(feature_set.name, stored, metadata)
             existing = _keys(store.to_arrow(name, columns=["sample_id", "view"]))
+    # keys other writers add from here on are dropped from this run's files at commit
+    run.base[name] = store.version(name)
     sources = [("samples", False)] + ([("views", True)] if has_views else [])
     wanted: set[tuple[str, int]] = set()
     for table, is_view in sources:

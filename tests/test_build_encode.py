@@ -156,3 +156,29 @@ def test_a_changed_encoder_config_is_refused(encoded, models):
     )
     with pytest.raises(SpecError, match="--reencode"):
         build(changed)
+
+
+def test_reencode_replaces_a_feature_set_as_one_new_version(encoded, models):
+    root, spec, _ = encoded
+    from pipelines.build import encode_only
+    from pipelines.encode import EncodeSpec
+
+    store = FeatureStore(str(root / "store"))
+    rows = store.to_arrow("features/clip").num_rows
+    changed = spec.model_copy(
+        update={"encode": EncodeSpec.model_validate(_encode(models, clip_params={"max_length": 9}))}
+    )
+    result = encode_only(changed, "clip", reencode=True)
+    assert result.feature_counts["clip"] == rows
+    assert store.to_arrow("features/clip").num_rows == rows
+    meta = json.loads(store.properties("features/clip")[FEATURE_SET_KEY])
+    assert (
+        meta["encoders"][0]["config_hash"]
+        != json.loads(
+            store.properties("features/clip", result.versions["features/clip"] - 2)[FEATURE_SET_KEY]
+        )["encoders"][0]["config_hash"]
+    )
+    again = encode_only(changed, "clip")  # now it matches: nothing to do
+    assert not again.changed
+    with pytest.raises(SpecError, match="no feature set 'nope'"):
+        encode_only(changed, "nope")

@@ -160,9 +160,33 @@ def count_rows(
 def split_dataset(
     store: FeatureStore, info: FeatureSetInfo, config: TrainConfig, split: str, *, views: bool
 ) -> ray.data.Dataset:
-    """A Ray Dataset of dense tensor batches for one split, read at the pinned version."""
+    """A Ray Dataset of dense tensor batches for one split, read at the pinned version.
+
+    One read block per Parquet file (more only for files over ``BLOCK_BYTES``): Ray
+    Data's default would cut small tables into hundreds of tiny blocks, each its own
+    map task, and run 5-10x slower than the read itself (measured on 2 cores).
+    """
+    import ray.data
+
     inputs = tower_inputs(info, config)
     columns = sorted({"split", "view", *(c for c, _, _ in inputs.values())})
-    ds = store.table(info.table, info.version, columns=columns)
+    dt = store.delta(info.table, info.version)
+    ds = ray.data.read_delta(
+        store.table_uri(info.table),
+        version=info.version,
+        storage_options=store.storage_options or None,
+        columns=columns,
+        override_num_blocks=read_blocks(dt),
+    )
     kwargs = {"inputs": inputs, "split": split, "include_views": views}
     return ds.map_batches(to_tensors, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
+
+
+BLOCK_BYTES = 128 * 1024 * 1024
+
+
+def read_blocks(dt: Any) -> int:
+    """Read blocks for a Delta version: one per file, more for files over ``BLOCK_BYTES``."""
+    actions = dt.get_add_actions(flatten=True)
+    sizes = [int(v) for v in actions.column("size_bytes").to_pylist()] if len(actions) else []
+    return max(1, sum(max(1, -(-size // BLOCK_BYTES)) for size in sizes))

@@ -169,11 +169,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
         )
+        compute = 0.0  # seconds inside train_step: the rest of the epoch is ingest and reports
         for index, batch in enumerate(batches):
             seen = index + 1
             if index < skip:
                 continue  # trained on before the restart: same batch, same order
+            tick = time.perf_counter()
             w.train_step(batch)
+            compute += time.perf_counter() - tick
             if seen >= spe:
                 continue  # the epoch's last step reports (and checkpoints) below
             if cfg.checkpoint_every_steps and w.step % cfg.checkpoint_every_steps == 0:
@@ -190,6 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": w.scheduler.get_last_lr()[0],
             "logit_scale": float(w.model.scale().detach()),
             "epoch_time_s": time.perf_counter() - started,
+            "step_time_s": compute,
             "resumed_from_step": w.resumed_from,
             **{f"train_{k}": v for k, v in w.running_means().items()},
             **w.validate(),
