@@ -1,17 +1,14 @@
-"""Training ingest: steps/s with batches streamed from the store vs held in memory.
+"""Training ingest: steps/s with batches streamed from the store vs the same batches in memory.
 
-Both sides run the same ``Stepper.train_step`` (model, loss, AdamW, clipping) with
-the same CPU budget (``--cpus-per-worker``, in a Ray process, so the same thread
-settings), in one run on one machine:
+One Ray Train run, one worker, the trainer's own data wiring (``run_training`` with
+a benchmark loop): every epoch first trains on batches streamed from the Delta
+table through Ray Data (read, flat lists -> dense arrays, streaming split, seeded
+local shuffle, prefetch), then runs the same number of steps of the same
+``Stepper.train_step`` over batches held in memory (those of the first epoch).
+Alternating in one process keeps both sides under the same load, threads and CPU
+budget: on a shared or noisy machine this is what makes the ratio mean something.
 
-- **store**: ``run_training`` with one Ray Train worker; batches come from the
-  Delta table through Ray Data (read, flat-list -> dense, streaming split, local
-  shuffle, prefetch). Steps/s from the warm epochs' ``epoch_time_s``, which counts
-  the pipeline's per-epoch start-up but not validation or checkpointing.
-- **memory**: a Ray actor with the same CPUs builds the same batches once, then
-  times the same number of steps over them.
-
-Target (DESIGN.md section 7): ratio >= 0.9, i.e. ingest hidden behind compute.
+Target (DESIGN.md section 7): store / memory >= 0.9, i.e. ingest hidden behind compute.
 
     python benchmarks/train_ingest.py [--rows 20000] [--dim 512] [--batch-size 256]
 """
@@ -22,39 +19,55 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Any
+
+MODS = ("text", "image", "audio")
 
 
-def _memory_steps_per_s(config: dict, shapes: dict, steps: int, warm: int) -> float:
-    """Build the train batches in memory, then time ``steps`` of the same train step."""
-    import torch
+def bench_loop(loop_config: dict[str, Any]) -> None:
+    """Per epoch: one pass over the store shard, then as many steps over cached batches."""
+    import ray.train
+    import ray.train.torch
 
-    from features.store import FeatureStore
-    from jobs.pretrain.arrays import to_tensors
     from jobs.pretrain.config import TrainConfig
-    from jobs.pretrain.data import feature_set_info, tower_inputs
     from jobs.pretrain.step import Stepper
 
-    cfg = TrainConfig.model_validate(config)
-    store = FeatureStore(cfg.store)
-    info = feature_set_info(store, cfg.feature_set, cfg.version)
-    table = store.to_arrow(info.table, info.version)
-    arrays = to_tensors(table, inputs=tower_inputs(info, cfg), split="train", include_views=False)
-    rows = len(next(iter(arrays.values())))
-    n = rows // cfg.batch_size
-    batches = [
-        {
-            k: torch.as_tensor(v[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-            for k, v in arrays.items()
-        }
-        for i in range(n)
-    ]
-    stepper = Stepper(cfg, shapes, total_steps=warm + steps, device=torch.device("cpu"))
-    for i in range(warm):
-        stepper.train_step(batches[i % n])
-    start = time.perf_counter()
-    for i in range(steps):
-        stepper.train_step(batches[i % n])
-    return steps / (time.perf_counter() - start)
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    info = loop_config["info"]
+    stepper = Stepper(
+        cfg,
+        info["shapes"],
+        total_steps=2 * cfg.epochs * info["steps_per_epoch"],
+        device=ray.train.torch.get_device(),
+        wrap=ray.train.torch.prepare_model,
+    )
+    shard = ray.train.get_dataset_shard("train")
+    cached: list[dict] = []
+    epochs = []
+    for epoch in range(cfg.epochs):
+        start, steps, compute = time.perf_counter(), 0, 0.0
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            prefetch_batches=cfg.prefetch_batches,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + epoch,
+        ):
+            tick = time.perf_counter()
+            stepper.train_step(batch)
+            compute += time.perf_counter() - tick
+            steps += 1
+            if epoch == 0:
+                cached.append(batch)
+        store_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for batch in cached[:steps]:
+            stepper.train_step(batch)
+        memory_s = time.perf_counter() - start
+        epochs.append(
+            {"steps": steps, "store_s": store_s, "compute_s": compute, "memory_s": memory_s}
+        )
+    ray.train.report({"epochs": epochs})
 
 
 def main() -> None:
@@ -63,11 +76,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="embedding dim of each modality")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=1024, help="projection towers' hidden size")
-    parser.add_argument("--epochs", type=int, default=4, help="first epoch is warm-up")
+    parser.add_argument("--epochs", type=int, default=5, help="the first one is warm-up")
     parser.add_argument("--cpus-per-worker", type=float, default=None)
     args = parser.parse_args()
-
-    import ray
 
     from features.store import FeatureStore
     from jobs.pretrain.config import parse_config
@@ -78,70 +89,61 @@ def main() -> None:
     cores = os.cpu_count() or 2
     cpus = args.cpus_per_worker or max(1.0, cores - 1.0)  # the rest reads and converts batches
     init_ray(None, num_cpus=cores)
-    workdir = tempfile.mkdtemp(prefix="mmfp-train-ingest-")
-    store = FeatureStore(os.path.join(workdir, "store"))
+    store = FeatureStore(os.path.join(tempfile.mkdtemp(prefix="mmfp-train-ingest-"), "store"))
     classes = 100
     version = write_synthetic_feature_set(
         store,
         "bench",
         classes=classes,
         per_class=max(1, args.rows // classes),
-        dims={m: args.dim for m in ("text", "image", "audio")},
+        dims=dict.fromkeys(MODS, args.dim),
         splits=(1.0, 0.0, 0.0),
         files=max(4, cores * 2),
     )
-    raw = {
-        "name": "ingest",
-        "store": store.uri,
-        "feature_set": "bench",
-        "version": version,
-        "modalities": {
-            m: {"kind": "projection", "input": f"{m}_emb", "hidden": args.hidden, "out_dim": 256}
-            for m in ("text", "image", "audio")
-        },
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "num_workers": 1,
-        "cpus_per_worker": cpus,
-        "val_max_rows": 0,
-        "keep_checkpoints": 1,
-    }
-    config = parse_config(raw)
+    config = parse_config(
+        {
+            "name": "ingest",
+            "store": store.uri,
+            "feature_set": "bench",
+            "version": version,
+            "modalities": {
+                m: {
+                    "kind": "projection",
+                    "input": f"{m}_emb",
+                    "hidden": args.hidden,
+                    "out_dim": 256,
+                }
+                for m in MODS
+            },
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "num_workers": 1,
+            "cpus_per_worker": cpus,
+            "val_max_rows": 0,
+        }
+    )
     started = time.perf_counter()
-    result = run_training(config)
+    result = run_training(config, train_loop=bench_loop)
     wall = time.perf_counter() - started
-    from jobs.pretrain import checkpoint as ckpt
 
-    history = ckpt.read_metrics(result.checkpoint.path)
-    spe = ckpt.read_meta(result.checkpoint.path)["steps_per_epoch"]
-    warm_epochs = history[1:] or history
-    store_rate = spe * len(warm_epochs) / sum(row["epoch_time_s"] for row in warm_epochs)
-
-    shapes = {f"{m}_emb": [args.dim] for m in ("text", "image", "audio")}
-    remote = ray.remote(num_cpus=cpus)(_memory_steps_per_s)
-    steps = spe * len(warm_epochs)
-    memory_rate = ray.get(
-        remote.remote(config.model_dump(mode="json"), shapes, steps, min(spe, 20))
-    )
-
-    rows = spe * args.batch_size
+    epochs = result.metrics["epochs"]
+    warm = epochs[1:] or epochs
+    steps = sum(e["steps"] for e in warm)
+    store_rate = steps / sum(e["store_s"] for e in warm)
+    memory_rate = steps / sum(e["memory_s"] for e in warm)
     print(
-        f"machine: {cores} cores; trainer: 1 worker x {cpus:g} CPU; {rows} rows/epoch, batch "
-        f"{args.batch_size}, 3 x {args.dim}-d embeddings, towers hidden {args.hidden}"
+        f"machine: {cores} cores; 1 Ray Train worker x {cpus:g} CPU; "
+        f"{epochs[0]['steps'] * args.batch_size} rows/epoch, batch {args.batch_size}, "
+        f"3 x {args.dim}-d embeddings, projection towers hidden {args.hidden}"
     )
-    print(
-        f"first epoch (pipeline + worker start-up): {history[0]['epoch_time_s']:.2f} s; "
-        f"whole run incl. Ray Train start-up: {wall:.1f} s"
-    )
-    epoch_times = ", ".join(
-        f"{row['epoch_time_s']:.2f} ({row['step_time_s']:.2f} in steps)" for row in warm_epochs
-    )
-    print(
-        f"store  (Ray Data -> Ray Train): {store_rate:7.2f} steps/s  (warm epochs: {epoch_times} s)"
-    )
-    print(f"memory (same step, same CPUs):  {memory_rate:7.2f} steps/s")
+    print(f"run wall time incl. Ray Train start-up: {wall:.1f} s; first epoch (warm-up) "
+          f"{epochs[0]['store_s']:.2f} s from the store")  # fmt: skip
+    for i, e in enumerate(warm, start=2):
+        print(f"  epoch {i}: store {e['store_s']:.2f} s ({e['compute_s']:.2f} s in steps), "
+              f"memory {e['memory_s']:.2f} s, {e['steps']} steps each")  # fmt: skip
+    print(f"store  (Ray Data -> Ray Train): {store_rate:7.2f} steps/s")
+    print(f"memory (same steps, same batches): {memory_rate:7.2f} steps/s")
     print(f"ratio store / memory: {store_rate / memory_rate:.3f}  (target >= 0.9)")
-    print(f"rows/s from the store: {store_rate * args.batch_size:,.0f}")
 
 
 if __name__ == "__main__":

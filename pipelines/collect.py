@@ -74,7 +74,7 @@ def error_row(source: str, key: str, error: errors.InputError) -> dict[str, Any]
 
 
 def _is_hidden(rel: str) -> bool:
-    return any(part.startswith(".") for part in rel.split("/"))
+    return rel.startswith(".") or "/." in rel
 
 
 # ---- listing ----------------------------------------------------------------

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from jobs.pretrain.metrics import embed, pair_recalls
 from jobs.pretrain.model import export_towers
 from jobs.pretrain.step import Stepper
 from pipelines.errors import SpecError
+
+if TYPE_CHECKING:
+    from ray.train import Result
 
 # ---- worker side ------------------------------------------------------------------
 
@@ -234,12 +238,16 @@ def run_meta(
     }
 
 
-def run_training(config: TrainConfig):
+def run_training(
+    config: TrainConfig, *, train_loop: Callable[[dict[str, Any]], None] | None = None
+) -> Result:
     """Train ``config`` with Ray Train and return its ``ray.train.Result``.
 
     A rerun with the same ``name`` and ``storage_path`` resumes the latest
     checkpoint (Ray Train V2 restores the run's snapshot); it is refused with a
     ``SpecError`` when the feature set's dimensions or encoders changed since.
+    ``train_loop`` replaces ``train_loop_per_worker`` with the same data and
+    trainer wiring (the ingest benchmark uses it); it gets ``{"config", "info"}``.
     """
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -288,7 +296,7 @@ def run_training(config: TrainConfig):
     )
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         train_loop_config={"config": config.public_dict(), "info": loop_info},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
