@@ -242,14 +242,30 @@ class CpuMeter:
 
     @staticmethod
     def _snapshot() -> dict[tuple[int, float], float]:
-        import psutil
-
-        me = psutil.Process()
-        out = {}
-        for proc in [me, *me.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                times = proc.cpu_times()
-                out[(proc.pid, proc.create_time())] = times.user + times.system
+        """(pid, start time) -> user + system CPU seconds of this process and its
+        descendants, read from ``/proc`` (Linux; empty elsewhere)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        procs: dict[int, tuple[int, float, float]] = {}  # pid -> (ppid, cpu s, start)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    stat = Path(f"/proc/{entry.name}/stat").read_text()
+                except OSError:
+                    continue  # exited meanwhile
+                fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
+                cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                procs[int(entry.name)] = (int(fields[1]), cpu, float(fields[19]))
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in procs.items():
+            children.setdefault(ppid, []).append(pid)
+        out, todo = {}, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            if pid in procs:
+                out[(pid, procs[pid][2])] = procs[pid][1]
+                todo.extend(children.get(pid, []))
         return out
 
     def _poll(self) -> None:

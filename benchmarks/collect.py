@@ -14,8 +14,12 @@ One run, one machine, three measurements of the same work on the same corpus:
 
 Ratios are pipeline (or peer) throughput / ideal throughput; the target is >= 0.85. Ideal,
 warm and peer are the best of ``--repeats`` runs (the usual estimator on a shared, noisy
-machine); cold is one run by nature. Nothing touches the network; the corpus and the stores
-live in a temporary directory that is removed at the end.
+machine); cold is one run by nature. Each warm build follows its own ideal run, and the report
+also gives the median of those paired ratios. A gauge, the ideal loop in ``cores`` processes
+at once, shows how much of ``cores`` the machine really delivered during the run. Ray workers
+run at nice 0 like the ideal and the peer (``--worker-niceness``; Ray's default is 15).
+Nothing touches the network; the corpus and the stores live in a temporary directory that is
+removed at the end.
 """
 
 from __future__ import annotations
@@ -292,11 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"spec: batch_size={spec.resources.batch_size} "
             f"blocks_per_cpu={spec.resources.blocks_per_cpu}; "
-            "order: ideal, ray.init, cold build, then (ideal, warm build, peer) x repeats"
+            "order: ideal, ray.init, cold build, (ideal, warm build) x repeats, ray.shutdown, "
+            "(loop in `cores` processes, peer) x repeats"
         )
         m = Measurements(n=n, cores=args.cores)
+        # Every timed step starts with dirty pages flushed (os.sync), so no step pays for the
+        # previous one's writes; the peer runs after Ray is gone, so its processes and files
+        # never overlap a build.
+        os.sync()
         m.ideal.append(run_ideal(spec))  # paired with the cold build
-        m.parallel = [run_parallel_loop(spec, args.cores) for _ in range(args.repeats)]
         with local_ray(
             args.cores, args.worker_niceness, op_reservation=not args.no_op_reservation
         ) as init_s:
@@ -305,13 +313,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.worker_niceness}; Ray Data op resource reservation "
                 f"{'off' if args.no_op_reservation else 'on (default)'}"
             )
+            os.sync()
             m.builds.append(run_build(make_spec(corpus, work / "store-cold", resources), "cold"))
             for i in range(args.repeats):
+                os.sync()
                 m.ideal.append(run_ideal(spec))
                 warm = make_spec(corpus, work / f"store-warm{i + 1}", resources)
+                os.sync()
                 m.builds.append(run_build(warm, f"warm{i + 1}"))
-                if peer_note is None:
-                    m.peer.append(run_peer(spec, args.cores, work / f"peer-{i}"))
+        for i in range(args.repeats):
+            os.sync()
+            m.parallel.append(run_parallel_loop(spec, args.cores))
+            if peer_note is None:
+                os.sync()
+                m.peer.append(run_peer(spec, args.cores, work / f"peer-{i}"))
         m.load = (load_before, os.getloadavg()[0])
     for ideal in m.ideal:
         print(

@@ -16,6 +16,7 @@ import typer
 from features.errors import StoreError
 from features.store import FeatureStore
 from jobs.cli_cluster import register as register_cluster
+from jobs.cli_query import register as register_query
 from pipelines.errors import MmfpError
 
 app = typer.Typer(
@@ -158,6 +159,7 @@ def store_history(
 
 
 register_cluster(app)  # submit, jobs, schedule
+register_query(app, store_app)  # query, search, store diff/vacuum/optimize/stats/index/lineage
 
 
 if __name__ == "__main__":

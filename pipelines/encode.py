@@ -17,7 +17,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from features.errors import StoreError
 from features.schema import FEATURE_KEY_FIELDS, FEATURE_SET_KEY, ORIGINAL_VIEW, feature_schema
+from features.store import FeatureStore
 from pipelines.encoders import EncoderConfig, encoder_class, get_encoder
 from pipelines.encoders.base import Encoder, device_for_actor
 from pipelines.errors import SpecError
@@ -89,7 +91,11 @@ def feature_set_metadata(encoders: list[Encoder], **lineage: Any) -> dict[str, A
     """The ``FEATURE_SET_KEY`` property: encoders, column shapes, where the rows came from."""
     described = [e.describe() for e in encoders]
     return {
-        "encoders": [d["encoder"] for d in described],
+        # the full config too, so a query can be embedded by the same encoder later
+        "encoders": [
+            {**d["encoder"], "config": e.config.model_dump(mode="json")}
+            for d, e in zip(described, encoders, strict=True)
+        ],
         "columns": {k: v for d in described for k, v in d["columns"].items()},
         **lineage,
     }
@@ -205,3 +211,42 @@ def wants_actors(encoders: list[Encoder]) -> bool:
 
 def metadata_json(metadata: dict[str, Any]) -> dict[str, str]:
     return {FEATURE_SET_KEY: json.dumps(metadata, sort_keys=True)}
+
+
+def embed_query(
+    store: FeatureStore,
+    feature_set: str,
+    *,
+    text: str | None = None,
+    image_bytes: bytes | None = None,
+    audio_bytes: bytes | None = None,
+) -> np.ndarray:
+    """Embed a search query with the feature set's own encoder (the one recorded in it).
+
+    A text query against a joint feature set (CLIP, CLAP) lands in the same space as
+    its image / audio embeddings, so text finds images. Refuses when the encoder's
+    model or config changed since the feature set was built.
+    """
+    given = {"text": text, "image": image_bytes, "audio": audio_bytes}
+    modality, value = next(((m, v) for m, v in given.items() if v is not None), (None, None))
+    if modality is None:
+        raise StoreError("embed_query needs text=, image_bytes= or audio_bytes=")
+    name = f"features/{feature_set}"
+    metadata = json.loads(store.properties(name).get(FEATURE_SET_KEY, "{}"))
+    for entry in metadata.get("encoders", []):
+        if "config" not in entry:
+            continue
+        encoder = get_encoder(EncoderConfig.model_validate(entry["config"]))
+        if f"{modality}_emb" not in encoder.output_columns():
+            continue
+        if encoder.config_hash() != entry["config_hash"]:
+            raise StoreError(
+                f"{name}: encoder {entry['name']!r} changed since the feature set was built "
+                "(its model or config hash differs); re-encode before searching with it"
+            )
+        encoder.load(device_for_actor())
+        column = pa.array([value], pa.string() if modality == "text" else pa.binary())
+        outputs = encoder.encode(encoder.preprocess(pa.table({modality: column})))
+        return np.asarray(outputs[f"{modality}_emb"][0], np.float32)
+    encoders = [e["name"] for e in metadata.get("encoders", [])]
+    raise StoreError(f"{name}: none of its encoders {encoders} embeds {modality} queries")

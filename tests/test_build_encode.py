@@ -182,3 +182,21 @@ def test_reencode_replaces_a_feature_set_as_one_new_version(encoded, models):
     assert not again.changed
     with pytest.raises(SpecError, match="no feature set 'nope'"):
         encode_only(changed, "nope")
+
+
+def test_search_by_text_uses_the_feature_sets_own_encoder(encoded):
+    from features.errors import StoreError
+    from features.search import search
+    from pipelines.encode import embed_query
+
+    root, _, _ = encoded
+    store = FeatureStore(str(root / "store"))
+    vector = embed_query(store, "clip", text="a red circle")
+    dims = json.loads(store.properties("features/clip")[FEATURE_SET_KEY])["columns"]["image_emb"]
+    assert vector.shape == (dims["shape"][0],)
+    hits = search(store, "clip", column="image_emb", vector=vector, k=3)
+    assert hits.num_rows == 3
+    scores = hits.column("score").to_pylist()
+    assert scores == sorted(scores, reverse=True)
+    with pytest.raises(StoreError, match="embeds text"):
+        embed_query(store, "inputs", text="x")
