@@ -249,4 +249,9 @@ def embed_query(
         outputs = encoder.encode(encoder.preprocess(pa.table({modality: column})))
         return np.asarray(outputs[f"{modality}_emb"][0], np.float32)
     encoders = [e["name"] for e in metadata.get("encoders", [])]
+    if any("config" not in e for e in metadata.get("encoders", [])):
+        raise StoreError(
+            f"{name} does not record its encoders' configs (made by an older mmfp): "
+            f"re-encode it with --reencode to search it by {modality}"
+        )
     raise StoreError(f"{name}: none of its encoders {encoders} embeds {modality} queries")
