@@ -117,7 +117,7 @@ def collect_stages(refs: pa.Table, spec: PipelineSpec, reader: RefReader) -> pa.
 
 @dataclass
 class Ideal:
-    seconds: float  # best single-process time for all samples
+    seconds: float  # one single-process pass over all samples
     cpu_seconds: float  # its process CPU time (wall > CPU means the box was busy)
     rows: int
     listing: float

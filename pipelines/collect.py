@@ -10,6 +10,7 @@ quarantine row. Nothing is dropped here.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import posixpath
@@ -309,6 +310,11 @@ def make_sample(
     return row
 
 
+@functools.lru_cache(maxsize=64)
+def _realpath(root: str) -> str:
+    return os.path.realpath(root)
+
+
 class RefReader:
     """Reads the parts of each reference through its source's filesystem.
 
@@ -366,7 +372,7 @@ class RefReader:
     @staticmethod
     def _read(fs: pafs.FileSystem, root: str, path: str) -> bytes:
         if isinstance(fs, pafs.LocalFileSystem):
-            real_root = os.path.realpath(root)
+            real_root = _realpath(root)
             if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
                 raise errors.UnsafePath(f"{path} resolves outside {root} (symlink?)")
         try:
