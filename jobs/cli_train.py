@@ -1,8 +1,8 @@
 """``mmfp train CONFIG`` and ``mmfp evaluate CHECKPOINT``: thin commands over jobs.pretrain.
 
 Register them in ``jobs/cli.py`` with ``app.command("train")(train)`` and
-``app.command("evaluate")(evaluate)`` (or ``app.add_typer``-free, as plain
-commands); ``python -m jobs.pretrain CONFIG`` runs ``train`` on its own.
+``app.command("evaluate")(evaluate)``; ``app`` here holds both for ``add_typer``.
+``python -m jobs.pretrain CONFIG`` runs ``train`` on its own.
 User mistakes (bad config, unknown feature set, mismatched checkpoint) print
 one line and exit 2; a training run that fails exits 1.
 """
@@ -104,8 +104,8 @@ def print_train_summary(name: str, result: Any) -> None:
     console = Console()
     console.print(table)
     if result.checkpoint is not None:
-        console.print(f"checkpoint: {result.checkpoint.path}")
-        console.print(f"evaluate:   mmfp evaluate {result.checkpoint.path}")
+        console.print(f"checkpoint: {result.checkpoint.path}", soft_wrap=True)
+        console.print(f"evaluate:   mmfp evaluate {result.checkpoint.path}", soft_wrap=True)
 
 
 def print_eval_summary(result: Any) -> None:
@@ -133,7 +133,7 @@ def print_eval_summary(result: Any) -> None:
         console.print(f"zero-shot accuracy: {accs}")
     console.print(f"zero-shot: {result.zero_shot_note}")
     for kind, path in result.files.items():
-        console.print(f"{kind}: {path}")
+        console.print(f"{kind}: {path}", soft_wrap=True)
 
 
 app = typer.Typer(

@@ -215,7 +215,7 @@ def test_bad_function_path_is_rejected_at_load(path):
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"sources": [{"kind": "zero_shot"}]}, "manifest"),  # the error lists the known kinds
+        ({"sources": [{"kind": "oracle"}]}, "manifest"),  # the error lists the known kinds
         ({"sources": [{"kind": "folder", "x": 1}]}, "Extra inputs are not permitted"),
         ({"sources": [{"kind": "rules"}]}, "needs `rules` or `keywords`"),
         ({"sources": [CAT_RULES], "vocabulary": ["dog"]}, r"\['cat'\] that are not in the vocab"),

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from features.errors import StoreError
 from features.schema import FEATURE_SET_KEY, list_of
@@ -235,3 +237,20 @@ def test_compatibility_names_every_changed_column(syn_store):
     assert "text_emb config_hash: checkpoint 'old'" in message
     with pytest.raises(SpecError, match="trained on feature set 'other'"):
         check_compatible({**previous, "feature_set": "other"}, info, cols)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    present=st.lists(st.booleans(), min_size=0, max_size=12),
+    seed=st.integers(0, 2**16),
+)
+def test_dense_round_trips_flattened_rows(shape, present, seed):
+    """Law: dense(flatten(x), shape) == x on present rows, zeros elsewhere, mask == present."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(len(present), *shape)).astype(np.float32)
+    rows = [x[i].ravel().tolist() if p else None for i, p in enumerate(present)]
+    got, mask = dense(pa.array(rows, list_of(pa.float32())), shape, np.float32)
+    assert mask.tolist() == present
+    want = np.where(np.array(present, bool).reshape(-1, *[1] * len(shape)), x, 0)
+    np.testing.assert_array_equal(got, want.reshape(len(present), *shape))

@@ -28,9 +28,9 @@ PINNED: dict[str, int] = {}  # the synthetic table's first full version, pinned 
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_controller():
-    """Ray Train's controller polls workers every 2 s; 0.5 s keeps these short runs short."""
+    """Ray Train's controller polls workers every 2 s; 0.25 s keeps these short runs short."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         yield
 
 
@@ -166,9 +166,11 @@ def test_killed_worker_restarts_and_finishes(store, tmp_path):
     assert (tmp_path / "fault-b").exists()
     history = _history(result.checkpoint.path)
     assert [row["epoch"] for row in history] == [1, 2]
-    # Resumed from the checkpoint of step 4, or of step 3 when the worker died before the
-    # controller had registered step 4's report: either way not from zero.
-    assert history[1]["resumed_from_step"] in (3, 4)
+    # Resumed from a checkpoint, not from zero: step 4's, or an earlier one when the worker
+    # died before the controller had polled the last reports (os._exit drops its queue).
+    resumed = [row["resumed_from_step"] for row in history if row["resumed_from_step"]]
+    assert len(resumed) == 1
+    assert 0 < resumed[0] <= 4
     assert history[-1]["step"] == 6
     assert all(row["train_loss"] == row["train_loss"] for row in history)  # no NaN
 

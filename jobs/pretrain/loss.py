@@ -3,9 +3,11 @@
 Each worker gathers all workers' features and computes the same global loss
 (CLIP / open_clip style, ``local_loss=False``). ``all_gather`` carries no
 gradient, so the gathered copy of a worker's own rows is replaced by its local
-tensor: the gradient of the global loss w.r.t. local features is then exact, and
-DDP's all-reduce sums the parameter gradients. Rows missing a modality are masked:
-a pair (a, b) only uses rows that have both.
+tensor: the gradient of the global loss w.r.t. local features is then exact. DDP
+averages the workers' parameter gradients, so towers get 1/world of the global
+loss's gradient (the logit scale all of it): a constant factor AdamW is insensitive
+to, as in open_clip. Rows missing a modality are masked: a pair (a, b) only uses
+rows that have both.
 """
 
 from __future__ import annotations

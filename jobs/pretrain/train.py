@@ -176,8 +176,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         compute = 0.0  # seconds inside train_step: the rest of the epoch is ingest and reports
         for index, batch in enumerate(batches):
             seen = index + 1
-            if index < skip:
-                continue  # trained on before the restart: same batch, same order
+            if index < skip or index >= spe:
+                # < skip: trained on before the restart (same batch, same order).
+                # >= spe: cannot happen with equal splits; training on it alone would hang
+                # the other workers in all_gather, so it is counted and refused below.
+                continue
             tick = time.perf_counter()
             w.train_step(batch)
             compute += time.perf_counter() - tick
