@@ -6,18 +6,14 @@ with code 2; nothing prints a traceback for them.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-from features.errors import StoreError
-from features.store import FeatureStore
 from jobs.cli_cluster import register as register_cluster
 from jobs.cli_query import register as register_query
-from pipelines.errors import MmfpError
+from jobs.errors import open_store, user_errors
 
 app = typer.Typer(
     help="mmfp: a multimodal feature platform on Ray and Delta Lake.",
@@ -29,8 +25,6 @@ store_app = typer.Typer(
 )
 app.add_typer(store_app, name="store")
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 AddressOpt = Annotated[
     str | None,
     typer.Option(
@@ -41,20 +35,6 @@ StoreOpt = Annotated[
     str,
     typer.Option("--store", envvar="MMFP_STORE", help="Store path or URI (s3://bucket/prefix)."),
 ]
-
-
-def user_errors(fn: F) -> F:
-    """Turn mmfp's own errors into one readable line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (MmfpError, StoreError) as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from e
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.command()
@@ -118,20 +98,13 @@ def encode(
     run_encode(str(spec), feature_set, reencode=reencode, address=address)
 
 
-def _store(uri: str) -> FeatureStore:
-    store = FeatureStore(uri)
-    if not store.tables():
-        raise StoreError(f"no feature store at {store.uri} (run `mmfp build SPEC` or `mmfp demo`)")
-    return store
-
-
 @store_app.command("ls")
 @user_errors
 def store_ls(store: StoreOpt = "mmfp-store") -> None:
     """Tables with rows, files, size and latest version."""
     from jobs.report import print_tables
 
-    print_tables(_store(store))
+    print_tables(open_store(store))
 
 
 @store_app.command("describe")
@@ -143,7 +116,7 @@ def store_describe(
     """Schema, size, split counts and the runs that wrote a table."""
     from jobs.report import print_describe
 
-    print_describe(_store(store), table)
+    print_describe(open_store(store), table)
 
 
 @store_app.command("history")
@@ -155,7 +128,7 @@ def store_history(
     """Every version of a table: time, operation, rows added, run."""
     from jobs.report import print_history
 
-    print_history(_store(store), table)
+    print_history(open_store(store), table)
 
 
 register_cluster(app)  # submit, jobs, schedule

@@ -76,7 +76,7 @@ def cli_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from jobs.cli import user_errors  # lazy: jobs.cli imports this module to register
+        from jobs.errors import user_errors
 
         _quiet_ray()
         try:

@@ -43,7 +43,7 @@ class OutputFormat(StrEnum):
 
 def register(app: typer.Typer, store_app: typer.Typer) -> None:
     """Add this module's commands to the ``mmfp`` app and its ``store`` group."""
-    from jobs.cli import user_errors
+    from jobs.errors import user_errors
 
     app.command("query")(user_errors(query))
     app.command("search")(user_errors(search))
@@ -59,9 +59,9 @@ def register(app: typer.Typer, store_app: typer.Typer) -> None:
 
 
 def _open(uri: str) -> FeatureStore:
-    from jobs.cli import _store
+    from jobs.errors import open_store
 
-    return _store(uri)
+    return open_store(uri)
 
 
 def _grid(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
