@@ -169,17 +169,23 @@ def _model_configs(data: dict[str, Any]) -> list[dict[str, Any]]:
     return configs
 
 
-def load_spec(path: str | Path) -> PipelineSpec:
-    """Read and validate a spec file; raise ``SpecError`` naming every bad field."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, *, what: str, expected: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping, or a ``SpecError`` that says what is wrong with it."""
     try:
         raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise SpecError(f"spec file not found: {path}") from e
+        raise SpecError(f"{what} not found: {path}") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SpecError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise SpecError(f"{path} must hold a YAML mapping with at least `sources:`")
+        raise SpecError(f"{path} must hold a YAML mapping with {expected}")
+    return raw
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read and validate a spec file; raise ``SpecError`` naming every bad field."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, what="spec file", expected="at least `sources:`")
     return parse_spec(raw, origin=str(path)).resolved(path.resolve().parent)
 
 

@@ -13,12 +13,11 @@ from itertools import combinations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from features.storage import join_uri, normalize_uri, redact
 from pipelines.errors import SpecError
-from pipelines.spec import format_validation_error
+from pipelines.spec import format_validation_error, read_yaml_mapping
 
 Modality = Literal["text", "image", "audio"]
 
@@ -245,12 +244,6 @@ def parse_config(raw: dict[str, Any], origin: str = "<dict>") -> TrainConfig:
 def load_config(path: str | Path) -> TrainConfig:
     """Read and validate a train config file; relative paths resolve next to it."""
     path = Path(path)
-    try:
-        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise SpecError(f"train config not found: {path}") from e
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path} must hold a YAML mapping with `feature_set:` and `modalities:`")
+    expected = "`feature_set:` and `modalities:`"
+    raw = read_yaml_mapping(path, what="train config", expected=expected)
     return parse_config(raw, origin=str(path)).resolved(path.resolve().parent)

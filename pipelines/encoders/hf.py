@@ -42,6 +42,21 @@ class HFEncoder(Encoder):
         self.dims: dict[str, int] = {}  # output column -> width, set by subclasses
         self.max_length = 0  # text tokens, set by encoders with a text tower
 
+    def single_tower_or_clip(self, tower: str) -> bool:
+        """True for a CLIP checkpoint (one of its towers is used); refuse other multi-tower ones."""
+        from transformers import CLIPConfig
+
+        cfg = self.hf_config
+        if isinstance(cfg, CLIPConfig):
+            return True
+        if hub.is_multi_tower(cfg):
+            raise SpecError(
+                f"encoder {self.config.name!r}: {type(cfg).__name__} is a multi-tower model; "
+                f"{self.config.name} takes a {tower}-only checkpoint or CLIP "
+                "(use the joint encoders for CLIP/CLAP)"
+            )
+        return False
+
     @property
     def revision(self) -> str | None:
         return getattr(self.params, "revision", None)
@@ -146,15 +161,8 @@ class HFText(HFEncoder):
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
-        from transformers import CLIPConfig
-
         cfg = self.hf_config
-        self.is_clip = isinstance(cfg, CLIPConfig)
-        if not self.is_clip and hub.is_multi_tower(cfg):
-            raise SpecError(
-                f"encoder {config.name!r}: {type(cfg).__name__} is a multi-tower model; hf_text "
-                "takes a text-only checkpoint or CLIP (use the joint encoders for CLIP/CLAP)"
-            )
+        self.is_clip = self.single_tower_or_clip("text")
         text_cfg = cfg.text_config if self.is_clip else cfg
         projected = self.is_clip and self.params.pooling == "auto"
         self.dims = {"text_emb": cfg.projection_dim if projected else hub.hidden_dim(text_cfg)}
@@ -201,15 +209,8 @@ class HFImage(HFEncoder):
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
-        from transformers import CLIPConfig
-
         cfg = self.hf_config
-        self.is_clip = isinstance(cfg, CLIPConfig)
-        if not self.is_clip and hub.is_multi_tower(cfg):
-            raise SpecError(
-                f"encoder {config.name!r}: {type(cfg).__name__} is a multi-tower model; hf_image "
-                "takes a vision-only checkpoint or CLIP (use the joint encoders for CLIP/CLAP)"
-            )
+        self.is_clip = self.single_tower_or_clip("vision")
         projected = self.is_clip and self.params.pooling in ("auto", "pooler")
         width = hub.hidden_dim(cfg.vision_config if self.is_clip else cfg)
         self.dims = {"image_emb": cfg.projection_dim if projected else width}
