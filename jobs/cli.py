@@ -13,6 +13,7 @@ import typer
 
 from jobs.cli_cluster import register as register_cluster
 from jobs.cli_query import register as register_query
+from jobs.cli_train import evaluate, train
 from jobs.errors import open_store, user_errors
 
 app = typer.Typer(
@@ -132,6 +133,8 @@ def store_history(
 
 
 register_cluster(app)  # submit, jobs, schedule
+app.command("train")(train)
+app.command("evaluate")(evaluate)
 register_query(app, store_app)  # query, search, store diff/vacuum/optimize/stats/index/lineage
 
 

@@ -9,31 +9,13 @@ one line and exit 2; a training run that fails exits 1.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from features.errors import StoreError
+from jobs.errors import user_errors
 from pipelines.errors import MmfpError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _user_errors(fn: F) -> F:
-    """mmfp's own errors -> one red line and exit 2 (the same contract as jobs.cli)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (MmfpError, StoreError) as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from e
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _options(pairs: list[str] | None) -> dict[str, str]:
@@ -46,7 +28,7 @@ def _options(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
-@_user_errors
+@user_errors
 def train(
     config: Annotated[Path, typer.Argument(help="Train config (YAML).")],
     address: Annotated[
@@ -71,7 +53,7 @@ def train(
     print_train_summary(cfg.name, result)
 
 
-@_user_errors
+@user_errors
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (checkpoint_step...).")],
     split: Annotated[str, typer.Option(help="val or test.")] = "test",
