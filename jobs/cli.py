@@ -46,12 +46,13 @@ def demo(
     ),
     n_per_class: Annotated[int, typer.Option(min=1, help="Samples per class and source.")] = 20,
     fresh: Annotated[bool, typer.Option(help="Delete WORKDIR first.")] = False,
+    train: Annotated[bool, typer.Option(help="End with pretraining and test recall.")] = True,
     address: AddressOpt = None,
 ) -> None:
     """Generate a small text/image/audio corpus (with broken files) and build it into a store."""
     from jobs.demo import run_demo
 
-    run_demo(workdir, n_per_class=n_per_class, fresh=fresh, address=address)
+    run_demo(workdir, n_per_class=n_per_class, fresh=fresh, train=train, address=address)
 
 
 @app.command()

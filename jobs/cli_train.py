@@ -100,13 +100,15 @@ def print_eval_summary(result: Any) -> None:
         f"step {result.step}"
     )
     table = Table(title=title)
-    for col in ("direction", "n", "r@1", "r@5", "r@10"):
+    for col in ("direction", "n", "r@1", "r@5", "r@10", "r@1 / chance"):
         table.add_column(col, justify="left" if col == "direction" else "right")
     for row in result.table():
         table.add_row(
             row["direction"],
             str(row["n"]),
             *(f"{row[k]:.3f}" if k in row else "-" for k in ("r@1", "r@5", "r@10")),
+            # chance r@1 is 1/n: one right answer among n candidates
+            f"{row['r@1'] * row['n']:.1f}x" if "r@1" in row else "-",
         )
     console = Console()
     console.print(table)

@@ -64,9 +64,59 @@ store:
   uri: store
 """
 
+# Contrastive pretraining on the demo's own feature set: trainable towers over the
+# stored model inputs, text as the anchor (ImageBind style), 2 CPU workers.
+DEMO_TRAIN = """\
+# Written by `mmfp demo`. Paths are relative to this file.
+name: demo
+store: store
+feature_set: inputs
+modalities:
+  text: {kind: transformer, input: text_ids, vocab_size: 128, width: 64, layers: 1, heads: 4,
+         out_dim: 64}
+  image: {kind: cnn, input: image_pixels, channels: [16, 32], out_dim: 64}
+  audio: {kind: cnn, input: audio_logmel, channels: [16, 32], out_dim: 64}
+pairs: {anchor: text}
+loss: infonce
+optimizer: {lr: 0.003, weight_decay: 0.05}
+epochs: 10
+batch_size: BATCH_SIZE
+warmup_steps: 5
+num_workers: 2
+cpus_per_worker: 0.5
+checkpoint_every_steps: 50
+seed: 0
+"""
+
+
+def train_and_evaluate(workdir: Path) -> None:
+    """Pretrain on the demo store (a rerun resumes the finished run) and print test recall."""
+    from jobs.cli_train import print_eval_summary, print_train_summary
+    from jobs.evaluate import evaluate
+    from jobs.pretrain.config import load_config
+    from jobs.pretrain.train import run_training
+
+    store = FeatureStore(str(workdir / "store"))
+    splits = store.to_arrow("features/inputs", columns=["split", "view"]).to_pylist()
+    train_rows = sum(1 for r in splits if r["split"] == "train" and r["view"] == -1)
+    # two workers need at least two full batches; small --n-per-class demos get smaller ones
+    batch_size = max(4, min(64, train_rows // 4))
+    config_path = workdir / "train.yaml"
+    config_path.write_text(DEMO_TRAIN.replace("BATCH_SIZE", str(batch_size)))
+    config = load_config(config_path)
+    console.print("contrastive pretraining (Ray Train, 2 CPU workers) ...")
+    result = run_training(config)
+    print_train_summary(config.name, result)
+    print_eval_summary(evaluate(result.checkpoint.path, split="test"))
+
 
 def run_demo(
-    workdir: Path, *, n_per_class: int = 20, fresh: bool = False, address: str | None = None
+    workdir: Path,
+    *,
+    n_per_class: int = 20,
+    fresh: bool = False,
+    train: bool = True,
+    address: str | None = None,
 ) -> BuildResult:
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
@@ -95,6 +145,8 @@ def run_demo(
     preview = augment_preview(store, workdir / "augmentations.png")
     if preview:
         console.print(f"augmentation preview: {preview}")
+    if train:
+        train_and_evaluate(workdir)
     console.print(
         f"next: mmfp store ls --store {store.uri}   |   "
         f"mmfp store describe samples --store {store.uri}"

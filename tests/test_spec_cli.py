@@ -80,7 +80,9 @@ def test_cli_missing_spec_and_missing_store(tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_demo_then_store_commands(tmp_path):
     workdir = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--workdir", str(workdir), "--n-per-class", "1"])
+    result = runner.invoke(
+        app, ["demo", "--workdir", str(workdir), "--n-per-class", "1", "--no-train"]
+    )
     assert result.exit_code == 0, result.output
     assert "quarantined by this run" in result.output
     assert "TruncatedImage" in result.output
@@ -102,7 +104,9 @@ def test_demo_then_store_commands(tmp_path):
     assert unknown.exit_code == 2
     assert "_inputs, _runs, features/clip, features/inputs, quarantine, samples" in unknown.output
     # the demo is deterministic: a second run finds everything already stored
-    again = runner.invoke(app, ["demo", "--workdir", str(workdir), "--n-per-class", "1"])
+    again = runner.invoke(
+        app, ["demo", "--workdir", str(workdir), "--n-per-class", "1", "--no-train"]
+    )
     assert again.exit_code == 0
     assert "nothing new" in again.output
 
@@ -118,3 +122,7 @@ def test_demo_writes_an_augmentation_preview(tmp_path):
     assert image.shape[0] > 200
     assert image.shape[1] > 600
     assert "new augmented views" in result.output
+    # it ends with pretraining and the test recall table
+    assert "r@1 / chance" in result.output
+    assert "text->image" in result.output
+    assert list((workdir / "store" / "_train" / "demo").glob("checkpoint_step*/export"))
