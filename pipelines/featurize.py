@@ -102,13 +102,18 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     ds = ds.map_batches(Preprocess(configs), batch_format="pyarrow", batch_size=batch_size)
     if wants_actors(encoders):
         # the model loads once per actor; with GPUs in the cluster each actor gets its share
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0) > 0
+        actors = max(c.concurrency for c in configs)
+        if not gpus:
+            # without GPUs Ray fuses Preprocess into the actors: let the pool use every CPU
+            actors = max(actors, int(resources.get("CPU", 1)))
         ds = ds.map_batches(
             Encode,
             fn_constructor_args=(configs,),
             batch_format="pyarrow",
             batch_size=batch_size,
-            compute=ActorPoolStrategy(min_size=1, max_size=max(c.concurrency for c in configs)),
+            compute=ActorPoolStrategy(min_size=1, max_size=actors),
             num_gpus=max(c.num_gpus for c in configs) if gpus else 0,
         )
     else:  # weight-free featurizers: plain CPU tasks, fused with preprocessing
