@@ -3,11 +3,15 @@
 - ``write_corpus``: a tri-modal directory corpus at any image size (``pipelines.synthetic``'s
   generators; every sample complete unless a modality is turned off);
 - ``local_ray``: a private local Ray (``address="local"``), optionally with logical GPUs;
+  ``op_reservation``: Ray Data's per-operator reservation on/off (``build`` runs with it off);
 - ``build_samples``: one collect-only build of a corpus into a store, in its own Ray session,
   so the session that is measured afterwards starts cold;
 - ``clip_b32``: a CLIP ViT-B/32-sized checkpoint with random weights (no download);
 - ``StandIn``: a fixed-latency encoder that models a GPU forward in the GPU simulation;
-- small report helpers (load average, ratios, a table printer).
+- ``CpuMeter``: CPU seconds of this process and every Ray process it started (separates the
+  pipeline's own overhead from CPU share lost to other load on a shared box);
+  ``map_workers``: the Ray Data map actors' class names (shows operator fusion);
+- small report helpers (load average, number format, a table printer).
 """
 
 from __future__ import annotations
@@ -128,6 +132,24 @@ def local_ray(cores: int, gpus: int = 0) -> Iterator[float]:
 def _pythonpath() -> list[str]:
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return [str(ROOT), *[p for p in extra if p != str(ROOT)]]
+
+
+@contextlib.contextmanager
+def op_reservation(enabled: bool) -> Iterator[None]:
+    """Ray Data's per-operator resource reservation on or off for the block, restored after.
+
+    ``pipelines.build.build`` runs its stages with it off; ``encode_only`` (``mmfp encode``)
+    and the stage functions called alone leave Ray Data's default (on).
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.op_resource_reservation_enabled
+    context.op_resource_reservation_enabled = enabled
+    try:
+        yield
+    finally:
+        context.op_resource_reservation_enabled = before
 
 
 def build_samples(spec: PipelineSpec, cores: int) -> tuple[float, int]:
@@ -316,13 +338,20 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def number(value: float) -> str:
+    """2 decimals; whole numbers from 1000 up; 2 significant digits below 0.1."""
+    if value == 0 or 0.1 <= abs(value) < 1000:
+        return f"{value:.2f}"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.2g}"
+
+
 def print_table(
     header: Sequence[str], rows: Sequence[Sequence[Any]], widths: Sequence[int]
 ) -> None:
     def fmt(values: Sequence[Any]) -> str:
         cells = []
         for i, (v, w) in enumerate(zip(values, widths, strict=True)):
-            text = f"{v:.2f}" if isinstance(v, float) else str(v)
+            text = number(v) if isinstance(v, float) else str(v)
             cells.append(text.ljust(w) if i == 0 else text.rjust(w))
         return "".join(cells)
 

@@ -14,7 +14,8 @@ One run, one machine, the same work on the same stored samples:
   writes count against it;
 - **pipeline**: the build's augment path, ``pipelines.build.augment_samples`` (``read_delta``
   of ``samples`` -> ``map_batches(make_missing_views)`` -> ``StoreSink`` Parquet writes) plus
-  the ``views`` and ``quarantine`` commits, on a fresh copy of the samples store each time.
+  the ``views`` and ``quarantine`` commits, on a fresh copy of the samples store each time,
+  with Ray Data's per-operator resource reservation off as ``build`` runs its stages.
   Collect is excluded by construction (the samples are already stored), rather than by
   subtracting two builds' times, which on a shared box doubles the noise. Cold is the first
   augment of a fresh Ray session (workers start, import albumentations/librosa, numba JIT);
@@ -51,6 +52,7 @@ from benchmarks._common import (  # noqa: E402
     load_average,
     local_ray,
     make_spec,
+    op_reservation,
     print_table,
     write_corpus,
 )
@@ -142,7 +144,8 @@ def run_pipeline(spec: PipelineSpec, samples_store: Path, label: str) -> Pipelin
     base = {name: store.version(name) for name in BASE_TABLES}
     known = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
     run = Run(spec, store, result, base, known)
-    with CpuMeter() as cpu:
+    # as build() runs its stages: Ray Data's per-operator reservation off
+    with CpuMeter() as cpu, op_reservation(False):
         start = time.perf_counter()
         augment_samples(run)
         run.commit_pending("views")

@@ -5,7 +5,7 @@ by simulation (DESIGN §7).
                                 [--batch-size B] [--cores C] [--repeats R] [--concurrency A]
                                 [--latency-ms MS ...] [--pixels float32 uint8]
                                 [--encoder hf_image|clip]
-                                [--skip-cpu] [--skip-small] [--skip-sim]
+                                [--as-build] [--skip-cpu] [--skip-small] [--skip-sim]
 
 **(a) CPU, measured.** The full pipeline, ``pipelines.build.encode_only`` (``read_delta`` of
 ``samples`` -> ``Preprocess`` CPU tasks -> ``Encode`` in an ``ActorPoolStrategy`` actor ->
@@ -66,6 +66,8 @@ from benchmarks._common import (  # noqa: E402
     local_ray,
     make_spec,
     map_workers,
+    number,
+    op_reservation,
     print_table,
     read_trace,
     write_corpus,
@@ -108,13 +110,18 @@ class EncodeRun:
     emb: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def run_encode(spec: PipelineSpec, name: str, label: str, *, keep: bool = False) -> EncodeRun:
-    """``mmfp encode``'s path: one feature set, read back to count (and compare) its rows."""
+def run_encode(
+    spec: PipelineSpec, name: str, label: str, *, keep: bool = False, as_build: bool = False
+) -> EncodeRun:
+    """``mmfp encode``'s path: one feature set, read back to count (and compare) its rows.
+
+    ``as_build``: with Ray Data's per-operator reservation off, as ``build`` runs its stages.
+    """
     from features.store import FeatureStore
     from pipelines.build import encode_only
 
     before = map_workers()
-    with CpuMeter() as cpu:
+    with CpuMeter() as cpu, op_reservation(not as_build):
         started, t0 = time.time(), time.perf_counter()
         result = encode_only(spec, name)
         seconds = time.perf_counter() - t0
@@ -229,7 +236,8 @@ def bench_cpu(
             if i:
                 forwards.append(run_forward(prepared)[0])
             name = f"{model}-{label}"  # every run: a new feature set of the one store
-            runs.append(run_encode(spec_with(corpus, store, name, config), name, label, keep=True))
+            spec = spec_with(corpus, store, name, config)
+            runs.append(run_encode(spec, name, label, keep=True, as_build=args.as_build))
     diffs = [float(np.max(np.abs(r.emb[k] - reference[k]))) for r in runs for k in reference]
     return CpuResult(model, prepared, forwards, runs, max(diffs))
 
@@ -263,8 +271,8 @@ def report_cpu(result: CpuResult, cores: int) -> bool:
         f"one process: preprocess {p.preprocess_seconds:.2f} s ({n / p.preprocess_seconds:.0f} "
         f"rows/s), model load {p.load_seconds:.2f} s; forward loops (s, CPU s): "
         + "; ".join(
-            f"{threads} threads {f.threaded:.2f} ({f.cpu_threaded:.1f}), 1 thread "
-            f"{f.single:.2f} ({f.cpu_single:.1f})"
+            f"{threads} threads {number(f.threaded)} ({number(f.cpu_threaded)}), 1 thread "
+            f"{number(f.single)} ({number(f.cpu_single)})"
             for f in result.forwards
         )
     )
@@ -285,9 +293,9 @@ def report_cpu(result: CpuResult, cores: int) -> bool:
         "above)"
     )
     print(
-        f"ratio pipeline/forward: cold {cold_r:.2f}, warm {warm_r:.2f} (median of paired warm "
-        f"runs {paired:.2f}); CPU-only ceiling forward/(forward + preprocess/cores) "
-        f"{ceiling:.2f}; target >= {TARGET_RATIO}: {verdict}"
+        f"ratio pipeline/forward: cold {number(cold_r)}, warm {number(warm_r)} (median of "
+        f"paired warm runs {number(paired)}); CPU-only ceiling forward/(forward + "
+        f"preprocess/cores) {number(ceiling)}; target >= {TARGET_RATIO}: {verdict}"
     )
     print(f"map actors of the cold run: {', '.join(cold.actors) or 'none'}")
     print(
@@ -369,7 +377,7 @@ def bench_sim(model_dir: Path, corpus: Path, store: Path, work: Path, args: Any)
             params = {"latency_ms": latency, "trace_dir": str(trace), "pixels": pixels}
             name = f"sim-{i}"
             spec = spec_with(corpus, store, name, base | {"params": params})
-            run = run_encode(spec, name, label)
+            run = run_encode(spec, name, label, as_build=args.as_build)
             runs.append(SimRun(label, pixels, latency, run, read_trace(trace), batch))
     return report_sim(runs, rates, free, args)
 
@@ -456,6 +464,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--encoder", choices=("hf_image", "clip"), default="hf_image",
         help="hf_image: the B/32 image tower; clip: both towers (images + captions)",
     )  # fmt: skip
+    parser.add_argument(
+        "--as-build", action="store_true",
+        help="run encode_only with Ray Data's per-operator reservation off, as build() runs "
+        "its stages (default: as `mmfp encode` runs, Ray Data's default)",
+    )  # fmt: skip
     parser.add_argument("--skip-cpu", action="store_true", help="skip (a) for ViT-B/32")
     parser.add_argument("--skip-small", action="store_true", help="skip (a) for the tiny model")
     parser.add_argument("--skip-sim", action="store_true", help="skip (b)")
@@ -500,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{written:.1f} s, collected in {collect_s:.1f} s (not timed)"
             )
             stores[part] = (corpus, store)
+        mode = "off, as build() runs it" if args.as_build else "on (Ray Data's default)"
+        print(f"encode path: encode_only, Ray Data per-operator resource reservation {mode}")
         cpu_models = []
         if not args.skip_cpu:
             cpu_models.append(("b32", b32))
