@@ -1,6 +1,6 @@
 """Helpers shared by ``benchmarks/augment.py`` and ``benchmarks/encode.py`` (DESIGN §7).
 
-- ``write_corpus``: a tri-modal directory corpus at any image size (``pipelines.synthetic``'s
+- ``write_corpus``: a tri-modal directory corpus at any image size (``jobs.demo.corpus``'s
   generators; every sample complete unless a modality is turned off);
 - ``local_ray``: a private local Ray (``address="local"``), optionally with logical GPUs;
   ``op_reservation``: Ray Data's per-operator reservation on/off (``build`` runs with it off);
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -30,9 +31,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from pipelines import synthetic
+from features.schema import list_of
+from jobs.demo import corpus as synthetic
 from pipelines.encoders import hf_inputs, hub, media
-from pipelines.encoders.base import Encoder, EncoderParams, list_type
+from pipelines.encoders.base import Encoder, EncoderParams
 from pipelines.spec import PipelineSpec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,14 +96,40 @@ def make_spec(source: Path, store: Path, **sections: Any) -> PipelineSpec:
     return parse_spec(raw, origin="benchmarks").resolved(store.parent)
 
 
+def corpus_args(
+    parser: argparse.ArgumentParser, *, samples: int, image_size: int, repeats: int, cores: str
+) -> None:
+    """The options every corpus benchmark takes: size, cores, image side, repeats, resources."""
+    parser.add_argument("--samples", type=int, default=samples, help=f"corpus size ({samples})")
+    parser.add_argument(
+        "--cores", type=int, default=os.cpu_count() or 1, help=f"{cores} (default: all)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=image_size, help=f"image side, px ({image_size})"
+    )
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"warm runs ({repeats})")
+    parser.add_argument("--batch-size", type=int, help="spec resources.batch_size override")
+    parser.add_argument("--blocks-per-cpu", type=int, help="spec resources.blocks_per_cpu override")
+
+
+def checked(parser: argparse.ArgumentParser, args: argparse.Namespace, *sizes: str) -> None:
+    """Refuse sizes below 1 and images below 16 px, naming the options."""
+    if min(getattr(args, s) for s in sizes) < 1 or args.image_size < 16:
+        names = ", ".join(f"--{s.replace('_', '-')}" for s in sizes)
+        parser.error(f"{names} must be >= 1 and --image-size >= 16")
+
+
 # ---- Ray --------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def local_ray(cores: int, gpus: int = 0) -> Iterator[float]:
+def local_ray(cores: int, gpus: int = 0, *, niceness: int | None = None) -> Iterator[float]:
     """A private local Ray (never joins a stray cluster); yields the seconds ray.init took.
 
     ``gpus`` are logical: Ray schedules ``num_gpus`` actors on them without any device.
+    ``niceness``: Ray starts its workers at nice 15, while an ideal loop or a peer's
+    processes run at nice 0, so on a shared machine the default charges other people's
+    load to the pipeline alone; a benchmark that compares them sets it to 0.
     """
     import ray
     import ray.data
@@ -109,6 +137,8 @@ def local_ray(cores: int, gpus: int = 0) -> Iterator[float]:
     # Workers import ``benchmarks._common`` (the stand-in encoder) from this checkout: they
     # inherit the environment of the local Ray that this process starts.
     os.environ["PYTHONPATH"] = os.pathsep.join(_pythonpath())
+    if niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(niceness)  # noqa: SIM112 (Ray's own name)
     t0 = time.perf_counter()
     ray.init(
         address="local",
@@ -171,7 +201,7 @@ def clip_b32(path: Path) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from pipelines.encoders import tiny
+    from jobs.demo import tiny_models as tiny
 
     torch.manual_seed(0)
     # special ids inside the local tokenizer's vocabulary (DESIGN §8)
@@ -208,7 +238,7 @@ class StandIn(Encoder):
     params: StandInParams
 
     def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
-        return {"image_emb": (list_type(pa.float32()), (self.params.dim,))}
+        return {"image_emb": (list_of(pa.float32()), (self.params.dim,))}
 
     def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
         assert self.config.model, "StandIn needs `model`: a directory with an image processor"

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shutil
 import statistics
 import sys
@@ -49,6 +48,8 @@ import pyarrow.compute as pc  # noqa: E402
 from benchmarks._common import (  # noqa: E402
     CpuMeter,
     build_samples,
+    checked,
+    corpus_args,
     load_average,
     local_ray,
     make_spec,
@@ -134,23 +135,20 @@ class PipelineRun:
 
 def run_pipeline(spec: PipelineSpec, samples_store: Path, label: str) -> PipelineRun:
     """``augment_samples`` + the views/quarantine commits, as ``build`` runs them."""
-    from features.store import FeatureStore
-    from pipelines.build import BASE_TABLES, BuildResult, Run, augment_samples, new_run_id
+    from pipelines.build.run import Run
+    from pipelines.build.views import augment_samples
 
     store_dir = Path(spec.store.uri)
     shutil.copytree(samples_store, store_dir)  # not timed: a fresh store without views
-    store = FeatureStore(spec.store.uri)
-    result = BuildResult(run_id=new_run_id(), store_uri=store.uri)
-    base = {name: store.version(name) for name in BASE_TABLES}
-    known = frozenset(store.column_values("quarantine", "quarantine_id").to_pylist())
-    run = Run(spec, store, result, base, known)
     # as build() runs its stages: Ray Data's per-operator reservation off
     with CpuMeter() as cpu, op_reservation(False):
         start = time.perf_counter()
+        run = Run.start(spec)
         augment_samples(run)
-        run.commit_pending("views")
-        run.commit_pending("quarantine")
+        run.commit("views")
+        run.commit("quarantine")
         seconds = time.perf_counter() - start
+    store, result = run.store, run.result
     views = store.to_arrow("views")
     quarantined = 0
     if store.exists("quarantine"):
@@ -166,21 +164,11 @@ def run_pipeline(spec: PipelineSpec, samples_store: Path, label: str) -> Pipelin
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Augment benchmark: augment_samples vs ideal.")
-    parser.add_argument("--samples", type=int, default=1000, help="corpus size (1000)")
-    parser.add_argument(
-        "--cores",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="CPUs for Ray and the ideal's multiplier (default: all)",
-    )
-    parser.add_argument("--image-size", type=int, default=128, help="image side, px (128)")
+    cores = "CPUs for Ray and the ideal's multiplier"
+    corpus_args(parser, samples=1000, image_size=128, repeats=2, cores=cores)
     parser.add_argument("--views", type=int, default=2, help="views_per_sample (2)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of ideal/warm (2)")
-    parser.add_argument("--batch-size", type=int, help="spec resources.batch_size (32)")
-    parser.add_argument("--blocks-per-cpu", type=int, help="spec resources.blocks_per_cpu (2)")
     args = parser.parse_args(argv)
-    if min(args.samples, args.cores, args.repeats, args.views) < 1 or args.image_size < 16:
-        parser.error("--samples, --cores, --repeats, --views must be >= 1, --image-size >= 16")
+    checked(parser, args, "samples", "cores", "repeats", "views")
     return args
 
 

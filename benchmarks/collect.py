@@ -25,16 +25,12 @@ removed at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import math
 import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,61 +38,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import soundfile as sf  # noqa: E402
 
-from pipelines import synthetic  # noqa: E402
-from pipelines.collect import REFS, RefReader, list_directory  # noqa: E402
-from pipelines.spec import PipelineSpec, parse_spec  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    checked,
+    corpus_args,
+    local_ray,
+    make_spec,
+    op_reservation,
+    write_corpus,
+)
+from pipelines.collect import RefReader  # noqa: E402
+from pipelines.listing import REFS, list_directory  # noqa: E402
+from pipelines.spec import PipelineSpec  # noqa: E402
 from pipelines.split import split_batch  # noqa: E402
 
 TARGET = 0.85
-
-
-# ---- corpus -------------------------------------------------------------------
-
-
-def write_corpus(root: Path, *, samples: int, image_size: int, seed: int = 0) -> int:
-    """``root/<class>/<stem>.jpg|.wav|.txt`` with ``image_size`` px images; returns the count.
-
-    The layout and generators of ``synthetic.write_directory_source`` (which only writes
-    64x64 images), with every sample complete: a JPEG, 0.5 s of 16 kHz PCM16 WAV, a caption.
-    """
-    classes = synthetic.CLASSES
-    per_class = math.ceil(samples / len(classes))
-    written = 0
-    for k, name in enumerate(classes):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for j in range(per_class):
-            if written == samples:
-                return written
-            i = k * per_class + j
-            rng = np.random.default_rng([seed, 11, i])
-            img = synthetic.make_image(rng, k, image_size)
-            audio = synthetic.make_audio(rng, k)
-            text = synthetic.make_caption(rng, k)
-            ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            if not ok:
-                raise RuntimeError("OpenCV could not encode a JPEG")
-            (folder / f"d{i:05d}.jpg").write_bytes(jpg.tobytes())
-            sf.write(folder / f"d{i:05d}.wav", audio, synthetic.SAMPLE_RATE, subtype="PCM_16")
-            (folder / f"d{i:05d}.txt").write_text(text, encoding="utf-8")
-            written += 1
-    return written
-
-
-def make_spec(source: Path, store: Path, resources: dict[str, int]) -> PipelineSpec:
-    raw = {
-        "name": "bench-collect",
-        "sources": [{"kind": "directory", "uri": str(source), "class_folders": True}],
-        "store": {"uri": str(store)},
-        "resources": resources,
-    }
-    return parse_spec(raw, origin="benchmarks/collect.py").resolved(store.parent)
 
 
 # ---- the per-batch work, shared by ideal and peer -------------------------------
@@ -243,17 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Collect benchmark: build(spec) vs ideal and the datasets peer."
     )
-    parser.add_argument("--samples", type=int, default=2000, help="corpus size (default 2000)")
-    parser.add_argument(
-        "--cores",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="CPUs for Ray, the peer's num_proc and the ideal's multiplier (default: all)",
-    )
-    parser.add_argument("--image-size", type=int, default=256, help="image side, px (256)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of ideal/warm/peer (3)")
-    parser.add_argument("--batch-size", type=int, help="spec resources.batch_size override")
-    parser.add_argument("--blocks-per-cpu", type=int, help="spec resources.blocks_per_cpu")
+    cores = "CPUs for Ray, the peer's num_proc and the ideal's multiplier"
+    corpus_args(parser, samples=2000, image_size=256, repeats=3, cores=cores)
     parser.add_argument("--no-peer", action="store_true", help="skip the datasets peer")
     parser.add_argument(
         "--no-op-reservation",
@@ -269,8 +218,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "which loses the CPU to any other process on a shared machine)",
     )
     args = parser.parse_args(argv)
-    if args.samples < 1 or args.cores < 1 or args.repeats < 1 or args.image_size < 16:
-        parser.error("--samples, --cores, --repeats must be >= 1 and --image-size >= 16")
+    checked(parser, args, "samples", "cores", "repeats")
     return args
 
 
@@ -292,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             f"corpus: {n} samples (jpg {args.image_size}px + wav 0.5 s + txt) in 10 class "
             f"folders, written in {time.perf_counter() - t0:.1f} s (not timed)"
         )
-        spec = make_spec(corpus, work / "store-ideal", resources)
+        spec = make_spec(corpus, work / "store-ideal", resources=resources)
         print(
             f"spec: batch_size={spec.resources.batch_size} "
             f"blocks_per_cpu={spec.resources.blocks_per_cpu}; "
@@ -305,20 +253,23 @@ def main(argv: list[str] | None = None) -> int:
         # never overlap a build.
         os.sync()
         m.ideal.append(run_ideal(spec))  # paired with the cold build
-        with local_ray(
-            args.cores, args.worker_niceness, op_reservation=not args.no_op_reservation
-        ) as init_s:
+        with (
+            local_ray(args.cores, niceness=args.worker_niceness) as init_s,
+            op_reservation(not args.no_op_reservation),
+        ):
             print(
                 f"ray.init: {init_s:.2f} s (not counted); Ray workers at nice "
                 f"{args.worker_niceness}; Ray Data op resource reservation "
                 f"{'off' if args.no_op_reservation else 'on (default)'}"
             )
             os.sync()
-            m.builds.append(run_build(make_spec(corpus, work / "store-cold", resources), "cold"))
+            m.builds.append(
+                run_build(make_spec(corpus, work / "store-cold", resources=resources), "cold")
+            )
             for i in range(args.repeats):
                 os.sync()
                 m.ideal.append(run_ideal(spec))
-                warm = make_spec(corpus, work / f"store-warm{i + 1}", resources)
+                warm = make_spec(corpus, work / f"store-warm{i + 1}", resources=resources)
                 os.sync()
                 m.builds.append(run_build(warm, f"warm{i + 1}"))
         for i in range(args.repeats):
@@ -345,37 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     if peer_note is not None:
         print(f"peer: {peer_note}")
     return 0 if m.report(args) else 1
-
-
-@contextlib.contextmanager
-def local_ray(cores: int, niceness: int, *, op_reservation: bool = True) -> Iterator[float]:
-    """A private local Ray (never joins a stray cluster); yields the seconds ray.init took.
-
-    Ray starts its workers at nice 15; the ideal loop and the peer's processes run at nice 0,
-    so on a shared machine the default would charge other people's load to the pipeline alone.
-    """
-    import ray
-    import ray.data
-
-    # Ray reads its config from RAY_<name> with the name in lower case.
-    os.environ["RAY_worker_niceness"] = str(niceness)  # noqa: SIM112
-    t0 = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=cores,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    init_s = time.perf_counter() - t0
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.op_resource_reservation_enabled = op_reservation
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
-    try:
-        yield init_s
-    finally:
-        ray.shutdown()
 
 
 @dataclass

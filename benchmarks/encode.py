@@ -15,7 +15,7 @@ memory beforehand (only ``encoder.encode`` is timed), run with torch's default t
 per core) and with one thread; the reference is the faster of the threaded loop and the
 one-thread loop times the cores (DESIGN §7's ideal). Models: a CLIP ViT-B/32 with random
 weights built from ``CLIPConfig`` defaults (image tower through ``hf_image``; ``--encoder
-clip`` adds the text tower), and the tiny CLIP of ``pipelines.encoders.tiny`` as the small
+clip`` adds the text tower), and the tiny CLIP of ``jobs.demo.tiny_models`` as the small
 model. Ratio = ideal seconds / pipeline
 seconds for the same rows (cold: first encode of a fresh Ray session; warm: later ones; each
 encode starts its own actor and loads the model, as every ``mmfp encode`` does). On a
@@ -483,7 +483,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipelines.encoders import tiny
+    from jobs.demo import tiny_models as tiny
 
     load_before = load_average()
     ok = True

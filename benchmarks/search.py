@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from features.catalog import build_index, load_index  # noqa: E402
-from features.commit import add_action, write_file  # noqa: E402
-from features.schema import FEATURE_SET_KEY, conform, feature_schema, list_of  # noqa: E402
+from features.ann import build_index, load_index  # noqa: E402
+from features.commit import RunCommits, add_action, write_file  # noqa: E402
+from features.metadata import ColumnMeta, EncoderMeta, FeatureSetMeta  # noqa: E402
+from features.schema import conform, feature_schema, list_of  # noqa: E402
 from features.search import clear_cache, embedding_column, search  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 
@@ -70,15 +71,12 @@ def write_store(root: Path, vectors: np.ndarray, layout: str) -> FeatureStore:
     """
     store = FeatureStore(str(root))
     dim = vectors.shape[1]
-    meta = {
-        "encoders": [{"name": "bench", "version": "0", "config_hash": "0", "model": None}],
-        "columns": {
-            "text_emb": {"shape": [dim], "dtype": "float32", "encoder": "bench"}
-            | {"normalized": True, "kind": "embedding"}
-        },
-    }
+    meta = FeatureSetMeta(
+        encoders=[EncoderMeta(name="bench", version="0", config_hash="0")],
+        columns={"text_emb": ColumnMeta(shape=[dim], encoder="bench", normalized=True)},
+    )
     schema = feature_schema({"text_emb": list_of(pa.float32())})
-    store.ensure_table("features/bench", schema, properties={FEATURE_SET_KEY: json.dumps(meta)})
+    store.ensure_table("features/bench", schema, properties=meta.to_properties())
     uri = store.table_uri("features/bench")
     splits = np.array(["train", "val", "test"])
     actions = []
@@ -110,7 +108,9 @@ def write_store(root: Path, vectors: np.ndarray, layout: str) -> FeatureStore:
                 use_byte_stream_split=["text_emb.list.element"],
             )
             actions.append(add_action(name, Path(f"{uri}/{name}").stat().st_size, n))
-    store.commit("features/bench", actions, run_id="bench")
+    commits = RunCommits(store, "bench")
+    commits.add("features/bench", actions)
+    commits.commit("features/bench")
     return store
 
 

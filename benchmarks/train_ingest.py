@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(ROOT))
 
 MODS = ("text", "image", "audio")
 
@@ -89,53 +95,53 @@ def main() -> None:
     parser.add_argument("--prefetch-batches", type=int, default=2)
     args = parser.parse_args()
 
+    from benchmarks._common import local_ray
     from features.store import FeatureStore
+    from jobs.demo.synthetic_features import write_synthetic_feature_set
     from jobs.pretrain.config import parse_config
-    from jobs.pretrain.synthetic import write_synthetic_feature_set
     from jobs.pretrain.train import run_training
-    from jobs.runtime import init_ray
 
     cores = os.cpu_count() or 2
     cpus = args.cpus_per_worker or max(1.0, cores - 1.0)  # the rest reads and converts batches
-    init_ray(None, num_cpus=cores)
-    store = FeatureStore(os.path.join(tempfile.mkdtemp(prefix="mmfp-train-ingest-"), "store"))
-    classes = 100
-    version = write_synthetic_feature_set(
-        store,
-        "bench",
-        classes=classes,
-        per_class=max(1, args.rows // classes),
-        dims=dict.fromkeys(MODS, args.dim),
-        splits=(1.0, 0.0, 0.0),
-        files=max(4, cores * 2),
-    )
-    config = parse_config(
-        {
-            "name": "ingest",
-            "store": store.uri,
-            "feature_set": "bench",
-            "version": version,
-            "modalities": {
-                m: {
-                    "kind": "projection",
-                    "input": f"{m}_emb",
-                    "hidden": args.hidden,
-                    "out_dim": 256,
-                }
-                for m in MODS
-            },
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "num_workers": 1,
-            "cpus_per_worker": cpus,
-            "val_max_rows": 0,
-            "shuffle_buffer": args.shuffle_buffer,
-            "prefetch_batches": args.prefetch_batches,
-        }
-    )
-    started = time.perf_counter()
-    result = run_training(config, train_loop=bench_loop)
-    wall = time.perf_counter() - started
+    with local_ray(cores):  # a private local Ray, as every benchmark starts it
+        store = FeatureStore(os.path.join(tempfile.mkdtemp(prefix="mmfp-train-ingest-"), "store"))
+        classes = 100
+        version = write_synthetic_feature_set(
+            store,
+            "bench",
+            classes=classes,
+            per_class=max(1, args.rows // classes),
+            dims=dict.fromkeys(MODS, args.dim),
+            splits=(1.0, 0.0, 0.0),
+            files=max(4, cores * 2),
+        )
+        config = parse_config(
+            {
+                "name": "ingest",
+                "store": store.uri,
+                "feature_set": "bench",
+                "version": version,
+                "modalities": {
+                    m: {
+                        "kind": "projection",
+                        "input": f"{m}_emb",
+                        "hidden": args.hidden,
+                        "out_dim": 256,
+                    }
+                    for m in MODS
+                },
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "num_workers": 1,
+                "cpus_per_worker": cpus,
+                "val_max_rows": 0,
+                "shuffle_buffer": args.shuffle_buffer,
+                "prefetch_batches": args.prefetch_batches,
+            }
+        )
+        started = time.perf_counter()
+        result = run_training(config, train_loop=bench_loop)
+        wall = time.perf_counter() - started
 
     epochs = result.return_value
     warm = epochs[1:] or epochs

@@ -1,7 +1,16 @@
-"""Errors of the feature store: what the CLI turns into one line and exit code 2."""
+"""The error family every mmfp library raises on purpose.
+
+``MmfpError`` is the base the CLI catches (one line, exit code 2); the store's
+own ``StoreError`` is one of them. ``pipelines.errors`` adds the spec and
+per-input families on top.
+"""
 
 from __future__ import annotations
 
 
-class StoreError(Exception):
+class MmfpError(Exception):
+    """Base of every error mmfp raises on purpose."""
+
+
+class StoreError(MmfpError):
     """A store, table, version or column that does not exist or does not fit."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 
-def _list(value_type: pa.DataType) -> pa.DataType:
-    # Delta reads lists back with an item field named "element"; writing the same
-    # name keeps the Parquet files and the table schema identical.
+def list_of(value_type: pa.DataType) -> pa.DataType:
+    """``list<value_type>`` with the item field named ``element``: Delta reads lists back
+    with that name, so writing it keeps the Parquet files and the table schema identical."""
     return pa.list_(pa.field("element", value_type))
 
 
@@ -26,7 +26,7 @@ SAMPLES = pa.schema(
         pa.field("source_uri", pa.string()),
         pa.field("group_id", pa.string()),
         pa.field("split", pa.string()),
-        pa.field("modalities", _list(pa.string())),
+        pa.field("modalities", list_of(pa.string())),
         pa.field("text", pa.string()),
         pa.field("image", pa.binary()),
         pa.field("image_format", pa.string()),
@@ -39,7 +39,7 @@ SAMPLES = pa.schema(
         pa.field("audio_channels", pa.int32()),
         pa.field("audio_duration", pa.float32()),
         pa.field("label", pa.string()),
-        pa.field("labels", _list(pa.string())),
+        pa.field("labels", list_of(pa.string())),
         pa.field("label_source", pa.string()),
         pa.field("label_confidence", pa.float32()),
         pa.field("metadata", pa.string()),
@@ -67,7 +67,7 @@ VIEWS = pa.schema(
         pa.field("view", pa.int32(), nullable=False),  # 0..views_per_sample-1
         pa.field("split", pa.string()),
         pa.field("seed", pa.int64()),  # the spec's augment seed the view was made with
-        pa.field("modalities", _list(pa.string())),
+        pa.field("modalities", list_of(pa.string())),
         pa.field("text", pa.string()),
         pa.field("image", pa.binary()),  # PNG: lossless, so replayed bytes compare equal
         pa.field("image_width", pa.int32()),
@@ -77,7 +77,7 @@ VIEWS = pa.schema(
         pa.field("audio_duration", pa.float32()),
         pa.field("transforms", pa.string()),  # JSON: per modality, the ops and applied params
         pa.field("label", pa.string()),
-        pa.field("labels", _list(pa.string())),
+        pa.field("labels", list_of(pa.string())),
         pa.field("created_at", UTC_MICROS),
         pa.field("run_id", pa.string()),
     ]
@@ -156,20 +156,13 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 FEATURES_PREFIX = "features/"
 ORIGINAL_VIEW = -1  # the `view` of a feature row computed from the sample itself (not a view)
 
-# Table property holding the feature set's description as JSON:
-# {"encoders": [{"name", "version", "config_hash", "model"}],
-#  "columns": {column: {"shape": [dims], "dtype": "float32", "encoder": name,
-#              "normalized": bool, "kind": "embedding" | "input"}},
-#  "samples_version": int, "views_version": int | null}
-FEATURE_SET_KEY = "mmfp.feature_set"
-
 FEATURE_KEY_FIELDS = [
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("view", pa.int32(), nullable=False),
     pa.field("split", pa.string()),
     pa.field("label", pa.string()),
-    pa.field("labels", _list(pa.string())),
-    pa.field("modalities", _list(pa.string())),
+    pa.field("labels", list_of(pa.string())),
+    pa.field("modalities", list_of(pa.string())),
 ]
 
 
@@ -178,13 +171,10 @@ def feature_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
 
     Embeddings and model inputs are flattened into ``list<float32>`` (token ids
     ``list<int32>``): Delta has no fixed-size list, so each column's shape lives
-    in the ``FEATURE_SET_KEY`` table property and is checked on read.
+    in the feature set's description (``features.metadata.FeatureSetMeta``) and is
+    checked on read.
     """
     return pa.schema([*FEATURE_KEY_FIELDS, *(pa.field(n, t) for n, t in columns.items())])
-
-
-def list_of(value_type: pa.DataType) -> pa.DataType:
-    return _list(value_type)
 
 
 def table_keys(name: str) -> tuple[str, ...] | None:

@@ -1,8 +1,9 @@
-"""A Ray Data sink that writes several store tables from one stream, one commit each.
+"""A Ray Data sink that writes several store tables from one stream, as Parquet files only.
 
-Workers write Parquet files straight under each table's directory and return
-Delta ``AddAction``s; the driver commits every table once, in
-``on_write_complete``. Files of a job that dies before that are never
+Workers route each block to its tables, write one Parquet file per table
+straight under the table's directory, and return Delta ``AddAction``s; the
+sink gathers them in ``files`` for the run to commit (``features.commit``).
+It never commits: files of a job that dies before the commit are never
 referenced by the log, so readers never see them and ``vacuum`` removes them.
 Ray's own ``write_delta`` commits one table per dataset; a pipeline stage
 that produces samples and quarantine rows in one pass needs several.
@@ -20,8 +21,8 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
 from features.commit import write_file
-from features.schema import TABLE_SCHEMAS, conform
-from features.store import FeatureStore
+from features.schema import conform
+from features.tables import TableStore
 
 # route(block) -> ({table name: rows for it}, {outcome: count}); it decides which
 # rows go where and counts the ones that go nowhere (e.g. already stored).
@@ -29,44 +30,20 @@ Router = Callable[[pa.Table], tuple[dict[str, pa.Table], dict[str, int]]]
 
 
 class StoreSink(Datasink):
-    """Route each block to store tables, write Parquet per table, commit once per table."""
+    """Route each block to store tables and write one Parquet file per table and task."""
 
     def __init__(
-        self,
-        store: FeatureStore,
-        router: Router,
-        *,
-        run_id: str,
-        tables: list[str],
-        properties: dict[str, dict[str, str]] | None = None,
-        deferred: tuple[str, ...] = (),
-        base_versions: dict[str, int | None] | None = None,
-        schemas: dict[str, pa.Schema] | None = None,
-    ):
+        self, store: TableStore, router: Router, *, run_id: str, schemas: dict[str, pa.Schema]
+    ) -> None:
         self.store = store
-        # tables whose files are written but left for the caller to commit (in
-        # ``pending``), so one table can take rows from several stages in one commit
-        self.deferred = deferred
-        self.pending: dict[str, list[AddAction]] = {}
-        # the version each table had when the run read it: keys committed by other
-        # writers after it are dropped from this run's files at commit time
-        self.base_versions = base_versions or {}
-        # feature sets bring their own schema; the fixed tables use features.schema's
-        self.schemas = {name: (schemas or {}).get(name) or TABLE_SCHEMAS[name] for name in tables}
-        self.properties = properties or {}  # table -> metadata set when created
         self.router = router
         self.run_id = run_id
-        self.tables = tables
-        self.versions: dict[str, int] = {}
+        self.schemas = schemas  # table -> the schema its files are cast to
+        self.files: dict[str, list[AddAction]] = {name: [] for name in schemas}
         self.counts: Counter[str] = Counter()
 
-    def on_write_start(self, schema: Any = None) -> None:
-        # Create missing tables before workers write into their directories.
-        for name in self.tables:
-            self.store.ensure_table(name, self.schemas[name], properties=self.properties.get(name))
-
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
-        parts: dict[str, list[pa.Table]] = {name: [] for name in self.tables}
+        parts: dict[str, list[pa.Table]] = {name: [] for name in self.schemas}
         counts: Counter[str] = Counter()
         for block in blocks:
             routed, block_counts = self.router(BlockAccessor.for_block(block).to_arrow())
@@ -86,20 +63,7 @@ class StoreSink(Datasink):
         return write_file(self.store.table_uri(name), self.store.storage_options, rows, self.run_id)
 
     def on_write_complete(self, write_result: Any) -> None:
-        actions: dict[str, list[AddAction]] = {name: [] for name in self.tables}
         for result in write_result.write_returns:
             self.counts.update(result["counts"])
             for name, action in result["actions"].items():
-                actions[name].append(action)
-        for name, table_actions in actions.items():
-            if name in self.deferred:
-                self.pending[name] = table_actions
-                continue
-            version = self.store.commit(
-                name,
-                table_actions,
-                run_id=self.run_id,
-                base_version=self.base_versions.get(name),
-            )
-            if version is not None:
-                self.versions[name] = version
+                self.files[name].append(action)

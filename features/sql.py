@@ -3,7 +3,7 @@
 Naming: every table is a view under its store name (``samples``, ``_runs``,
 ``"features/clip"`` quoted because of the slash). A feature set is also
 registered under its plain name (``clip``) unless that clashes with a base
-table, and as ``features__clip`` (the name ``FeatureStore.sql`` uses).
+table, and as ``features__clip``.
 
 Versions, three ways, each explicit:
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -32,24 +31,21 @@ from typing import IO, Any, Literal
 
 import duckdb
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
-from deltalake import DeltaTable
 
+from features.duck import connect
 from features.errors import StoreError
 from features.schema import FEATURES_PREFIX
-from features.storage import filesystem_for
-from features.store import FeatureStore, Version
+from features.tables import TableStore, Version
 
-Format = Literal["table", "csv", "json", "parquet"]
-FORMATS: tuple[str, ...] = ("table", "csv", "json", "parquet")
+Format = Literal["csv", "json", "parquet"]
+FORMATS: tuple[str, ...] = ("csv", "json", "parquet")
 BATCH_ROWS = 65_536
 _MISSING = re.compile(r"Table with name (.+?) does not exist")
 _SUGGESTION = re.compile(r' ?Did you mean "([^"]+)"\?')
 
 
 def run_sql(
-    store: FeatureStore,
+    store: TableStore,
     query: str,
     *,
     version: Version | Mapping[str, Version] = None,
@@ -62,11 +58,7 @@ def run_sql(
     columns, SQL errors and bad versions raise ``StoreError`` with DuckDB's
     message and the store's table names.
     """
-    con = duckdb.connect()
-    # never scan Python variables that happen to share a table's name, never download extensions
-    con.execute("SET python_enable_replacements = false")
-    con.execute("SET autoinstall_known_extensions = false")
-    con.execute("SET autoload_known_extensions = false")
+    con = connect()
     tables = store.tables()
     pins = _pins(version, tables)
     registered: dict[str, str] = {}  # SQL name -> store table it reads
@@ -82,7 +74,7 @@ def run_sql(
             if table is None:
                 raise _sql_error(e, tables) from e
             at = _version_for(table, inline, pins, as_of, registered)
-            con.register(sql_name, dataset(store, table, open_version(store, table, at)))
+            con.register(sql_name, store.dataset(table, at))
             registered[sql_name] = table
         except duckdb.Error as e:
             raise _sql_error(e, tables) from e
@@ -146,45 +138,6 @@ def _version_for(
     return as_of
 
 
-def open_version(store: FeatureStore, table: str, version: Version) -> DeltaTable:
-    """``store.delta`` with ISO strings parsed and times before the table's creation refused.
-
-    A naive time is local time. (delta-rs loads version 0 for a time before the
-    first commit; a query "as of" then must not see rows that did not exist yet.)
-    """
-    if isinstance(version, str):
-        version = int(version) if version.isdigit() else parse_time(version)
-    if isinstance(version, datetime):
-        version = version if version.tzinfo else version.astimezone()
-        created = store.history(table)[-1]["timestamp"]
-        if version < created:
-            raise StoreError(
-                f"table {table!r} did not exist at {version:%Y-%m-%d %H:%M:%S%z} "
-                f"(created {created:%Y-%m-%d %H:%M:%S%z})"
-            )
-    return store.delta(table, version)
-
-
-def dataset(store: FeatureStore, table: str, dt: DeltaTable) -> pads.Dataset:
-    """The version's Parquet files, read through pyarrow's own filesystem (local or S3).
-
-    deltalake's default dataset reads through a Python filesystem handler; the
-    native one scans large columns (embeddings) about twice as fast.
-    """
-    fs, root = filesystem_for(store.table_uri(table), store.storage_options)
-    return dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, fs))
-
-
-def parse_time(text: str) -> datetime:
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError as e:
-        raise StoreError(
-            f"bad version or time {text!r}: give a version number or an ISO 8601 time "
-            "such as 2024-05-01T12:00:00+00:00"
-        ) from e
-
-
 def _sql_error(e: duckdb.Error, tables: list[str]) -> StoreError:
     message = " ".join(str(e).split())
     # DuckDB's "did you mean" often points at its own catalog (pg_enum ...): keep store names only
@@ -207,25 +160,19 @@ def batches(relation: duckdb.DuckDBPyRelation, rows: int = BATCH_ROWS) -> Iterat
 
 def write_result(
     relation: duckdb.DuckDBPyRelation,
-    fmt: Format = "table",
-    out: str | Path | IO[bytes] | None = None,
+    fmt: Format,
+    out: str | Path | IO[bytes],
     *,
-    max_rows: int = 50,
     batch_rows: int = BATCH_ROWS,
 ) -> int:
-    """Stream the result to ``out`` (a path, a binary file, or stdout); returns rows written.
+    """Stream the result to ``out`` (a path or a binary file); returns rows written.
 
     ``csv`` has a header row; ``json`` is JSON Lines (one object per row, binary
-    as base64, times as ISO 8601); ``parquet`` needs a path or file. ``table``
-    prints at most ``max_rows`` rows (rich) and says when more were left out.
-    Batches are written as DuckDB produces them, so memory stays bounded.
+    as base64, times as ISO 8601). Batches are written as DuckDB produces them,
+    so memory stays bounded.
     """
     if fmt not in FORMATS:
         raise StoreError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "table":
-        return _print_table(relation, max_rows=max_rows, out=out)
-    if fmt == "parquet" and out is None:
-        raise StoreError("--format parquet needs --out FILE (Parquet is not written to a terminal)")
     sink, close = _open_sink(out)
     try:
         return _WRITERS[fmt](batches(relation, batch_rows), sink)
@@ -236,9 +183,7 @@ def write_result(
             sink.flush()
 
 
-def _open_sink(out: str | Path | IO[bytes] | None) -> tuple[IO[bytes], bool]:
-    if out is None:
-        return sys.stdout.buffer, False
+def _open_sink(out: str | Path | IO[bytes]) -> tuple[IO[bytes], bool]:
     if isinstance(out, str | Path):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         return open(out, "wb"), True  # noqa: SIM115 (closed by write_result)
@@ -309,45 +254,3 @@ def _write_parquet(stream: Iterator[pa.RecordBatch], sink: IO[bytes]) -> int:
 
 
 _WRITERS = {"csv": _write_csv, "json": _write_json, "parquet": _write_parquet}
-
-
-def _print_table(
-    relation: duckdb.DuckDBPyRelation, *, max_rows: int, out: str | Path | IO[bytes] | None
-) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    shown: list[dict[str, Any]] = []
-    more = False
-    for batch in batches(relation, max(max_rows + 1, 1)):
-        shown.extend(batch.slice(0, max_rows + 1 - len(shown)).to_pylist())
-        if len(shown) > max_rows:
-            more = True
-            shown = shown[:max_rows]
-            break
-    grid = Table(title_justify="left")
-    for name in relation.columns:
-        grid.add_column(name, overflow="fold", max_width=60)
-    for row in shown:
-        grid.add_row(*(_cell(v) for v in row.values()))
-    note = (
-        f"first {max_rows} rows shown; more were not read "
-        "(LIMIT the query, or --format csv|json|parquet --out FILE for all)"
-        if more
-        else f"{len(shown)} row(s)"
-    )
-    if isinstance(out, str | Path):
-        with open(out, "w") as handle:
-            Console(file=handle, width=200).print(grid, f"[dim]{note}[/dim]")
-    else:
-        Console().print(grid, f"[dim]{note}[/dim]")
-    return len(shown)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    text = str(value)
-    return text if len(text) <= 200 else text[:197] + "..."

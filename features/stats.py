@@ -15,26 +15,24 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from features.search import chunks, embedding_column
-from features.sql import dataset, open_version
-from features.store import FeatureStore, Version
+from features.duck import connect
+from features.tables import TableStore, Version
+from features.vectors import chunks, embedding_column
 
 COUNTED = ("split", "label", "source", "label_source", "error_type", "stage")
 HISTOGRAMS = ("image_width", "image_height", "audio_duration")
 TOP_LABELS = 10
 
 
-def stats(store: FeatureStore, table: str = "samples", version: Version = None) -> dict[str, Any]:
+def stats(store: TableStore, table: str = "samples", version: Version = None) -> dict[str, Any]:
     """Rows per split / label / modality / source, media histograms, quarantine reasons.
 
     Only the columns the table has are counted; quarantine reasons come from the
     latest ``quarantine`` table (its versions are not those of ``table``).
     """
-    dt = open_version(store, table, version)
+    dt = store.delta(table, version)
     names = {f.name for f in dt.schema().fields}
-    con = duckdb.connect()
-    con.execute("SET python_enable_replacements = false")
-    con.register("t", dataset(store, table, dt))
+    con = connect({"t": store.dataset_of(table, dt)})
     out: dict[str, Any] = {"table": table, "version": dt.version()}
     out["rows"] = con.sql("SELECT count(*) FROM t").fetchall()[0][0]
     for column in COUNTED:
@@ -47,7 +45,7 @@ def stats(store: FeatureStore, table: str = "samples", version: Version = None) 
             values = con.sql(f'SELECT "{column}" FROM t WHERE "{column}" IS NOT NULL').fetchnumpy()
             out[column] = _histogram(values[column])
     if table != "quarantine" and store.exists("quarantine"):
-        con.register("q", store.delta("quarantine").to_pyarrow_dataset())
+        con.register("q", store.dataset("quarantine"))
         out["quarantine"] = _counts(con, "SELECT error_type AS k FROM q")
     return out
 
@@ -93,7 +91,7 @@ def plot_stats(summary: dict[str, Any], out_png: str | Path) -> Path:
 
 
 def embedding_map(
-    store: FeatureStore,
+    store: TableStore,
     feature_set: str,
     column: str | None = None,
     out_png: str | Path = "embedding-map.png",
@@ -109,7 +107,7 @@ def embedding_map(
     """
     plt = _pyplot()
     dt, col = embedding_column(store, feature_set, column, version)
-    total = max(1, dataset(store, col.table, dt).count_rows())
+    total = max(1, store.dataset_of(col.table, dt).count_rows())
     rate = min(1.0, max_points / total)
     rng = np.random.default_rng(seed)
     picked, labels = [], []

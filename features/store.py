@@ -1,257 +1,103 @@
-"""FeatureStore: a directory or object-storage prefix of Delta tables.
+"""FeatureStore: a directory or object-storage prefix of Delta tables, and what you ask of it.
 
-Reads go through deltalake (Arrow, pandas, DuckDB) or Ray Data's
-``read_delta``; writes are Parquet files written by Ray workers and committed
-by the driver as one Delta transaction per table per run (see ``sink.py``), so
-a killed job leaves the previous version intact.
+The public entry point of the store (``from features import FeatureStore``):
+``TableStore``'s tables, versions and reads (``features.tables``), plus SQL,
+vector search, stats and maintenance, each a thin call into the module that
+owns it. Versions are a number, a ``datetime`` or an ISO-8601 string
+everywhere (``features.tables.parse_version``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import AddAction, RemoveAction, Transaction
 
-from features.commit import ROWS_KEY, RUN_ID_KEY, commit_run
-from features.errors import StoreError
-from features.schema import TABLE_SCHEMAS, conform, table_keys
-from features.storage import filesystem_for, join_uri, normalize_uri
-
-if TYPE_CHECKING:
-    import pandas as pd
-    import ray.data
-
-Version = int | datetime | str | None
+from features.ann import build_index
+from features.maintenance import TableDiff, diff, lineage, optimize, vacuum
+from features.metadata import FeatureSetMeta, feature_table
+from features.search import search as search_feature_set
+from features.sql import run_sql
+from features.stats import embedding_map, stats
+from features.tables import TableStore, Version
 
 
-class FeatureStore:
-    """Versioned Delta tables under one root: ``samples``, ``quarantine``, ``_runs``, ...
+class FeatureStore(TableStore):
+    """Versioned Delta tables under one root: ``samples``, ``quarantine``, ``views``,
+    ``features/<name>``, ``_runs``; read with ``to_arrow`` / ``to_pandas`` / ``table`` (Ray),
+    queried with ``sql`` and ``search``."""
 
-    ``version`` arguments take a Delta version number, a ``datetime`` or an
-    ISO-8601 string (time travel to the last version at or before it).
-    """
-
-    def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
-        self.uri = normalize_uri(uri)
-        self.storage_options = dict(storage_options or {})
-
-    def __repr__(self) -> str:
-        return f"FeatureStore({self.uri!r})"
-
-    def table_uri(self, name: str) -> str:
-        return join_uri(self.uri, *name.split("/"))
-
-    # ---- reading -----------------------------------------------------------
-
-    def exists(self, name: str) -> bool:
-        return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.storage_options)
-
-    def tables(self) -> list[str]:
-        """Names of the Delta tables in the store (``features/<name>`` included)."""
-        fs, root = filesystem_for(self.uri, self.storage_options)
-        names = [*_subdirs(fs, root), *(f"features/{n}" for n in _subdirs(fs, f"{root}/features"))]
-        return sorted(n for n in names if self.exists(n))
-
-    def delta(self, name: str, version: Version = None) -> DeltaTable:
-        """The ``deltalake.DeltaTable`` for ``name`` at ``version`` (latest by default)."""
-        try:
-            dt = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
-        except TableNotFoundError as e:
-            known = ", ".join(self.tables()) or "none yet"
-            raise StoreError(f"no table {name!r} in store {self.uri} (tables: {known})") from e
-        if version is not None:
-            try:
-                dt.load_as_version(version)
-            except Exception as e:
-                raise StoreError(
-                    f"table {name!r} has no version {version!r} "
-                    f"(versions 0..{dt.version()}; see `mmfp store history {name}`)"
-                ) from e
-        return dt
-
-    def version(self, name: str) -> int | None:
-        """Latest version of ``name``, or ``None`` when the table does not exist yet."""
-        return self.delta(name).version() if self.exists(name) else None
-
-    def to_arrow(
+    def sql(
         self,
-        name: str,
-        version: Version = None,
+        query: str,
         *,
-        columns: list[str] | None = None,
-        filter: Any = None,
+        version: Version | Mapping[str, Version] = None,
+        as_of: datetime | str | None = None,
     ) -> pa.Table:
-        dt = self.delta(name, version)
-        _check_columns(name, dt, columns)
-        return dt.to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+        """DuckDB SQL over the store's tables (``samples``, ``clip`` or ``"features/clip"``,
+        ``"samples@3"`` for a version); see ``features.sql.run_sql``."""
+        return run_sql(self, query, version=version, as_of=as_of).to_arrow_table()
 
-    def to_pandas(
-        self, name: str, version: Version = None, *, columns: list[str] | None = None
-    ) -> pd.DataFrame:
-        return self.to_arrow(name, version, columns=columns).to_pandas()
-
-    def table(
-        self, name: str, version: Version = None, *, columns: list[str] | None = None
-    ) -> ray.data.Dataset:
-        """A Ray Dataset over ``name`` at a pinned version, read by Ray workers in parallel."""
-        import ray.data
-
-        dt = self.delta(name, version)
-        _check_columns(name, dt, columns)
-        return ray.data.read_delta(
-            self.table_uri(name),
-            version=dt.version(),
-            storage_options=self.storage_options or None,
-            columns=columns,
-        )
-
-    def history(self, name: str) -> list[dict[str, Any]]:
-        """One dict per version, newest first: version, time, operation, rows added, run id."""
-        rows = []
-        for entry in self.delta(name).history():
-            metrics = entry.get("operationMetrics") or {}
-            rows.append(
-                {
-                    "version": entry.get("version"),
-                    "timestamp": datetime.fromtimestamp(entry["timestamp"] / 1000).astimezone(),
-                    "operation": entry.get("operation"),
-                    "rows_added": _int(metrics.get("num_added_rows", entry.get(ROWS_KEY))),
-                    "files_added": metrics.get("num_added_files"),
-                    "run_id": entry.get(RUN_ID_KEY),
-                }
-            )
-        return rows
-
-    def sql(self, query: str) -> pa.Table:
-        """DuckDB SQL over the store's tables at their latest versions, named as in ``tables()``."""
-        import duckdb
-
-        con = duckdb.connect()
-        for name in self.tables():
-            con.register(name.replace("/", "__"), self.delta(name).to_pyarrow_dataset())
-        try:
-            return con.sql(query).to_arrow_table()
-        except duckdb.Error as e:
-            raise StoreError(f"SQL failed: {e}") from e
-
-    # ---- writing -----------------------------------------------------------
-
-    def ensure_table(
+    def search(
         self,
-        name: str,
-        schema: pa.Schema | None = None,
+        feature_set: str,
         *,
-        properties: dict[str, str] | None = None,
-    ) -> DeltaTable:
-        """Open ``name``, creating it empty with its explicit schema when it does not exist.
-
-        ``properties`` (table metadata such as a label vocabulary) go into the
-        create commit; on an existing table they are set only when they changed.
-        """
-        if self.exists(name):
-            if properties:
-                self.set_properties(name, properties)
-            return self.delta(name)
-        return DeltaTable.create(
-            self.table_uri(name),
-            schema=schema or TABLE_SCHEMAS[name],
-            mode="ignore",
-            name=name.replace("/", "__"),
-            configuration=properties,
-            raise_if_key_not_exists=False,
-            storage_options=self.storage_options,
+        vector: Any = None,
+        sample_id: str | None = None,
+        k: int = 10,
+        where: str | None = None,
+        column: str | None = None,
+        version: Version = None,
+        method: Literal["exact", "ann"] = "exact",
+        cache: bool = False,
+    ) -> pa.Table:
+        """Top-``k`` rows of a feature set by cosine similarity to ``vector`` or to a stored
+        sample's own embedding; see ``features.search.search``."""
+        return search_feature_set(
+            self,
+            feature_set,
+            column=column,
+            vector=vector,
+            sample_id=sample_id,
+            k=k,
+            where=where,
+            version=version,
+            method=method,
+            cache=cache,
         )
 
-    def commit(
-        self,
-        name: str,
-        actions: list[AddAction],
-        *,
-        run_id: str,
-        base_version: int | None = None,
-        removes: Sequence[RemoveAction] = (),
-        transaction: Transaction | None = None,
-    ) -> int | None:
-        """Commit Parquet files already written under the table as one Delta version.
+    def feature_set(self, name: str, version: Version = None) -> FeatureSetMeta:
+        """The description of a feature set at a version: encoders, column shapes, lineage."""
+        table = feature_table(name)
+        return FeatureSetMeta.of(self.delta(table, version), table=table)
 
-        Rows whose key (``TABLE_KEYS``) another writer committed since
-        ``base_version`` are dropped first, so concurrent runs never duplicate
-        a key. Returns the new version, or ``None`` (and no commit) when there
-        is nothing to add or remove.
-        """
-        if not actions and not removes:
-            return None
-        return commit_run(
-            self.ensure_table(name),
-            self.storage_options,
-            actions,
-            run_id=run_id,
-            keys=table_keys(name),
-            base_version=base_version,
-            removes=removes,
-            transaction=transaction,
-        )
+    def build_index(self, feature_set: str, column: str | None = None, **options: Any) -> dict:
+        """Build and tune the ANN index of a feature-set version; see ``features.ann``."""
+        return build_index(self, feature_set, column, **options)
 
-    def append(
-        self,
-        name: str,
-        table: pa.Table,
-        *,
-        run_id: str,
-        transaction: Transaction | None = None,
-    ) -> int | None:
-        """Append a small driver-side Arrow table (run records) as one commit."""
-        if table.num_rows == 0:
-            return None
-        self.ensure_table(name)
-        write_deltalake(
-            self.table_uri(name),
-            conform(table, TABLE_SCHEMAS[name]),
-            mode="append",
-            storage_options=self.storage_options,
-            commit_properties=CommitProperties(
-                custom_metadata={RUN_ID_KEY: run_id, ROWS_KEY: str(table.num_rows)},
-                app_transactions=[transaction] if transaction else None,
-            ),
-        )
-        return self.delta(name).version()
+    def stats(self, table: str = "samples", version: Version = None) -> dict[str, Any]:
+        """Counts per split / label / modality, media histograms, quarantine reasons."""
+        return stats(self, table, version)
 
-    def set_properties(self, name: str, properties: dict[str, str]) -> None:
-        """Record table-level metadata (e.g. a label vocabulary); commits only on change."""
-        dt = self.delta(name)
-        current = dt.metadata().configuration
-        if any(current.get(k) != v for k, v in properties.items()):
-            dt.alter.set_table_properties(properties, raise_if_not_exists=False)
+    def embedding_map(self, feature_set: str, out_png: str | Path, **options: Any) -> Path:
+        """A PNG of a 2-D PCA of a feature set's embeddings, coloured by label."""
+        return embedding_map(self, feature_set, out_png=out_png, **options)
 
-    def properties(self, name: str, version: Version = None) -> dict[str, str]:
-        return dict(self.delta(name, version).metadata().configuration)
+    def diff(self, table: str, v1: Version, v2: Version = None) -> TableDiff:
+        """Rows added and removed between two versions of a table, by key."""
+        return diff(self, table, v1, v2)
 
-    def column_values(self, name: str, column: str, version: Version = None) -> pa.Array:
-        """One column at a version (e.g. the committed ids a run anti-joins against)."""
-        if not self.exists(name):
-            return pa.array([], pa.string())
-        return self.to_arrow(name, version, columns=[column]).column(column).combine_chunks()
+    def lineage(self, table: str) -> list[dict[str, Any]]:
+        """Each version of a table with the run, spec and code version that wrote it."""
+        return lineage(self, table)
 
+    def vacuum(self, **options: Any) -> dict[str, list[str]]:
+        """Files no version within the retention window needs; a dry run unless told."""
+        return vacuum(self, **options)
 
-def _int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _subdirs(fs: pafs.FileSystem, path: str) -> list[str]:
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return [i.base_name for i in infos if i.type == pafs.FileType.Directory]
-
-
-def _check_columns(name: str, dt: DeltaTable, columns: list[str] | None) -> None:
-    if not columns:
-        return
-    have = [f.name for f in dt.schema().fields]
-    missing = [c for c in columns if c not in have]
-    if missing:
-        raise StoreError(f"table {name!r} has no column(s) {missing}; columns: {', '.join(have)}")
+    def optimize(self, table: str, **options: Any) -> dict[str, Any]:
+        """Compact a table's small files (one commit, same rows)."""
+        return optimize(self, table, **options)

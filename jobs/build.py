@@ -1,10 +1,12 @@
-"""``python -m jobs.build SPEC``: the build job, as run by `mmfp build` or `ray job submit`."""
+"""``mmfp build SPEC``: the build job (also ``python -m jobs build`` / ``python -m jobs.build``)."""
 
 from __future__ import annotations
 
-import sys
+import typer
 
 from features.store import FeatureStore
+from jobs.errors import user_errors
+from jobs.options import RayAddressOpt, SpecArg
 from jobs.report import print_build
 from jobs.runtime import init_ray
 from pipelines.build import BuildResult, build
@@ -19,7 +21,11 @@ def run_build(spec_path: str, *, address: str | None = None) -> BuildResult:
     return result
 
 
-if __name__ == "__main__":
-    from jobs.cli import app
+@user_errors
+def build_command(spec: SpecArg, address: RayAddressOpt = None) -> None:
+    """Collect, label, split, augment and encode every source of SPEC (one commit per table)."""
+    run_build(str(spec), address=address)
 
-    sys.exit(app(["build", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    typer.run(build_command)

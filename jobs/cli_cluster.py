@@ -11,21 +11,23 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from jobs import schedule as sched
 from jobs import submit as jobsubmit
+from jobs.errors import user_errors
+from jobs.options import JobApiAddressOpt, key_values
+from jobs.report import console, table
 from jobs.submit import Kind
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
+# ids stay copy-pasteable, times readable; the other columns fold
+NO_WRAP = ("submission id", "name", "kind", "status", "started UTC", "next slot UTC")
 
 jobs_app = typer.Typer(
     help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True
@@ -35,14 +37,6 @@ schedule_app = typer.Typer(
     no_args_is_help=True,
 )
 
-AddressOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--address",
-        help="Ray Job API address, e.g. http://HEAD:8265; default: $RAY_ADDRESS. "
-        "Token: $RAY_AUTH_TOKEN or the file at $RAY_AUTH_TOKEN_PATH.",
-    ),
-]
 FileOpt = Annotated[
     Path | None,
     typer.Option(
@@ -76,8 +70,6 @@ def cli_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from jobs.errors import user_errors
-
         _quiet_ray()
         try:
             return user_errors(job_failures)(*args, **kwargs)
@@ -86,29 +78,6 @@ def cli_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _table(
-    title: str,
-    columns: Sequence[str],
-    rows: Iterable[Sequence[Any]],
-    *,
-    # ids stay copy-pasteable, times readable; the other columns fold
-    no_wrap: Sequence[str] = (
-        "submission id",
-        "name",
-        "kind",
-        "status",
-        "started UTC",
-        "next slot UTC",
-    ),
-) -> Table:
-    out = Table(title=title, title_justify="left")
-    for col in columns:
-        out.add_column(col, no_wrap=col in no_wrap, overflow="fold")
-    for row in rows:
-        out.add_row(*("" if v is None else str(v) for v in row))
-    return out
 
 
 def _when(ms: int | None, fmt: str = "%m-%d %H:%M:%S") -> str:
@@ -122,22 +91,12 @@ def _took(start_ms: int | None, end_ms: int | None) -> str:
     return f"{secs}s" if secs < 60 else f"{secs // 60}m{secs % 60:02d}s"
 
 
-def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise jobsubmit.ClusterError(f"--env {pair!r} must be KEY=VALUE")
-        out[key] = value
-    return out
-
-
 def submit(
-    kind: Annotated[Kind, typer.Argument(help="Which job: python -m jobs.<kind> ARGS.")],
+    kind: Annotated[Kind, typer.Argument(help="Which job: python -m jobs KIND ARGS.")],
     args: Annotated[
         list[str] | None, typer.Argument(help="Job arguments, e.g. the spec (put -- before -x).")
     ] = None,
-    address: AddressOpt = None,
+    address: JobApiAddressOpt = None,
     submission_id: Annotated[
         str | None, typer.Option("--id", help="Submission id; Ray refuses a second job with it.")
     ] = None,
@@ -163,9 +122,7 @@ def submit(
         list[str] | None,
         typer.Option("--exclude", help="Extra gitignore-style pattern not to ship (repeatable)."),
     ] = None,
-    module: Annotated[
-        str | None, typer.Option(help="Run this module instead of jobs.<kind>.")
-    ] = None,
+    module: Annotated[str | None, typer.Option(help="Run python -m MODULE ARGS instead.")] = None,
 ) -> None:
     """Submit a job to a Ray cluster with this project as its working_dir."""
     try:
@@ -181,7 +138,7 @@ def submit(
         working_dir=working_dir,
         excludes=[*jobsubmit.DEFAULT_EXCLUDES, *(exclude or [])],
         pip=pip,
-        env_vars=_env_pairs(env),
+        env_vars=key_values(env, "--env"),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         memory=memory,
@@ -196,7 +153,7 @@ def submit(
 
 @jobs_app.command("list")
 @cli_errors
-def jobs_list(address: AddressOpt = None) -> None:
+def jobs_list(address: JobApiAddressOpt = None) -> None:
     """Every job the cluster knows, oldest first (`mmfp jobs status ID` for details)."""
     rows = [
         [
@@ -209,12 +166,16 @@ def jobs_list(address: AddressOpt = None) -> None:
         for j in jobsubmit.list_jobs(address=address)
     ]
     cols = ["submission id", "kind", "status", "started UTC", "took"]
-    console.print(_table(f"jobs on {jobsubmit.resolve_address(address)}", cols, rows))
+    console.print(
+        table(
+            f"jobs on {jobsubmit.resolve_address(address)}", cols, rows, fold=True, no_wrap=NO_WRAP
+        )
+    )
 
 
 @jobs_app.command("status")
 @cli_errors
-def jobs_status(submission_id: JobId, address: AddressOpt = None) -> None:
+def jobs_status(submission_id: JobId, address: JobApiAddressOpt = None) -> None:
     """A job's status, message and times."""
     j = jobsubmit.job_info(submission_id, address=address)
     typer.echo(f"{submission_id}: {j.status}")
@@ -232,7 +193,7 @@ def jobs_status(submission_id: JobId, address: AddressOpt = None) -> None:
 @cli_errors
 def jobs_logs(
     submission_id: JobId,
-    address: AddressOpt = None,
+    address: JobApiAddressOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = (
         False
     ),
@@ -249,7 +210,7 @@ def jobs_logs(
 @cli_errors
 def jobs_stop(
     submission_id: JobId,
-    address: AddressOpt = None,
+    address: JobApiAddressOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it has stopped.")] = False,
 ) -> None:
     """Stop a job (SIGTERM to its driver, then SIGKILL after Ray's grace period)."""
@@ -272,7 +233,7 @@ def schedule_add(
         str, typer.Option(help="'m h dom mon dow', or 's m h dom mon dow' with seconds first.")
     ],
     spec: Annotated[Path, typer.Option(help="Pipeline spec to refresh.")],
-    address: AddressOpt = None,
+    address: JobApiAddressOpt = None,
     entrypoint: Annotated[
         str, typer.Option(help="Module the job runs: python -m MODULE SPEC [--slot S].")
     ] = sched.DEFAULT_ENTRYPOINT,
@@ -319,7 +280,9 @@ def schedule_list(file: FileOpt = None) -> None:
         for s in sched.load(file).values()
     ]
     cols = ["name", "cron", "next slot UTC", "runs", "address"]
-    console.print(_table(f"schedules in {sched.schedules_file(file)}", cols, rows))
+    console.print(
+        table(f"schedules in {sched.schedules_file(file)}", cols, rows, fold=True, no_wrap=NO_WRAP)
+    )
 
 
 @schedule_app.command("remove")
@@ -352,7 +315,9 @@ def schedule_history(
         for f in fired
     ]
     cols = ["submission id", "outcome", "job status / error"]  # the id names schedule and slot
-    console.print(_table(f"history in {sched.history_file(file)}", cols, rows))
+    console.print(
+        table(f"history in {sched.history_file(file)}", cols, rows, fold=True, no_wrap=NO_WRAP)
+    )
 
 
 @schedule_app.command("run")

@@ -1,37 +1,39 @@
 """``mmfp query``, ``mmfp search`` and ``mmfp store diff|vacuum|optimize|stats|index|lineage``.
 
-Thin typer commands over ``features.sql``, ``features.search``,
-``features.catalog`` and ``features.stats``; ``register`` adds them to the
-``mmfp`` app (``jobs/cli.py``), wrapped so that store errors print one line and
-exit with code 2. This module imports nothing from ``jobs.cli`` at import time,
-so either module can be imported first.
+Thin typer commands over the store (``features.sql``, ``features.search``,
+``features.maintenance``, ``features.ann``, ``features.stats``); ``register``
+adds them to the ``mmfp`` app (``jobs/cli.py``), wrapped so that store errors
+print one line and exit with code 2.
 """
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
+import numpy as np
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from features.ann import build_index
 from features.errors import StoreError
-
-if TYPE_CHECKING:
-    from features.store import FeatureStore, Version
-
-console = Console()
-
-StoreOpt = Annotated[
-    str,
-    typer.Option("--store", envvar="MMFP_STORE", help="Store path or URI (s3://bucket/prefix)."),
-]
-TableArg = Annotated[str, typer.Argument(help="Table name, e.g. samples or features/clip.")]
-VersionOpt = Annotated[
-    str | None, typer.Option(help="Version number or ISO 8601 time; default: latest.")
-]
+from features.maintenance import diff as table_diff
+from features.maintenance import optimize as run_optimize
+from features.maintenance import vacuum as run_vacuum
+from features.search import search as run_search
+from features.sql import run_sql, write_result
+from features.stats import embedding_map as plot_embedding_map
+from features.stats import plot_stats
+from features.stats import stats as table_stats
+from features.store import FeatureStore
+from features.tables import Version
+from jobs.errors import open_store, user_errors
+from jobs.options import DEFAULT_STORE, StoreOpt, TableArg, VersionOpt
+from jobs.report import console, print_history, print_relation
+from jobs.report import table as grid
+from pipelines.decode import modality_of
+from pipelines.encode import embed_query
 
 
 class OutputFormat(StrEnum):
@@ -43,8 +45,6 @@ class OutputFormat(StrEnum):
 
 def register(app: typer.Typer, store_app: typer.Typer) -> None:
     """Add this module's commands to the ``mmfp`` app and its ``store`` group."""
-    from jobs.errors import user_errors
-
     app.command("query")(user_errors(query))
     app.command("search")(user_errors(search))
     for name, fn in [
@@ -56,21 +56,6 @@ def register(app: typer.Typer, store_app: typer.Typer) -> None:
         ("lineage", lineage),
     ]:
         store_app.command(name)(user_errors(fn))
-
-
-def _open(uri: str) -> FeatureStore:
-    from jobs.errors import open_store
-
-    return open_store(uri)
-
-
-def _grid(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    out = Table(title=title, title_justify="left")
-    for column in columns:
-        out.add_column(column)
-    for row in rows:
-        out.add_row(*("" if v is None else str(v) for v in row))
-    return out
 
 
 def parse_versions(values: list[str] | None) -> Version | dict[str, Version]:
@@ -93,7 +78,7 @@ def query(
             'a table at a version as "samples@3".'
         ),
     ],
-    store: StoreOpt = "mmfp-store",
+    store: StoreOpt = DEFAULT_STORE,
     version: Annotated[
         list[str] | None,
         typer.Option(
@@ -109,10 +94,13 @@ def query(
     max_rows: Annotated[int, typer.Option(min=1, help="Rows --format table shows.")] = 50,
 ) -> None:
     """Run DuckDB SQL over the store's tables; results stream to the terminal or a file."""
-    from features.sql import run_sql, write_result
-
-    relation = run_sql(_open(store), sql, version=parse_versions(version), as_of=as_of)
-    rows = write_result(relation, fmt.value, out, max_rows=max_rows)
+    if fmt == OutputFormat.parquet and out is None:
+        raise StoreError("--format parquet needs --out FILE (Parquet is not written to a terminal)")
+    relation = run_sql(open_store(store), sql, version=parse_versions(version), as_of=as_of)
+    if fmt == OutputFormat.table:
+        rows = print_relation(relation, max_rows=max_rows, out=out)
+    else:
+        rows = write_result(relation, fmt.value, out or sys.stdout.buffer)
     if out is not None:
         typer.echo(f"{rows} rows -> {out}", err=True)
 
@@ -138,17 +126,13 @@ def search(
     ] = None,
     version: VersionOpt = None,
     ann: Annotated[bool, typer.Option("--ann/--exact", help="Use the version's index.")] = False,
-    store: StoreOpt = "mmfp-store",
+    store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Nearest rows of a feature set by cosine similarity (exact, or with --ann the index)."""
-    import numpy as np
-
-    from features.search import search as run_search
-
     given = [x for x in (sample_id, text, file, vector) if x is not None]
     if len(given) != 1:
         raise StoreError("give exactly one query: --id, --text, --file or --vector")
-    fs = _open(store)
+    fs = open_store(store)
     query_vector = None
     if vector is not None:
         query_vector = np.load(vector, allow_pickle=False)
@@ -171,22 +155,13 @@ def search(
         for i, r in enumerate(hits.to_pylist())
     ]
     columns = ["#", "score", "sample_id", "view", "split", "label", "source", "text"]
-    console.print(_grid(f"top {k} in {feature_set}", columns, rows))
+    console.print(grid(f"top {k} in {feature_set}", columns, rows))
 
 
 def _embed(store: FeatureStore, feature_set: str, text: str | None, file: Path | None) -> Any:
     """The encode stage's ``embed_query`` hook: text or media -> a vector in the feature set."""
-    try:
-        from pipelines.encode import embed_query
-    except ImportError as e:
-        raise StoreError(
-            "text and file queries need the encode stage (pipelines.encode.embed_query); "
-            "query by --id or --vector instead"
-        ) from e
     if text is not None:
         return embed_query(store, feature_set, text=text)
-    from pipelines.decode import modality_of
-
     assert file is not None
     modality = modality_of(file.suffix.lstrip("."))
     if modality not in ("image", "audio"):
@@ -199,12 +174,10 @@ def diff(
     v1: Annotated[str, typer.Argument(help="From this version (number or ISO time).")],
     v2: Annotated[str | None, typer.Argument(help="To this version; default latest.")] = None,
     show: Annotated[int, typer.Option(min=0, help="Keys to list per side.")] = 20,
-    store: StoreOpt = "mmfp-store",
+    store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Rows added and removed between two versions of a table, by key."""
-    from features.catalog import diff as table_diff
-
-    d = table_diff(_open(store), table, v1, v2)
+    d = table_diff(open_store(store), table, v1, v2)
     s = d.summary()
     console.print(
         f"[bold]{table}[/bold] v{d.v1} -> v{d.v2}: +{s['rows_added']} rows, "
@@ -220,7 +193,7 @@ def diff(
 
 
 def vacuum(
-    store: StoreOpt = "mmfp-store",
+    store: StoreOpt = DEFAULT_STORE,
     retention_hours: Annotated[
         int | None,
         typer.Option(min=0, help="Keep files younger than this; default: each table's (168)."),
@@ -233,10 +206,8 @@ def vacuum(
     ] = False,
 ) -> None:
     """Files no version within the retention window needs (and never-committed ones)."""
-    from features.catalog import vacuum as run_vacuum
-
     files = run_vacuum(
-        _open(store), retention_hours=retention_hours, dry_run=not apply, force=force
+        open_store(store), retention_hours=retention_hours, dry_run=not apply, force=force
     )
     verb = "deleted" if apply else "would delete"
     for table, paths in files.items():
@@ -247,11 +218,9 @@ def vacuum(
         console.print("dry run: nothing deleted (add --apply to delete)")
 
 
-def optimize(table: TableArg, store: StoreOpt = "mmfp-store") -> None:
+def optimize(table: TableArg, store: StoreOpt = DEFAULT_STORE) -> None:
     """Compact a table's small files into fewer large ones (one commit, same rows)."""
-    from features.catalog import optimize as run_optimize
-
-    r = run_optimize(_open(store), table)
+    r = run_optimize(open_store(store), table)
     console.print(
         f"[bold]{table}[/bold] v{r['version']}: {r['files_before']} -> {r['files_after']} files"
     )
@@ -265,22 +234,20 @@ def stats(
         Path | None, typer.Option("--map", help="Feature sets: PCA map PNG of an embedding.")
     ] = None,
     column: Annotated[str | None, typer.Option(help="Embedding column for --map.")] = None,
-    store: StoreOpt = "mmfp-store",
+    store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Counts per split / label / modality, media histograms and quarantine reasons."""
-    from features import stats as st
-
-    fs = _open(store)
-    summary = st.stats(fs, table, version)
+    fs = open_store(store)
+    summary = table_stats(fs, table, version)
     console.print(f"[bold]{table}[/bold] v{summary['version']}: {summary['rows']} rows")
     for key, counts in summary.items():
         if key.startswith("by_") or key == "quarantine":
             title = "quarantine reasons" if key == "quarantine" else key.replace("_", " ")
-            console.print(_grid(title, ["value", "rows"], [[k, v] for k, v in counts.items()]))
+            console.print(grid(title, ["value", "rows"], [[k, v] for k, v in counts.items()]))
     if plot is not None:
-        console.print(f"stats plot -> {st.plot_stats(summary, plot)}")
+        console.print(f"stats plot -> {plot_stats(summary, plot)}")
     if embedding_map is not None:
-        out = st.embedding_map(fs, table, column, embedding_map, version=version)
+        out = plot_embedding_map(fs, table, column, embedding_map, version=version)
         console.print(f"embedding map -> {out}")
 
 
@@ -289,12 +256,12 @@ def index(
     column: Annotated[str | None, typer.Option(help="Embedding column.")] = None,
     version: VersionOpt = None,
     target_recall: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
-    store: StoreOpt = "mmfp-store",
+    store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Build the approximate (IVF) index of a feature-set version, tuned to a recall@10."""
-    from features.catalog import build_index
-
-    m = build_index(_open(store), feature_set, column, version=version, target_recall=target_recall)
+    m = build_index(
+        open_store(store), feature_set, column, version=version, target_recall=target_recall
+    )
     console.print(
         f"[bold]{m['table']}.{m['column']}[/bold] v{m['version']}: {m['rows']} rows, "
         f"nlist {m['nlist']}, nprobe {m['nprobe']}, recall@10 {m['recall_at_10']:.3f} vs exact "
@@ -307,26 +274,6 @@ def index(
         )
 
 
-def lineage(table: TableArg, store: StoreOpt = "mmfp-store") -> None:
+def lineage(table: TableArg, store: StoreOpt = DEFAULT_STORE) -> None:
     """Every version of a table with the run, spec hash and code version that wrote it."""
-    print_lineage(_open(store), table)
-
-
-def print_lineage(store: FeatureStore, table: str) -> None:
-    from features.catalog import lineage as table_lineage
-
-    rows = [
-        [
-            r["version"],
-            f"{r['timestamp']:%Y-%m-%d %H:%M:%S}",
-            r["operation"],
-            r["rows_added"],
-            r["run_id"],
-            r["kind"],
-            r["spec_hash"],
-            r["code_version"],
-        ]
-        for r in table_lineage(store, table)
-    ]
-    columns = ["version", "time", "operation", "rows", "run", "kind", "spec", "code"]
-    console.print(_grid(f"lineage of {table}", columns, rows))
+    print_history(open_store(store), table, lineage=True)

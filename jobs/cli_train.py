@@ -15,26 +15,15 @@ from typing import Annotated, Any
 import typer
 
 from jobs.errors import user_errors
+from jobs.options import RayAddressOpt, key_values
+from jobs.report import console, table
 from pipelines.errors import MmfpError
-
-
-def _options(pairs: list[str] | None) -> dict[str, str]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise MmfpError(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
 
 
 @user_errors
 def train(
     config: Annotated[Path, typer.Argument(help="Train config (YAML).")],
-    address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster address; default: $RAY_ADDRESS, else a local Ray."),
-    ] = None,
+    address: RayAddressOpt = None,
 ) -> None:
     """Contrastive pretraining on a feature set with Ray Train; a rerun of a name resumes it."""
     from ray.train import TrainingFailedError
@@ -66,25 +55,22 @@ def evaluate(
 
     if split not in ("val", "test"):
         raise MmfpError(f"--split must be val or test, got {split!r}")
-    result = run_evaluate(checkpoint, split=split, storage_options=_options(storage_option))
+    result = run_evaluate(
+        checkpoint, split=split, storage_options=key_values(storage_option, "--storage-option")
+    )
     print_eval_summary(result)
 
 
 def print_train_summary(name: str, result: Any) -> None:
     """Final epoch metrics, the checkpoint and the exported towers."""
-    from rich.console import Console
-    from rich.table import Table
-
     metrics = result.metrics or {}
-    table = Table(title=f"run {name}: epoch {metrics.get('epoch')} (step {metrics.get('step')})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in sorted(metrics):
-        value = metrics[key]
-        if key == "train_loss" or key.endswith("r@1") or key in ("logit_scale", "lr"):
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console = Console()
-    console.print(table)
+    shown = [
+        [key, f"{value:.4g}" if isinstance(value, float) else str(value)]
+        for key, value in sorted(metrics.items())
+        if key == "train_loss" or key.endswith("r@1") or key in ("logit_scale", "lr")
+    ]
+    title = f"run {name}: epoch {metrics.get('epoch')} (step {metrics.get('step')})"
+    console.print(table(title, ["metric", "value"], shown, right=["value"], centered=True))
     if result.checkpoint is not None:
         console.print(f"checkpoint: {result.checkpoint.path}", soft_wrap=True)
         console.print(f"evaluate:   mmfp evaluate {result.checkpoint.path}", soft_wrap=True)
@@ -92,26 +78,22 @@ def print_train_summary(name: str, result: Any) -> None:
 
 def print_eval_summary(result: Any) -> None:
     """Recall per direction as a table, then zero-shot and the files written."""
-    from rich.console import Console
-    from rich.table import Table
-
     title = (
         f"{result.feature_set} v{result.version} {result.split}: {result.rows} rows, "
         f"step {result.step}"
     )
-    table = Table(title=title)
-    for col in ("direction", "n", "r@1", "r@5", "r@10", "r@1 / chance"):
-        table.add_column(col, justify="left" if col == "direction" else "right")
-    for row in result.table():
-        table.add_row(
+    rows = [
+        [
             row["direction"],
-            str(row["n"]),
+            row["n"],
             *(f"{row[k]:.3f}" if k in row else "-" for k in ("r@1", "r@5", "r@10")),
             # chance r@1 is 1/n: one right answer among n candidates
             f"{row['r@1'] * row['n']:.1f}x" if "r@1" in row else "-",
-        )
-    console = Console()
-    console.print(table)
+        ]
+        for row in result.table()
+    ]
+    columns = ["direction", "n", "r@1", "r@5", "r@10", "r@1 / chance"]
+    console.print(table(title, columns, rows, right=columns[1:], centered=True))
     if result.zero_shot:
         accs = ", ".join(f"{m} {a:.3f}" for m, a in result.zero_shot.items())
         console.print(f"zero-shot accuracy: {accs}")

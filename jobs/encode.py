@@ -1,9 +1,17 @@
-"""``python -m jobs.encode SPEC --feature-set NAME``: one feature set alone, incremental."""
+"""``mmfp encode SPEC --feature-set NAME``: one feature set alone, incremental.
+
+Also ``python -m jobs encode`` or ``python -m jobs.encode``.
+"""
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from jobs.errors import user_errors
+from jobs.options import RayAddressOpt
 from jobs.report import console
 from jobs.runtime import init_ray
 from pipelines.build import BuildResult, encode_only
@@ -27,7 +35,19 @@ def run_encode(
     return result
 
 
-if __name__ == "__main__":
-    from jobs.cli import app
+@user_errors
+def encode_command(
+    spec: Annotated[Path, typer.Argument(help="Pipeline spec (YAML) with an `encode` section.")],
+    feature_set: Annotated[str, typer.Option(help="Name of the feature set to (re)compute.")],
+    reencode: Annotated[
+        bool,
+        typer.Option(help="Replace the feature set's rows (a new version) after a config change."),
+    ] = False,
+    address: RayAddressOpt = None,
+) -> None:
+    """Encode the samples and views a feature set lacks (incremental), or all with --reencode."""
+    run_encode(str(spec), feature_set, reencode=reencode, address=address)
 
-    sys.exit(app(["encode", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    typer.run(encode_command)

@@ -1,16 +1,21 @@
-"""``python -m jobs.refresh SPEC``: the incremental refresh job (scheduled or by hand).
+"""``mmfp refresh SPEC``: the incremental refresh job (scheduled or by hand).
 
 Only inputs whose fingerprint changed are read; removed inputs follow the
 spec's ``refresh.on_removed``. ``--slot`` (a schedule's slot time) makes the
-refresh exactly-once for that slot, even when the job is retried.
+refresh exactly-once for that slot, even when the job is retried. Schedules
+run it as ``python -m jobs.refresh SPEC --slot S`` (``python -m jobs refresh`` too).
 """
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
 
 from features.store import FeatureStore
+from jobs.errors import user_errors
+from jobs.options import RayAddressOpt, SpecArg
 from jobs.report import console, print_build
 from jobs.runtime import init_ray
 from pipelines.build import BuildResult, build
@@ -55,7 +60,18 @@ def run_refresh(
     return result
 
 
-if __name__ == "__main__":
-    from jobs.cli import app
+@user_errors
+def refresh_command(
+    spec: SpecArg,
+    slot: Annotated[
+        str | None,
+        typer.Option(help="Schedule slot (epoch seconds or ISO time): commit it at most once."),
+    ] = None,
+    address: RayAddressOpt = None,
+) -> None:
+    """Process only new or changed inputs of SPEC; removed inputs follow refresh.on_removed."""
+    run_refresh(str(spec), address=address, slot=slot)
 
-    sys.exit(app(["refresh", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    typer.run(refresh_command)

@@ -1,26 +1,55 @@
-"""Readable summaries printed at the end of commands (rich tables)."""
+"""Everything mmfp prints: one table renderer and the summaries commands end with.
+
+Only ``jobs/`` writes to the terminal; the library returns data (Arrow
+tables, dicts, DuckDB relations) and these functions render it with rich.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+import duckdb
 from rich.console import Console
 from rich.table import Table
 
-from features import query
+from features import summary
+from features.metadata import label_vocabulary
+from features.sql import batches
 from features.store import FeatureStore
-from pipelines.build import LABEL_VOCABULARY_KEY, BuildResult
+from pipelines.build import BuildResult
 from pipelines.label import class_balance
 
 console = Console()
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    out = Table(title=title, title_justify="left")
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    fold: bool = False,
+    no_wrap: Sequence[str] = (),
+    right: Sequence[str] = (),
+    max_width: int | None = None,
+    centered: bool = False,
+) -> Table:
+    """A rich table; cells are shown as text (None as blank).
+
+    Long cells are cut with an ellipsis, or with ``fold`` wrap to show everything
+    (ids and times in ``no_wrap`` columns stay on one line so they can be copied);
+    ``right`` columns (numbers) align right.
+    """
+    out = Table(title=title, title_justify="center" if centered else "left")
     for col in columns:
-        out.add_column(col)
+        out.add_column(
+            col,
+            justify="right" if col in right else "left",
+            no_wrap=col in no_wrap,
+            overflow="fold" if fold else "ellipsis",
+            max_width=max_width,
+        )
     for row in rows:
         out.add_row(*("" if v is None else str(v) for v in row))
     return out
@@ -46,11 +75,11 @@ def print_build(result: BuildResult, store: FeatureStore) -> None:
     if not result.changed:
         console.print(f"nothing new: store unchanged ({store.uri})")
         return
-    counts = query.split_modality_counts(store).to_pylist()
+    counts = summary.split_modality_counts(store).to_pylist()
     splits = sorted({r["split"] for r in counts})
     modalities = sorted({r["modality"] for r in counts})
     grid = {(r["split"], r["modality"]): r["samples"] for r in counts}
-    per_split = query.split_counts(store)
+    per_split = summary.split_counts(store)
     console.print(
         table(
             "samples per split and modality (whole store)",
@@ -64,7 +93,7 @@ def print_build(result: BuildResult, store: FeatureStore) -> None:
         )
     for name, rows in sorted(result.feature_counts.items()):
         console.print(f"feature set {name}: {rows} (sample, view) rows encoded")
-    reasons = query.quarantine_reasons(store, run_id=result.run_id).to_pylist()
+    reasons = summary.quarantine_reasons(store, run_id=result.run_id).to_pylist()
     if reasons:
         console.print(
             table(
@@ -80,17 +109,17 @@ def print_build(result: BuildResult, store: FeatureStore) -> None:
 def print_tables(store: FeatureStore) -> None:
     rows = []
     for name in store.tables():
-        s = query.table_summary(store, name)
+        s = summary.table_summary(store, name)
         rows.append([name, s["rows"], s["files"], human_bytes(s["bytes"]), s["version"]])
     console.print(table(f"store {store.uri}", ["table", "rows", "files", "size", "version"], rows))
 
 
 def print_describe(store: FeatureStore, name: str) -> None:
     dt = store.delta(name)
-    summary = query.table_summary(store, name)
+    size = summary.table_summary(store, name)
     console.print(
-        f"[bold]{name}[/bold] v{summary['version']}: {summary['rows']} rows in "
-        f"{summary['files']} files ({human_bytes(summary['bytes'])})"
+        f"[bold]{name}[/bold] v{size['version']}: {size['rows']} rows in "
+        f"{size['files']} files ({human_bytes(size['bytes'])})"
     )
     schema = [[f.name, str(f.type), f.nullable] for f in dt.schema().fields]
     console.print(table("schema", ["column", "type", "nullable"], schema))
@@ -125,22 +154,58 @@ def print_class_balance(store: FeatureStore) -> None:
     rows = [[label, *(balance[s].get(label, 0) for s in splits)] for label in labels]
     totals = ["total", *(sum(balance[s].values()) for s in splits)]
     console.print(table("class balance per split", ["label", *splits], [*rows, totals]))
-    vocabulary = store.properties("samples").get(LABEL_VOCABULARY_KEY)
+    vocabulary = label_vocabulary(store.properties("samples"))
     if vocabulary:
-        console.print(f"closed label vocabulary: {', '.join(json.loads(vocabulary))}")
+        console.print(f"closed label vocabulary: {', '.join(vocabulary)}")
 
 
-def print_history(store: FeatureStore, name: str) -> None:
+def print_history(store: FeatureStore, name: str, *, lineage: bool = False) -> None:
+    """Every version of a table; with ``lineage`` also the run's kind, spec hash and code."""
+    headers = ["version", "time", "operation", "rows", "run"]
+    extra = ["kind", "spec_hash", "code_version"] if lineage else []
     rows = [
-        [
-            h["version"],
-            f"{h['timestamp']:%Y-%m-%d %H:%M:%S}",
-            h["operation"],
-            h["rows_added"],
-            h["run_id"],
-        ]
-        for h in store.history(name)
+        [e["version"], f"{e['timestamp']:%Y-%m-%d %H:%M:%S}", e["operation"], e["rows_added"]]
+        + [e["run_id"], *(e[k] for k in extra)]
+        for e in (store.lineage(name) if lineage else store.history(name))
     ]
-    console.print(
-        table(f"history of {name}", ["version", "time", "operation", "rows", "run"], rows)
+    if lineage:
+        headers += ["kind", "spec", "code"]
+    console.print(table(f"{'lineage' if lineage else 'history'} of {name}", headers, rows))
+
+
+def print_relation(
+    relation: duckdb.DuckDBPyRelation, *, max_rows: int, out: str | Path | None = None
+) -> int:
+    """The first ``max_rows`` rows of a query result as a table (to ``out`` when given);
+    returns the rows shown. Only those rows are read."""
+    shown: list[dict[str, Any]] = []
+    more = False
+    for batch in batches(relation, max(max_rows + 1, 1)):
+        shown.extend(batch.slice(0, max_rows + 1 - len(shown)).to_pylist())
+        if len(shown) > max_rows:
+            more = True
+            shown = shown[:max_rows]
+            break
+    rows = ([_cell(v) for v in row.values()] for row in shown)
+    grid = table("", relation.columns, rows, fold=True, max_width=60)
+    note = (
+        f"first {max_rows} rows shown; more were not read "
+        "(LIMIT the query, or --format csv|json|parquet --out FILE for all)"
+        if more
+        else f"{len(shown)} row(s)"
     )
+    if out is None:
+        console.print(grid, f"[dim]{note}[/dim]")
+    else:
+        with open(out, "w") as handle:
+            Console(file=handle, width=200).print(grid, f"[dim]{note}[/dim]")
+    return len(shown)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    text = str(value)
+    return text if len(text) <= 200 else text[:197] + "..."

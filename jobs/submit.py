@@ -1,7 +1,8 @@
 """Run mmfp jobs on a Ray cluster through Ray's Job Submission API, and watch them.
 
-A job is ``python -m jobs.<kind> ARGS...`` run on the cluster with this project shipped
-as the job's ``working_dir`` (the cluster image brings the dependencies; see cluster.yaml).
+A job is ``python -m jobs KIND ARGS...`` (the ``mmfp`` command) run on the cluster with this
+project shipped as the job's ``working_dir`` (the cluster image brings the dependencies; see
+cluster.yaml).
 
 Address: ``--address`` wins, then ``RAY_API_SERVER_ADDRESS``, then ``RAY_ADDRESS`` (as
 Ray's own job CLI reads them; e.g. ``http://HEAD:8265``). There is no fallback to a local
@@ -36,14 +37,7 @@ if TYPE_CHECKING:
 
 Kind = Literal["build", "encode", "refresh", "train", "evaluate"]
 KINDS: tuple[str, ...] = get_args(Kind)
-# kind -> module run as `python -m MODULE ARGS...` in the job's working_dir.
-ENTRYPOINT_MODULES: dict[str, str] = {
-    "build": "jobs.build",
-    "encode": "jobs.encode",
-    "refresh": "jobs.refresh",
-    "train": "jobs.pretrain",
-    "evaluate": "jobs.evaluate",
-}
+JOBS_MODULE = "jobs"  # a job is `python -m jobs KIND ARGS...` in the job's working_dir
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Never shipped: environments, VCS, caches, local stores and data (gitignore syntax).
 DEFAULT_EXCLUDES: tuple[str, ...] = (
@@ -56,8 +50,8 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     ".pytest_cache/",
     ".ruff_cache/",
     ".hypothesis/",
-    "build/",
-    "dist/",
+    "/build/",  # anchored: pipelines/build/ is code
+    "/dist/",
     "benchmarks/data/",
     "benchmarks/results/",
     "checkpoints/",
@@ -277,7 +271,7 @@ def submit(
     wait: bool = False,
     out: TextIO | None = None,
 ) -> str:
-    """Submit ``python -m jobs.<kind> ARGS`` and return its submission id.
+    """Submit ``python -m jobs KIND ARGS`` (or ``python -m MODULE ARGS``); return its id.
 
     ``submission_id`` makes the submission idempotent: Ray refuses a second job with the
     same id (``JobExists``). ``num_cpus``/``num_gpus``/``memory``/``resources`` reserve
@@ -292,7 +286,8 @@ def submit(
             "(starting with a letter or digit)"
         )
     working_dir = Path(working_dir).resolve()
-    command = entrypoint(module or ENTRYPOINT_MODULES[kind], job_args(args, working_dir))
+    args = job_args(args, working_dir)
+    command = entrypoint(module, args) if module else entrypoint(JOBS_MODULE, [kind, *args])
     env = runtime_env(working_dir, excludes=excludes, pip=pip, env_vars=env_vars)
     sid = submission_id or new_submission_id(kind)
     client = connect(address)

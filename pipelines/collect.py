@@ -1,21 +1,17 @@
-"""Collect: sources -> one row per input, decoded, validated and given its content id.
+"""Collect: listed references -> one row per input, decoded, validated, with its content id.
 
-Listing happens once per source (a directory walk, a manifest read by Ray, a
-list of tar shards); reading, decoding and hashing run in Ray tasks over
-batches of *references* (``REFS``). Every input ends as exactly one row of
-``COLLECTED``: a sample, or an error (``error_type`` set) that becomes a
-quarantine row. Nothing is dropped here.
+Reading, decoding and hashing run in Ray tasks over batches of references
+(``pipelines.listing.REFS``) or whole tar shards. Every input ends as exactly
+one row of ``COLLECTED``: a sample, or an error row (``pipelines.quarantine``)
+that becomes a quarantine row. Nothing is dropped here.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import os
-import posixpath
 import tarfile
-from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
@@ -25,242 +21,26 @@ from features.schema import SAMPLES
 from features.storage import filesystem_for, is_local
 from pipelines import errors
 from pipelines.decode import decode_audio, decode_image, decode_text, modality_of
-from pipelines.identity import sample_id, short_hash
-from pipelines.spec import DecodeLimits, DirectorySource, ManifestSource, WebDatasetSource
+from pipelines.identity import sample_id
+from pipelines.listing import is_hidden
+from pipelines.quarantine import ERROR_COLUMNS, ERROR_FIELDS, error_columns, row_or_error
+from pipelines.spec import DecodeLimits, WebDatasetSource
 
 MODALITIES = ("text", "image", "audio")
-MEDIA = ("image", "audio")  # modalities a manifest names by path
-
-# A reference to one input: where its parts are, plus what the listing already knows.
-REFS = pa.schema(
-    [
-        ("source", pa.string()),
-        ("root", pa.string()),  # the path every part must stay under
-        ("key", pa.string()),  # the input's uri as shown to users (source_uri / quarantine uri)
-        ("text", pa.string()),  # inline text (manifests)
-        ("text_uri", pa.string()),
-        ("image_uri", pa.string()),
-        ("audio_uri", pa.string()),
-        ("label", pa.string()),
-        ("label_source", pa.string()),
-        ("group_id", pa.string()),
-        ("metadata", pa.string()),
-        ("error_type", pa.string()),  # set when the listing already refused the input
-        ("error_message", pa.string()),
-        ("fingerprint", pa.string()),  # size + mtime of its files (and the manifest row)
-    ]
-)
 
 COLLECTED = pa.schema(
     [
         *SAMPLES,
-        pa.field("error_stage", pa.string()),
-        pa.field("error_type", pa.string()),
-        pa.field("error_message", pa.string()),
-        # what a refresh compares: the unit it lists (a sample's files, or a whole shard)
+        *ERROR_FIELDS,
+        # what a refresh compares: the unit it lists (a sample's files, or a whole shard) ...
         pa.field("input_container", pa.string()),
         pa.field("input_fingerprint", pa.string()),
+        # ... and what the ledger last said of this input (null: never seen)
+        pa.field("input_prev_fingerprint", pa.string()),
+        pa.field("input_prev_outcome", pa.string()),
     ]
 )
-
-
-def error_row(source: str, key: str, error: errors.InputError) -> dict[str, Any]:
-    return {
-        "source": source,
-        "source_uri": key,
-        "error_stage": error.stage,
-        "error_type": type(error).__name__,
-        "error_message": str(error),
-    }
-
-
-def _is_hidden(rel: str) -> bool:
-    return rel.startswith(".") or "/." in rel
-
-
-# ---- listing ----------------------------------------------------------------
-
-
-def list_directory(source: DirectorySource) -> pa.Table:
-    """Group the files under ``source.uri`` into one reference per stem."""
-    fs, root = filesystem_for(source.uri, source.storage_options)
-    name = source.source_name
-    selector = pafs.FileSelector(root, recursive=True, allow_not_found=False)
-    try:
-        infos = fs.get_file_info(selector)
-    except (FileNotFoundError, OSError) as e:
-        raise errors.SpecError(f"source {name!r}: cannot list {source.uri}: {e}") from e
-    parts: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    stats: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
-    refs: list[dict[str, Any]] = []
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(root) :].lstrip("/")
-        if _is_hidden(rel):
-            continue
-        stem, _, ext = rel.rpartition(".")
-        modality = modality_of(ext) if stem else None
-        stat = (rel, info.size, info.mtime_ns)
-        if modality is None:
-            err = errors.UnsupportedFile(f"no modality for extension {ext!r}")
-            refs.append(_ref(name, root, f"{source.uri}/{rel}", err, short_hash(stat)))
-            continue
-        parts[stem][modality].append(info.path)
-        stats[stem].append(stat)
-    for stem in sorted(parts):
-        found = parts[stem]
-        key = f"{source.uri}/{stem}"
-        fingerprint = short_hash(*sorted(stats[stem]))
-        doubled = {m: paths for m, paths in found.items() if len(paths) > 1}
-        if doubled:
-            names = sorted(os.path.basename(p) for paths in doubled.values() for p in paths)
-            error = errors.AmbiguousSample(f"several files: {names}")
-            refs.append(_ref(name, root, key, error, fingerprint))
-            continue
-        label = stem.split("/", 1)[0] if source.class_folders and "/" in stem else None
-        refs.append(
-            {
-                "source": name,
-                "root": root,
-                "key": key,
-                **{f"{m}_uri": found[m][0] for m in found},
-                "label": label,
-                "label_source": "folder" if label else None,
-                "fingerprint": fingerprint,
-            }
-        )
-    return pa.Table.from_pylist(refs, schema=REFS)
-
-
-def _ref(
-    source: str, root: str, key: str, error: errors.InputError, fingerprint: str
-) -> dict[str, Any]:
-    return {
-        "source": source,
-        "root": root,
-        "key": key,
-        "error_type": type(error).__name__,
-        "error_message": str(error),
-        "fingerprint": fingerprint,
-    }
-
-
-def safe_join(root: str, relative: str) -> str:
-    """``root/relative`` when ``relative`` stays under ``root``; else ``UnsafePath``."""
-    if "://" in relative or relative.startswith(("/", "\\")) or os.path.isabs(relative):
-        raise errors.UnsafePath(f"{relative!r} is absolute; manifest paths must be relative")
-    normalized = posixpath.normpath(relative.replace("\\", "/"))
-    if normalized == ".." or normalized.startswith("../"):
-        raise errors.UnsafePath(f"{relative!r} escapes the manifest's directory")
-    return f"{root}/{normalized}"
-
-
-def list_manifest(source: ManifestSource) -> pa.Table:
-    """Read a manifest (JSONL, CSV or Parquet) into references, on the driver.
-
-    Manifests are metadata: millions of rows read in seconds. One listing of the
-    manifest's directory gives every referenced file's size and mtime for the
-    fingerprints, instead of one stat per row.
-    """
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
-    fs, path = filesystem_for(source.uri, source.storage_options)
-    name = source.source_name
-    fmt = source.format or path.rsplit(".", 1)[-1].lower()
-    if fmt not in ("jsonl", "json", "csv", "parquet"):
-        raise errors.SpecError(
-            f"source {name!r}: cannot tell the manifest format of {source.uri}; "
-            "set `format:` to jsonl, csv or parquet"
-        )
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise errors.SpecError(f"source {name!r}: manifest {source.uri} does not exist")
-    try:
-        with fs.open_input_file(path) as f:
-            if fmt == "parquet":
-                table = pq.read_table(f)
-            elif fmt == "csv":
-                # every column as text: ids like 007 keep their zeros
-                table = pacsv.read_csv(
-                    f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)
-                )
-            else:
-                table = pajson.read_json(f)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise errors.SpecError(f"source {name!r}: cannot parse manifest {source.uri}: {e}") from e
-    root = path.rsplit("/", 1)[0]
-    listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    stats = {i.path: (i.size, i.mtime_ns) for i in listing if i.type == pafs.FileType.File}
-    return manifest_refs(table, source=source, root=root, stats=stats)
-
-
-def manifest_refs(
-    batch: pa.Table,
-    *,
-    source: ManifestSource,
-    root: str,
-    stats: dict[str, tuple[int, int]] | None = None,
-) -> pa.Table:
-    """Turn manifest rows into references; ``stats`` (path -> size, mtime) feed fingerprints."""
-    cols = source.columns.model_dump()
-    mapped = {c for c in cols.values() if c}
-    rows = batch.to_pylist()
-    refs = []
-    for row in rows:
-        value = {field: _cell(row, column) for field, column in cols.items()}
-        extra = {k: v for k, v in row.items() if k not in mapped and v is not None}
-        ident = value["id"] or value["image"] or value["audio"] or value["text"]
-        key = f"{source.uri}#{str(ident)[:200]}"
-        ref: dict[str, Any] = {
-            "source": source.source_name,
-            "root": root,
-            "key": key,
-            "text": value["text"],
-            "label": value["label"],
-            "label_source": "manifest" if value["label"] else None,
-            "group_id": value["group"],
-            "metadata": json.dumps(extra, default=str, sort_keys=True) if extra else None,
-        }
-        try:
-            if not (value["text"] or value["image"] or value["audio"]):
-                raise errors.BadManifestRow("row has no text, image or audio value")
-            for modality in ("image", "audio"):
-                if value[modality]:
-                    ref[f"{modality}_uri"] = safe_join(root, value[modality])
-        except errors.InputError as e:
-            ref.update(error_type=type(e).__name__, error_message=str(e))
-        files = [(ref.get(f"{m}_uri"), (stats or {}).get(ref.get(f"{m}_uri") or "")) for m in MEDIA]
-        ref["fingerprint"] = short_hash(json.dumps(row, default=str, sort_keys=True), *files)
-        refs.append(ref)
-    return pa.Table.from_pylist(refs, schema=REFS)
-
-
-def _cell(row: dict[str, Any], column: str | None) -> str | None:
-    value = row.get(column) if column else None
-    if value is None or (isinstance(value, float) and value != value):  # NaN from CSV
-        return None
-    return str(value) if str(value).strip() else None
-
-
-def list_shards(source: WebDatasetSource) -> dict[str, str]:
-    """Shard path -> fingerprint (size + mtime) for every shard of the source."""
-    fs, root = filesystem_for(source.uri, source.storage_options)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        return {root: short_hash(info.size, info.mtime_ns)}
-    if info.type == pafs.FileType.NotFound:
-        raise errors.SpecError(f"source {source.source_name!r}: {source.uri} does not exist")
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return {
-        i.path: short_hash(i.size, i.mtime_ns)
-        for i in sorted(infos, key=lambda i: i.path)
-        if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, source.pattern)
-    }
-
-
-# ---- reading and decoding ---------------------------------------------------
+INPUT_COLUMNS = [f.name for f in COLLECTED if f.name.startswith("input_")]
 
 
 def make_sample(
@@ -331,7 +111,12 @@ class RefReader:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [
-            self.collect_one(ref) | {"input_fingerprint": ref["fingerprint"]}
+            self.collect_one(ref)
+            | {
+                "input_fingerprint": ref["fingerprint"],
+                "input_prev_fingerprint": ref.get("prev_fingerprint"),
+                "input_prev_outcome": ref.get("prev_outcome"),
+            }
             for ref in batch.to_pylist()
         ]
         return pa.Table.from_pylist(rows, schema=COLLECTED)
@@ -343,31 +128,31 @@ class RefReader:
         return self._fs[source]
 
     def collect_one(self, ref: dict[str, Any]) -> dict[str, Any]:
-        source, key = ref["source"], ref["key"]
-        try:
-            if ref["error_type"]:
-                error_class = getattr(errors, ref["error_type"])
-                raise error_class(ref["error_message"])
-            parts: dict[str, tuple[bytes | str, str]] = {}
-            if ref["text"] is not None:
-                parts["text"] = (ref["text"], "")
-            fs = self._filesystem(source, ref["root"])
-            for modality in MODALITIES:
-                path = ref[f"{modality}_uri"]
-                if path:
-                    parts[modality] = (self._read(fs, ref["root"], path), path.rpartition(".")[2])
-            return make_sample(
-                source,
-                key,
-                parts,
-                self.limits,
-                group_id=ref["group_id"],
-                label=ref["label"],
-                label_source=ref["label_source"],
-                metadata=ref["metadata"],
-            )
-        except errors.InputError as e:
-            return error_row(source, key, e)
+        """The sample row of one reference, or its error row."""
+        base = {"source": ref["source"], "source_uri": ref["key"]}
+        if ref["error_type"]:  # refused by the listing already
+            return base | {c: ref[c] for c in ERROR_COLUMNS}
+        return row_or_error(lambda: self._sample(ref), **base)
+
+    def _sample(self, ref: dict[str, Any]) -> dict[str, Any]:
+        parts: dict[str, tuple[bytes | str, str]] = {}
+        if ref["text"] is not None:
+            parts["text"] = (ref["text"], "")
+        fs = self._filesystem(ref["source"], ref["root"])
+        for modality in MODALITIES:
+            path = ref[f"{modality}_uri"]
+            if path:
+                parts[modality] = (self._read(fs, ref["root"], path), path.rpartition(".")[2])
+        return make_sample(
+            ref["source"],
+            ref["key"],
+            parts,
+            self.limits,
+            group_id=ref["group_id"],
+            label=ref["label"],
+            label_source=ref["label_source"],
+            metadata=ref["metadata"],
+        )
 
     @staticmethod
     def _read(fs: pafs.FileSystem, root: str, path: str) -> bytes:
@@ -397,14 +182,24 @@ class ShardReader:
         self.limits = limits
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Shard items (``shard``, ``fingerprint``, ``state``: its members' ledger state as
+        JSON ``{key: [fingerprint, outcome]}``) -> one row per member group."""
         fs, _ = filesystem_for(self.source.uri, self.source.storage_options)
         rows: list[dict[str, Any]] = []
         for shard in batch.to_pylist():
-            # the ledger knows a shard by its listed path, as refresh lists it again
-            rows.extend(
-                row | {"input_container": shard["shard"], "input_fingerprint": shard["fingerprint"]}
-                for row in self.read_shard(fs, shard["shard"])
-            )
+            known = json.loads(shard.get("state") or "{}")
+            for row in self.read_shard(fs, shard["shard"]):
+                prev_fingerprint, prev_outcome = known.get(row["source_uri"], (None, None))
+                # the ledger knows a shard by its listed path, as refresh lists it again
+                rows.append(
+                    row
+                    | {
+                        "input_container": shard["shard"],
+                        "input_fingerprint": shard["fingerprint"],
+                        "input_prev_fingerprint": prev_fingerprint,
+                        "input_prev_outcome": prev_outcome,
+                    }
+                )
         return pa.Table.from_pylist(rows, schema=COLLECTED)
 
     def shard_uri(self, shard: str) -> str:
@@ -425,7 +220,7 @@ class ShardReader:
                     if not member.isfile():
                         continue
                     base = member.name.rsplit("/", 1)[-1]
-                    if _is_hidden(base) or "." not in base:
+                    if is_hidden(base) or "." not in base:
                         continue
                     prefix = member.name[: len(member.name) - len(base)]
                     stem, ext = base.split(".", 1)
@@ -437,34 +232,35 @@ class ShardReader:
             error = errors.CorruptShard(
                 f"tar ends early or is damaged after {len(groups)} samples: {e}"
             )
-            rows.append(error_row(name, shard_uri, error))
+            rows.append({"source": name, "source_uri": shard_uri} | error_columns(error))
         for key, members in groups.items():
             rows.append(self.collect_member_group(f"{shard_uri}#{key}", members))
         return rows
 
     def collect_member_group(self, key: str, members: dict[str, bytes]) -> dict[str, Any]:
+        """The sample row of one member group (``key.jpg``, ``key.txt``, ...), or its error row."""
         name = self.source.source_name
-        try:
-            parts: dict[str, tuple[bytes | str, str]] = {}
-            extra: dict[str, Any] = {}
-            for ext, data in members.items():
-                if ext in ("cls", "label"):
-                    extra["label"] = data.decode("utf-8", "replace").strip() or None
-                    extra["label_source"] = "webdataset"
-                    continue
-                if ext == "json":
-                    extra["metadata"] = data.decode("utf-8", "replace")
-                    continue
-                modality = modality_of(ext.rsplit(".", 1)[-1])
-                if modality is None:
-                    raise errors.UnsupportedFile(f"member {key}.{ext}: no modality for {ext!r}")
-                if modality in parts:
-                    raise errors.AmbiguousSample(f"several {modality} members for {key}")
-                if not data:
-                    raise errors.EmptyFile(f"member {key}.{ext} is empty (0 bytes)")
-                parts[modality] = (data, ext)
-            if not parts:
-                raise errors.BadManifestRow(f"no text, image or audio member for {key}")
-            return make_sample(name, key, parts, self.limits, **extra)
-        except errors.InputError as e:
-            return error_row(name, key, e)
+        return row_or_error(lambda: self._sample(key, members), source=name, source_uri=key)
+
+    def _sample(self, key: str, members: dict[str, bytes]) -> dict[str, Any]:
+        parts: dict[str, tuple[bytes | str, str]] = {}
+        extra: dict[str, Any] = {}
+        for ext, data in members.items():
+            if ext in ("cls", "label"):
+                extra["label"] = data.decode("utf-8", "replace").strip() or None
+                extra["label_source"] = "webdataset"
+                continue
+            if ext == "json":
+                extra["metadata"] = data.decode("utf-8", "replace")
+                continue
+            modality = modality_of(ext.rsplit(".", 1)[-1])
+            if modality is None:
+                raise errors.UnsupportedFile(f"member {key}.{ext}: no modality for {ext!r}")
+            if modality in parts:
+                raise errors.AmbiguousSample(f"several {modality} members for {key}")
+            if not data:
+                raise errors.EmptyFile(f"member {key}.{ext} is empty (0 bytes)")
+            parts[modality] = (data, ext)
+        if not parts:
+            raise errors.BadManifestRow(f"no text, image or audio member for {key}")
+        return make_sample(self.source.source_name, key, parts, self.limits, **extra)

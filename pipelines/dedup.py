@@ -1,9 +1,10 @@
 """Exact-duplicate removal within a run and against what the store already holds.
 
-One small actor owns the set of ids: the ids committed before the run (read
-by the actor itself, not the driver) and, for this run, which input claimed
-each new id first. A claim is idempotent per input key, so a retried task
-gets the same answer and never turns its own rows into duplicates.
+One small actor owns the ids: the ids committed before the run (read by the
+actor itself, not the driver, and compared per batch with an Arrow hash join)
+and, for this run, which input claimed each new id first. A claim is
+idempotent per input key, so a retried task gets the same answer and never
+turns its own rows into duplicates.
 """
 
 from __future__ import annotations
@@ -12,28 +13,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from features.store import FeatureStore
+from features.keys import key_mask
+from features.tables import TableStore
+from pipelines.errors import DuplicateSample
+from pipelines.quarantine import is_error, with_errors
 
 STORED = ""  # winner marker for ids committed before this run
 
 
 @ray.remote(num_cpus=0)
 class IdRegistry:
-    def __init__(self, store: FeatureStore, version: int | None) -> None:
-        self.stored: set[str] = set()
-        if version is not None:  # None: no samples table yet
-            self.stored = set(store.column_values("samples", "sample_id", version).to_pylist())
-        self.claims: dict[str, str] = {}
+    def __init__(self, store: TableStore, version: int | None) -> None:
+        # None: no samples table yet
+        ids = store.column_values("samples", "sample_id", version) if version is not None else []
+        self.stored = pa.table({"sample_id": pa.array(ids, pa.string())})
+        self.claims: dict[str, str] = {}  # this run's new ids -> the input that claimed it
 
-    def claim(self, ids: list[str], keys: list[str]) -> list[str]:
+    def claim(self, ids: pa.Array, keys: list[str]) -> list[str]:
         """For each (id, key): the key that owns the id, or ``STORED``."""
-        winners = []
-        for sid, key in zip(ids, keys, strict=True):
-            if sid in self.stored:
-                winners.append(STORED)
-            else:
-                winners.append(self.claims.setdefault(sid, key))
-        return winners
+        stored = key_mask(pa.table({"sample_id": ids}), self.stored, ["sample_id"])
+        return [
+            STORED if was_stored else self.claims.setdefault(sid, key)
+            for sid, key, was_stored in zip(ids.to_pylist(), keys, stored, strict=True)
+        ]
 
 
 def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle) -> pa.Table:
@@ -42,25 +44,20 @@ def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle) -> pa.T
     A second input with the same content becomes a ``DuplicateSample`` error
     naming the input that kept the id, so it is accounted for in quarantine.
     """
-    ok = pc.is_null(batch.column("error_type")).to_pylist()
-    ids = batch.column("sample_id").to_pylist()
-    keys = batch.column("source_uri").to_pylist()
-    idx = [i for i, good in enumerate(ok) if good]
-    winners = ray.get(registry.claim.remote([ids[i] for i in idx], [keys[i] for i in idx]))
+    ok = pc.invert(is_error(batch))
+    good = batch.filter(ok)
+    idx = pc.indices_nonzero(ok).to_pylist()
+    keys = good.column("source_uri").to_pylist()
+    ids = good.column("sample_id").combine_chunks()
+    winners = ray.get(registry.claim.remote(ids, keys))
     status = ["error"] * batch.num_rows
-    stage = batch.column("error_stage").to_pylist()
-    etype = batch.column("error_type").to_pylist()
-    message = batch.column("error_message").to_pylist()
-    for i, winner in zip(idx, winners, strict=True):
+    duplicates = {}
+    for i, key, sid, winner in zip(idx, keys, ids.to_pylist(), winners, strict=True):
         if winner == STORED:
             status[i] = "stored"
-        elif winner == keys[i]:
+        elif winner == key:
             status[i] = "new"
         else:
-            stage[i], etype[i] = "dedup", "DuplicateSample"
-            message[i] = f"same content as {winner} (sample_id {ids[i]})"
-    for name, values in (("error_stage", stage), ("error_type", etype), ("error_message", message)):
-        batch = batch.set_column(
-            batch.schema.get_field_index(name), name, pa.array(values, pa.string())
-        )
+            duplicates[i] = DuplicateSample(f"same content as {winner} (sample_id {sid})")
+    batch = with_errors(batch, duplicates)
     return batch.append_column("status", pa.array(status, pa.string()))

@@ -9,8 +9,6 @@ as Arrow fixed-size lists (zero-copy to NumPy), not Python objects.
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 import numpy as np
@@ -18,15 +16,18 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.errors import StoreError
-from features.schema import FEATURE_KEY_FIELDS, FEATURE_SET_KEY, ORIGINAL_VIEW, feature_schema
-from features.store import FeatureStore
+from features.keys import semi_join
+from features.metadata import FeatureSetMeta, feature_table
+from features.schema import FEATURE_KEY_FIELDS, ORIGINAL_VIEW, feature_schema
+from features.tables import TableStore
 from pipelines.encoders import EncoderConfig, encoder_class, get_encoder
 from pipelines.encoders.base import Encoder, device_for_actor
 from pipelines.errors import SpecError
 
 KEY_COLUMNS = [f.name for f in FEATURE_KEY_FIELDS]
 MEDIA_COLUMNS = ["text", "image", "audio"]
-_INPUT = re.compile(r"^__in(\d+)__(.+)__shape_([0-9x]*)$")
+# field metadata of a model-input column between Preprocess and Encode
+ENCODER_KEY, INPUT_KEY, SHAPE_KEY = b"mmfp.encoder", b"mmfp.input", b"mmfp.shape"
 
 
 class FeatureSetSpec(BaseModel):
@@ -40,14 +41,9 @@ class FeatureSetSpec(BaseModel):
 
     @field_validator("encoders")
     @classmethod
-    def _known_and_storable(cls, encoders: list[EncoderConfig]) -> list[EncoderConfig]:
+    def _known(cls, encoders: list[EncoderConfig]) -> list[EncoderConfig]:
         for config in encoders:
             encoder_class(config.name).Params.model_validate(config.params)
-            if config.dtype == "float16":
-                raise ValueError(
-                    f"encoder {config.name!r}: dtype float16 cannot be stored (Delta Lake has "
-                    "no half-precision type); use float32"
-                )
         return encoders
 
 
@@ -87,18 +83,14 @@ def build_encoders(feature_set: FeatureSetSpec) -> list[Encoder]:
     return encoders
 
 
-def feature_set_metadata(encoders: list[Encoder], **lineage: Any) -> dict[str, Any]:
-    """The ``FEATURE_SET_KEY`` property: encoders, column shapes, where the rows came from."""
+def feature_set_meta(encoders: list[Encoder], **lineage: int | None) -> FeatureSetMeta:
+    """The feature set's description: encoders, column shapes, where the rows came from."""
     described = [e.describe() for e in encoders]
-    return {
-        # the full config too, so a query can be embedded by the same encoder later
-        "encoders": [
-            {**d["encoder"], "config": e.config.model_dump(mode="json")}
-            for d, e in zip(described, encoders, strict=True)
-        ],
-        "columns": {k: v for d in described for k, v in d["columns"].items()},
+    return FeatureSetMeta(
+        encoders=[encoder for encoder, _ in described],
+        columns={name: c for _, columns in described for name, c in columns.items()},
         **lineage,
-    }
+    )
 
 
 def table_schema(encoders: list[Encoder]) -> pa.Schema:
@@ -106,10 +98,9 @@ def table_schema(encoders: list[Encoder]) -> pa.Schema:
     return feature_schema(columns)
 
 
-def check_compatible(name: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+def check_compatible(name: str, stored: FeatureSetMeta, wanted: FeatureSetMeta) -> None:
     """Refuse to mix features of another encoder config into an existing feature set."""
-    have = {e["name"]: e["config_hash"] for e in stored.get("encoders", [])}
-    want = {e["name"]: e["config_hash"] for e in wanted["encoders"]}
+    have, want = stored.encoder_hashes(), wanted.encoder_hashes()
     if have != want:
         raise SpecError(
             f"feature set {name!r} was built with encoders {have}, the spec now says {want}: "
@@ -118,12 +109,9 @@ def check_compatible(name: str, stored: dict[str, Any], wanted: dict[str, Any]) 
         )
 
 
-def missing_rows(batch: pa.Table, *, existing: frozenset[tuple[str, int]]) -> pa.Table:
-    """The rows whose (sample_id, view) the feature set does not have yet."""
-    if not existing:
-        return batch
-    keys = zip(batch.column("sample_id").to_pylist(), batch.column("view").to_pylist(), strict=True)
-    return batch.filter(pa.array([k not in existing for k in keys], pa.bool_()))
+def missing_rows(batch: pa.Table, *, todo: pa.Table) -> pa.Table:
+    """The rows whose (sample_id, view) is in ``todo``: those the feature set lacks."""
+    return semi_join(batch, todo, ["sample_id", "view"])
 
 
 def as_feature_input(batch: pa.Table, *, is_view: bool) -> pa.Table:
@@ -138,9 +126,13 @@ def as_feature_input(batch: pa.Table, *, is_view: bool) -> pa.Table:
     return pa.table(columns)
 
 
-def _fixed(array: np.ndarray) -> pa.Array:
+def _input_field(index: int, key: str, array: np.ndarray) -> tuple[pa.Field, pa.Array]:
+    """A model input as a fixed-size list column; its shape travels in the field metadata."""
     flat = np.ascontiguousarray(array).reshape(len(array), -1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+    values = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+    shape = ",".join(str(d) for d in np.shape(array)[1:])
+    metadata = {ENCODER_KEY: str(index), INPUT_KEY: key, SHAPE_KEY: shape}
+    return pa.field(f"__in{index}__{key}", values.type, metadata=metadata), values
 
 
 class Preprocess:
@@ -159,20 +151,20 @@ class Preprocess:
         out = batch.select(KEY_COLUMNS)
         for i, encoder in enumerate(self._encoders):
             for key, array in encoder.preprocess(batch).items():
-                shape = "x".join(str(d) for d in np.shape(array)[1:])
-                out = out.append_column(f"__in{i}__{key}__shape_{shape}", _fixed(array))
+                out = out.append_column(*_input_field(i, key, array))
         return out
 
 
 def _inputs(batch: pa.Table, index: int) -> dict[str, np.ndarray]:
+    """Encoder ``index``'s model inputs, reshaped from their field metadata."""
     inputs = {}
-    for name in batch.column_names:
-        match = _INPUT.match(name)
-        if match and int(match.group(1)) == index:
-            shape = [int(d) for d in match.group(3).split("x") if d]
-            column = batch.column(name).combine_chunks()
+    for field in batch.schema:
+        meta = field.metadata or {}
+        if meta.get(ENCODER_KEY) == str(index).encode():
+            shape = [int(d) for d in meta[SHAPE_KEY].decode().split(",") if d]
+            column = batch.column(field.name).combine_chunks()
             values = column.values.to_numpy(zero_copy_only=False)
-            inputs[match.group(2)] = values.reshape(len(column), *shape)
+            inputs[meta[INPUT_KEY].decode()] = values.reshape(len(column), *shape)
     return inputs
 
 
@@ -209,12 +201,8 @@ def wants_actors(encoders: list[Encoder]) -> bool:
     return any(e.needs_model for e in encoders)
 
 
-def metadata_json(metadata: dict[str, Any]) -> dict[str, str]:
-    return {FEATURE_SET_KEY: json.dumps(metadata, sort_keys=True)}
-
-
 def embed_query(
-    store: FeatureStore,
+    store: TableStore,
     feature_set: str,
     *,
     text: str | None = None,
@@ -231,25 +219,25 @@ def embed_query(
     modality, value = next(((m, v) for m, v in given.items() if v is not None), (None, None))
     if modality is None:
         raise StoreError("embed_query needs text=, image_bytes= or audio_bytes=")
-    name = f"features/{feature_set}"
-    metadata = json.loads(store.properties(name).get(FEATURE_SET_KEY, "{}"))
-    for entry in metadata.get("encoders", []):
-        if "config" not in entry:
+    name = feature_table(feature_set)
+    meta = FeatureSetMeta.of(store.delta(name), table=name)
+    for entry in meta.encoders:
+        if entry.config is None:
             continue
-        encoder = get_encoder(EncoderConfig.model_validate(entry["config"]))
+        encoder = get_encoder(EncoderConfig.model_validate(entry.config))
         if f"{modality}_emb" not in encoder.output_columns():
             continue
-        if encoder.config_hash() != entry["config_hash"]:
+        if encoder.config_hash() != entry.config_hash:
             raise StoreError(
-                f"{name}: encoder {entry['name']!r} changed since the feature set was built "
+                f"{name}: encoder {entry.name!r} changed since the feature set was built "
                 "(its model or config hash differs); re-encode before searching with it"
             )
         encoder.load(device_for_actor())
         column = pa.array([value], pa.string() if modality == "text" else pa.binary())
         outputs = encoder.encode(encoder.preprocess(pa.table({modality: column})))
         return np.asarray(outputs[f"{modality}_emb"][0], np.float32)
-    encoders = [e["name"] for e in metadata.get("encoders", [])]
-    if any("config" not in e for e in metadata.get("encoders", [])):
+    encoders = [e.name for e in meta.encoders]
+    if any(e.config is None for e in meta.encoders):
         raise StoreError(
             f"{name} does not record its encoders' configs (made by an older mmfp): "
             f"re-encode it with --reencode to search it by {modality}"

@@ -1,15 +1,14 @@
 """Errors of the pipeline library.
 
-Two families: ``SpecError`` (the user's spec or command is wrong: the CLI prints
-one line and exits 2) and ``InputError`` (one input is bad: it becomes a
+Two families under ``features.errors.MmfpError``: ``SpecError`` (the user's
+spec or command is wrong: the CLI prints one line and exits 2) and
+``InputError`` (one input is bad: ``pipelines.quarantine`` turns it into a
 quarantine row naming the class, the stage and the message; the job goes on).
 """
 
 from __future__ import annotations
 
-
-class MmfpError(Exception):
-    """Base of every error mmfp raises on purpose."""
+from features.errors import MmfpError as MmfpError  # the base of every family below
 
 
 class SpecError(MmfpError):
@@ -90,3 +89,15 @@ class DuplicateSample(InputError):
     """Identical content to a sample that another input of this run produced."""
 
     stage = "dedup"
+
+
+class UnknownLabel(InputError):
+    """A label outside the spec's closed vocabulary."""
+
+    stage = "label"
+
+
+class AugmentError(InputError):
+    """One modality of one view could not be augmented; the view becomes an error row."""
+
+    stage = "augment"

@@ -20,17 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.errors import InputError, SpecError
+from pipelines.errors import InputError, SpecError, UnknownLabel
+from pipelines.quarantine import with_errors
 from pipelines.zeroshot import ZeroShotLabeller, ZeroShotLabels
 
 NONE = "(none)"  # class_balance key for rows without a label or split
 SPLIT_ORDER = ("train", "val", "test")
-
-
-class UnknownLabel(InputError):
-    """A label outside the spec's closed vocabulary."""
-
-    stage = "label"
 
 
 class _Model(BaseModel):
@@ -343,13 +338,9 @@ class Labeller:
 
         cols = {c: batch.column(c).to_pylist() for c in ("label", "labels", "label_source")}
         cols["label_confidence"] = batch.column("label_confidence").to_pylist()
-        errs = {
-            c: batch.column(c).to_pylist()
-            for c in ("error_stage", "error_type", "error_message")
-            if has_errors
-        }
         vocabulary = self.spec.vocabulary
         allowed = set(vocabulary or ())
+        refused: dict[int, InputError] = {}
         for j, i in enumerate(idx):
             chosen: dict[str, tuple[str | None, float | None]] = {}
             for labels, origins, confidences in results:
@@ -363,20 +354,18 @@ class Labeller:
                 message = _out_of_vocabulary(stray[0], chosen[stray[0]][0], vocabulary or [])
                 if not has_errors:
                     raise UnknownLabel(message)
-                errs["error_stage"][i] = UnknownLabel.stage
-                errs["error_type"][i] = UnknownLabel.__name__
-                errs["error_message"][i] = message
+                refused[i] = UnknownLabel(message)
                 continue
             first = chosen[picked[0]] if picked else (None, None)
             cols["label"][i] = picked[0] if picked else None
             cols["labels"][i] = picked
             cols["label_source"][i], cols["label_confidence"][i] = first
-        for name, values in {**cols, **errs}.items():
+        for name, values in cols.items():
             index = batch.schema.get_field_index(name)
             batch = batch.set_column(
                 index, batch.schema.field(index), pa.array(values, batch.schema.field(index).type)
             )
-        return batch
+        return with_errors(batch, refused)
 
 
 def label_batch(batch: pa.Table, *, spec: LabelSpec) -> pa.Table:

@@ -1,44 +1,42 @@
 """Routers: which store table each row of a stage's output goes to.
 
-Every stage emits good rows and error rows (``error_type`` set) in one stream;
-a router splits a batch into ``{table: rows}`` for ``features.sink.StoreSink``
-and counts what goes nowhere. Error rows become quarantine rows keyed by
-(input, stage, error type), so a rerun over the same bad input adds nothing.
+Every stage emits good rows and error rows (``pipelines.quarantine``) in one
+stream; a router splits a batch into ``{table: rows}`` for
+``features.sink.StoreSink`` and counts what goes nowhere. Error rows become
+quarantine rows (``quarantine_rows``), except those the store already holds.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.identity import short_hash
+from features.keys import key_mask
+from pipelines.collect import INPUT_COLUMNS
+from pipelines.ledger import news_mask
+from pipelines.quarantine import ERROR_COLUMNS, is_error, quarantine_rows
 
-ERROR_COLUMNS = ["error_stage", "error_type", "error_message"]
-INPUT_COLUMNS = ["input_container", "input_fingerprint"]
+STAMP = pa.timestamp("us", tz="UTC")
 
 
 class Router:
     """Good rows -> ``table``; error rows -> ``quarantine`` unless already quarantined.
 
-    ``input_uri(row)`` names the input an error row came from (a file, a view).
-    Subclasses decide which good rows are new (``select_new``).
+    Subclasses name the input an error row came from (``input_uris``) and may
+    decide which good rows are new (``select_new``) or add tables (``extra_tables``).
     """
 
-    def __init__(
-        self,
-        table: str,
-        run_id: str,
-        known_quarantine_ids: frozenset[str],
-        input_uri: Callable[[dict], str],
-    ) -> None:
-        self.table = table
+    table: str
+
+    def __init__(self, run_id: str, known_quarantine: pa.Table) -> None:
         self.run_id = run_id
-        self.known = known_quarantine_ids
-        self.input_uri = input_uri
+        self.known = known_quarantine  # quarantine_id of every row the store holds
+
+    def input_uris(self, errors: pa.Table) -> list[str]:
+        raise NotImplementedError
 
     def select_new(self, good: pa.Table, counts: Counter[str]) -> pa.Table:
         return good
@@ -49,43 +47,35 @@ class Router:
     def __call__(self, batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
         now = datetime.now(UTC)
         counts: Counter[str] = Counter()
-        is_error = pc.is_valid(batch.column("error_type"))
-        good = self.select_new(batch.filter(pc.invert(is_error)), counts)
+        failed = is_error(batch)
+        good = self.select_new(batch.filter(pc.invert(failed)), counts)
         extra = [*ERROR_COLUMNS, *INPUT_COLUMNS, "status"]
-        good = good.drop_columns([c for c in extra if c in good.column_names])
-        good = _stamp(good, now, self.run_id)
+        good = _stamp(
+            good.drop_columns([c for c in extra if c in good.column_names]), now, self.run_id
+        )
         counts[self.table] += good.num_rows
-        quarantine = []
-        for row in batch.filter(is_error).to_pylist():
-            uri = self.input_uri(row)
-            qid = short_hash(uri, row["error_stage"], row["error_type"])
-            if qid in self.known:
-                counts["already_quarantined"] += 1
-                continue
-            counts["duplicates" if row["error_type"] == "DuplicateSample" else "quarantined"] += 1
-            quarantine.append(
-                {
-                    "quarantine_id": qid,
-                    "source": row.get("source"),
-                    "uri": uri,
-                    "stage": row["error_stage"],
-                    "error_type": row["error_type"],
-                    "message": row["error_message"],
-                    "run_id": self.run_id,
-                    "quarantined_at": now,
-                }
-            )
+        errors = batch.filter(failed)
+        quarantine = quarantine_rows(errors, self.input_uris(errors), run_id=self.run_id, now=now)
+        known = key_mask(quarantine, self.known, ["quarantine_id"])
+        counts["already_quarantined"] += int(known.sum())
+        quarantine = quarantine.filter(pa.array(~known))
+        duplicate = pc.equal(quarantine.column("error_type"), "DuplicateSample")
+        counts["duplicates"] += pc.sum(duplicate).as_py() or 0
+        counts["quarantined"] += quarantine.num_rows - (pc.sum(duplicate).as_py() or 0)
         routed = {self.table: good, **self.extra_tables(batch, now)}
-        if quarantine:
-            routed["quarantine"] = pa.Table.from_pylist(quarantine)
+        if quarantine.num_rows:
+            routed["quarantine"] = quarantine
         return routed, dict(counts)
 
 
 class SampleRouter(Router):
-    """Collect output: only ``status == "new"`` rows are written; ``stored`` ones are counted."""
+    """Collect output: only ``status == "new"`` rows are written; ``stored`` ones are counted,
+    and each input gets an ``_inputs`` ledger row when it tells something new."""
 
-    def __init__(self, run_id: str, known_quarantine_ids: frozenset[str]) -> None:
-        super().__init__("samples", run_id, known_quarantine_ids, lambda r: r["source_uri"])
+    table = "samples"
+
+    def input_uris(self, errors: pa.Table) -> list[str]:
+        return errors.column("source_uri").to_pylist()
 
     def select_new(self, good: pa.Table, counts: Counter[str]) -> pa.Table:
         status = good.column("status")
@@ -93,19 +83,17 @@ class SampleRouter(Router):
         return good.filter(pc.equal(status, "new"))
 
     def extra_tables(self, batch: pa.Table, now: datetime) -> dict[str, pa.Table]:
-        """One ``_inputs`` ledger row per input: its fingerprint and what became of it."""
-        outcome = pc.if_else(
-            pc.equal(batch.column("status"), "new"),
-            "sample",
-            pc.if_else(
-                pc.equal(batch.column("status"), "stored"),
-                "stored",
-                pc.if_else(
-                    pc.equal(batch.column("error_type"), "DuplicateSample"),
-                    "duplicate",
-                    batch.column("error_type"),
-                ),
+        status = batch.column("status")
+        outcome = pc.case_when(
+            pc.make_struct(
+                pc.equal(status, "new"),
+                pc.equal(status, "stored"),
+                pc.equal(batch.column("error_type"), "DuplicateSample"),
             ),
+            "sample",
+            "stored",
+            "duplicate",
+            batch.column("error_type"),
         )
         ledger = pa.table(
             {
@@ -116,25 +104,29 @@ class SampleRouter(Router):
                 "outcome": outcome,
                 "sample_id": batch.column("sample_id"),
                 "run_id": pa.repeat(pa.scalar(self.run_id), batch.num_rows),
-                "seen_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), batch.num_rows),
+                "seen_at": pa.repeat(pa.scalar(now, STAMP), batch.num_rows),
+                "prev_fingerprint": batch.column("input_prev_fingerprint"),
+                "prev_outcome": batch.column("input_prev_outcome"),
             }
         )
-        return {"_inputs": ledger}
+        # a rebuild sees every input again: only rows that tell something new are written
+        news = ledger.filter(news_mask(ledger))
+        return {"_inputs": news.drop_columns(["prev_fingerprint", "prev_outcome"])}
 
 
 class ViewRouter(Router):
-    def __init__(self, run_id: str, known_quarantine_ids: frozenset[str]) -> None:
-        super().__init__(
-            "views", run_id, known_quarantine_ids, lambda r: f"{r['sample_id']}#view={r['view']}"
-        )
+    table = "views"
+
+    def input_uris(self, errors: pa.Table) -> list[str]:
+        ids, views = errors.column("sample_id").to_pylist(), errors.column("view").to_pylist()
+        return [f"{sid}#view={view}" for sid, view in zip(ids, views, strict=True)]
 
 
 def _stamp(rows: pa.Table, now: datetime, run_id: str) -> pa.Table:
     """Fill the write-time columns a table has: ingest/creation time and run id."""
-    stamp = pa.scalar(now, pa.timestamp("us", tz="UTC"))
     for name, value in (
-        ("ingested_at", stamp),
-        ("created_at", stamp),
+        ("ingested_at", pa.scalar(now, STAMP)),
+        ("created_at", pa.scalar(now, STAMP)),
         ("run_id", pa.scalar(run_id)),
     ):
         if name in rows.column_names:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from features.storage import normalize_uri, redact
-from pipelines.augment import AugmentSpec
+from pipelines.augment_spec import AugmentSpec
 from pipelines.encode import EncodeSpec
 from pipelines.errors import SpecError
 from pipelines.label import LabelSpec

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.encoders.base import Encoder, list_type
+from features.schema import list_of
+from pipelines.encoders.base import Encoder
 
 COLOURS = ("red", "green", "blue")
 
@@ -19,8 +20,8 @@ class ColourJoint(Encoder):
 
     def output_columns(self):
         return {
-            "image_emb": (list_type(pa.float32()), (3,)),
-            "text_emb": (list_type(pa.float32()), (3,)),
+            "image_emb": (list_of(pa.float32()), (3,)),
+            "text_emb": (list_of(pa.float32()), (3,)),
         }
 
     def preprocess(self, batch):

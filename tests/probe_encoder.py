@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from pipelines.encoders.base import Encoder, list_type
+from features.schema import list_of
+from pipelines.encoders.base import Encoder
 
 LOADS = {"count": 0}  # per process: how many times a model was loaded here
 
@@ -16,7 +17,7 @@ class ProbeEncoder(Encoder):
     modality = "text"
 
     def output_columns(self):
-        return {"text_emb": (list_type(pa.float32()), (3,))}
+        return {"text_emb": (list_of(pa.float32()), (3,))}
 
     def preprocess(self, batch):
         texts = batch.column("text").to_pylist()

@@ -23,19 +23,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from features.schema import VIEWS, conform
-from pipelines.augment import (
-    VIEW_ERRORS_SCHEMA,
-    AudioAugment,
-    AugmentError,
-    AugmentSpec,
-    ImageOp,
-    TextAugment,
-    make_views,
-    replay_view,
-    view_seed,
-)
-from pipelines.augment_ops import MIN_STFT_FRAMES, augment_audio, augment_image, augment_text
-from pipelines.synthetic import make_audio, make_caption, make_image
+from jobs.demo.corpus import make_audio, make_caption, make_image
+from pipelines.augment import VIEW_ERRORS_SCHEMA, make_views, replay_view, view_seed
+from pipelines.augment_audio import MIN_STFT_FRAMES, augment_audio
+from pipelines.augment_image import augment_image
+from pipelines.augment_spec import AudioAugment, AugmentSpec, ImageOp, TextAugment
+from pipelines.augment_text import augment_text
+from pipelines.errors import AugmentError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = datetime(2024, 1, 1, tzinfo=UTC)
@@ -118,7 +112,8 @@ def test_same_view_same_bytes_in_another_process(spec):
     here = replay_view(row, 1, spec)
     code = (
         "import hashlib, sys; sys.path.insert(0, 'tests');"
-        "from test_augment import sample; from pipelines.augment import AugmentSpec, replay_view;"
+        "from test_augment import sample; from pipelines.augment import replay_view;"
+        "from pipelines.augment_spec import AugmentSpec;"
         "v = replay_view(sample('cross', k=4), 1, AugmentSpec(seed=3));"
         "print(*(hashlib.sha256(v[k] if isinstance(v[k], bytes) else v[k].encode()).hexdigest()"
         " for k in ('image', 'audio', 'text', 'transforms')))"

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from features.schema import FEATURE_SET_KEY
 from features.store import FeatureStore
-from pipelines import synthetic
+from jobs.demo import corpus as synthetic
+from jobs.demo import tiny_models as tiny
 from pipelines.build import build
-from pipelines.encoders import tiny
 from pipelines.errors import SpecError
 from tests.helpers import make_spec
 
@@ -94,11 +91,11 @@ def test_feature_sets_hold_every_sample_and_view(encoded):
 def test_embeddings_are_normalised_and_described(encoded):
     root, _, _ = encoded
     store = FeatureStore(str(root / "store"))
-    meta = json.loads(store.properties("features/clip")[FEATURE_SET_KEY])
-    dim = meta["columns"]["image_emb"]["shape"][0]
-    assert meta["columns"]["image_emb"]["normalized"] is True
-    assert meta["encoders"][0]["name"] == "clip"
-    assert len(meta["encoders"][0]["config_hash"]) == 32
+    meta = store.feature_set("clip")
+    dim = meta.columns["image_emb"].shape[0]
+    assert meta.columns["image_emb"].normalized is True
+    assert meta.encoders[0].name == "clip"
+    assert len(meta.encoders[0].config_hash or "") == 32
     rows = store.to_arrow("features/clip").to_pylist()
     emb = np.array([r["image_emb"] for r in rows if r["image_emb"] is not None], np.float32)
     assert emb.shape[1] == dim
@@ -171,13 +168,8 @@ def test_reencode_replaces_a_feature_set_as_one_new_version(encoded, models):
     result = encode_only(changed, "clip", reencode=True)
     assert result.feature_counts["clip"] == rows
     assert store.to_arrow("features/clip").num_rows == rows
-    meta = json.loads(store.properties("features/clip")[FEATURE_SET_KEY])
-    assert (
-        meta["encoders"][0]["config_hash"]
-        != json.loads(
-            store.properties("features/clip", result.versions["features/clip"] - 2)[FEATURE_SET_KEY]
-        )["encoders"][0]["config_hash"]
-    )
+    before = store.feature_set("clip", result.versions["features/clip"] - 2)
+    assert store.feature_set("clip").encoders[0].config_hash != before.encoders[0].config_hash
     again = encode_only(changed, "clip")  # now it matches: nothing to do
     assert not again.changed
     with pytest.raises(SpecError, match="no feature set 'nope'"):
@@ -192,8 +184,7 @@ def test_search_by_text_uses_the_feature_sets_own_encoder(encoded):
     root, _, _ = encoded
     store = FeatureStore(str(root / "store"))
     vector = embed_query(store, "clip", text="a red circle")
-    dims = json.loads(store.properties("features/clip")[FEATURE_SET_KEY])["columns"]["image_emb"]
-    assert vector.shape == (dims["shape"][0],)
+    assert vector.shape == tuple(store.feature_set("clip").columns["image_emb"].shape)
     hits = search(store, "clip", column="image_emb", vector=vector, k=3)
     assert hits.num_rows == 3
     scores = hits.column("score").to_pylist()

@@ -20,8 +20,8 @@ import yaml
 
 from features.store import FeatureStore
 from jobs import submit as jobsubmit
+from jobs.demo.corpus import write_directory_source
 from pipelines.spec import write_spec
-from pipelines.synthetic import write_directory_source
 from tests.cluster_fixtures import (
     ROOT,
     LocalCluster,
@@ -123,7 +123,7 @@ def test_submit_build_wait_succeeds_and_the_store_is_readable(ray_cluster, specs
     proc = waited["build-ok"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # --wait followed the job's own output up to the build summary
-    assert "Running entrypoint for job build-ok: python -m jobs.build" in proc.stdout
+    assert "Running entrypoint for job build-ok: python -m jobs build" in proc.stdout
     assert f"{specs['n']} new samples" in proc.stdout
     assert "job build-ok SUCCEEDED" in proc.stdout
 

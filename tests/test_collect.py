@@ -11,16 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import synthetic
-from pipelines.collect import (
-    RefReader,
-    ShardReader,
-    list_directory,
-    list_shards,
-    manifest_refs,
-    safe_join,
-)
+from jobs.demo import corpus as synthetic
+from pipelines.collect import RefReader, ShardReader
 from pipelines.errors import UnsafePath
+from pipelines.listing import list_directory, list_shards, manifest_refs, safe_join
 from pipelines.spec import DecodeLimits, DirectorySource, ManifestSource, WebDatasetSource
 
 LIMITS = DecodeLimits()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipelines import errors, synthetic
+from jobs.demo import corpus as synthetic
+from pipelines import errors
 from pipelines.decode import decode_audio, decode_image, decode_text
 from pipelines.spec import DecodeLimits
 

@@ -20,12 +20,13 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from pipelines import synthetic
+from features.metadata import ColumnMeta
+from features.schema import list_of
+from jobs.demo import corpus as synthetic
+from jobs.demo import tiny_models
 from pipelines.encoders import ENCODERS, Encoder, EncoderConfig, device_for_actor, get_encoder
-from pipelines.encoders import tiny as tiny_models
-from pipelines.encoders.base import list_type
-from pipelines.encoders.featurizers import CLIP_MEAN, CLIP_STD, SILENCE_DB
 from pipelines.encoders.fingerprint import model_identity
+from pipelines.encoders.model_inputs import CLIP_MEAN, CLIP_STD, SILENCE_DB
 from pipelines.encoders.runtime import to_device
 from pipelines.errors import SpecError
 
@@ -63,7 +64,7 @@ class CaptionLength(Encoder):
     needs_model: ClassVar[bool] = False
 
     def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
-        return {"text_len": (list_type(pa.float32()), (1,))}
+        return {"text_len": (list_of(pa.float32()), (1,))}
 
     def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
         texts = batch.column("text").to_pylist()
@@ -171,7 +172,7 @@ def test_outputs_match_declared_columns(case, encoded, batch):
         assert np.isfinite(values).all()
         modality = column.split("_")[0]
         assert outputs[f"{modality}_mask"].tolist() == PRESENT[modality]
-        assert arrow_type == list_type(pa.int32() if column == "text_ids" else pa.float32())
+        assert arrow_type == list_of(pa.int32() if column == "text_ids" else pa.float32())
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -299,17 +300,17 @@ def test_text_ids_match_the_tokenizer(models):
 
 
 def test_describe_matches_the_feature_set_contract(encoded):
-    described = encoded("clip")[0].describe()
-    assert described["encoder"]["name"] == "clip"
-    assert described["encoder"]["config_hash"] == encoded("clip")[0].config_hash()
-    assert described["columns"]["image_emb"] == {
-        "shape": [12], "dtype": "float32", "encoder": "clip", "kind": "embedding",
-        "normalized": True,
-    }  # fmt: skip
-    ids = encoded("text_ids")[0].describe()["columns"]["text_ids"]
-    assert ids["kind"] == "input"
-    assert ids["dtype"] == "int32"
-    assert ids["pad_id"] == tiny_models.PAD_ID
+    encoder, columns = encoded("clip")[0].describe()
+    assert encoder.name == "clip"
+    assert encoder.config_hash == encoded("clip")[0].config_hash()
+    assert encoder.config == encoded("clip")[0].config.model_dump(mode="json")
+    assert columns["image_emb"] == ColumnMeta(
+        shape=[12], dtype="float32", encoder="clip", kind="embedding", normalized=True
+    )
+    ids = encoded("text_ids")[0].describe()[1]["text_ids"]
+    assert ids.kind == "input"
+    assert ids.dtype == "int32"
+    assert ids.pad_id == tiny_models.PAD_ID
 
 
 # -- model details ------------------------------------------------------------------------
@@ -348,16 +349,22 @@ def test_missing_pooler_falls_back_to_cls(models, encoded):
         strict.load("cpu")
 
 
-def test_normalize_off_and_float16_storage(models, batch):
-    config = _config("hf_text-bert", models, normalize=False, dtype="float16")
-    encoder = get_encoder(config)
+def test_normalize_off(models, batch):
+    encoder = get_encoder(_config("hf_text-bert", models, normalize=False))
     outputs = encoder.encode(encoder.preprocess(batch))
     norms = np.linalg.norm(outputs["text_emb"][:3], axis=1)
     assert not np.allclose(norms, 1.0, atol=1e-3)
-    assert outputs["text_emb"].dtype == np.float32  # compute in float32; storage is the cast
     column = encoder.to_arrow(outputs).column("text_emb")
-    assert column.type == list_type(pa.float16())
-    np.testing.assert_allclose(column[0].as_py(), outputs["text_emb"][0], rtol=1e-2, atol=1e-3)
+    assert column.type == list_of(pa.float32())
+    np.testing.assert_allclose(column[0].as_py(), outputs["text_emb"][0], rtol=1e-6)
+
+
+def test_only_storable_dtypes_are_offered():
+    """Delta has no half-precision type: float16 is refused when the spec is read."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="float32"):
+        EncoderConfig(name="clip", model="m", dtype="float16")
 
 
 def test_batch_without_the_modality_column(encoded):
@@ -398,10 +405,9 @@ def test_config_hash_changes_with_params_and_options(models):
             {"params": {"max_length": 8}},
             {"params": {"pooling": "cls"}},
             {"normalize": False},
-            {"dtype": "float16"},
         )
     }
-    assert len(hashes) == 5
+    assert len(hashes) == 4
 
 
 def test_config_hash_follows_the_model_files_not_their_path(models, tmp_path):

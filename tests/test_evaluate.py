@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from features.store import FeatureStore
+from jobs.demo.synthetic_features import write_synthetic_feature_set
 from jobs.evaluate import evaluate, plot_curves
 from jobs.pretrain import checkpoint as ckpt
 from jobs.pretrain.arrays import to_tensors
@@ -18,7 +19,6 @@ from jobs.pretrain.config import parse_config
 from jobs.pretrain.data import feature_set_info, tower_inputs
 from jobs.pretrain.loss import contrastive_loss
 from jobs.pretrain.model import ContrastiveModel
-from jobs.pretrain.synthetic import write_synthetic_feature_set
 from jobs.pretrain.train import run_meta
 from pipelines.errors import SpecError
 

@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features.errors import StoreError
-from features.schema import FEATURE_SET_KEY, list_of
+from features.metadata import FeatureSetMeta
+from features.schema import list_of
 from features.store import FeatureStore
+from jobs.demo.synthetic_features import write_synthetic_feature_set
 from jobs.pretrain.arrays import dense, to_tensors
 from jobs.pretrain.config import load_config, parse_config
 from jobs.pretrain.data import check_compatible, check_towers, feature_set_info, tower_inputs
-from jobs.pretrain.synthetic import write_synthetic_feature_set
 from pipelines.errors import SpecError
 
 EXAMPLE = """
@@ -213,7 +214,7 @@ def test_towers_are_checked_against_the_feature_set(syn_store):
 def test_a_table_without_feature_set_metadata_is_refused(tmp_path):
     store = FeatureStore(str(tmp_path))
     store.ensure_table("features/raw", schema=pa.schema([pa.field("sample_id", pa.string())]))
-    with pytest.raises(StoreError, match=FEATURE_SET_KEY):
+    with pytest.raises(StoreError, match=FeatureSetMeta.KEY):
         feature_set_info(store, "raw", None)
 
 

@@ -8,18 +8,16 @@ Runs use 0.5 CPU per worker so Ray Data's read tasks get the second CPU.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from features.schema import FEATURE_SET_KEY
 from features.store import FeatureStore
+from jobs.demo.synthetic_features import write_synthetic_feature_set
 from jobs.pretrain import checkpoint as ckpt
 from jobs.pretrain.config import parse_config
-from jobs.pretrain.synthetic import write_synthetic_feature_set
 from pipelines.errors import SpecError
 
 MODS = ("audio", "image", "text")
@@ -179,12 +177,16 @@ def test_resume_refuses_a_changed_feature_set(run_a, store):
     """New encoder output (other dimension, other config hash): resuming run A is refused."""
     from jobs.pretrain.train import run_training
 
-    meta = json.loads(store.properties("features/syn")[FEATURE_SET_KEY])
-    meta["columns"]["image_emb"]["shape"] = [64]
-    for enc in meta["encoders"]:
-        if enc["name"] == "synthetic-text":
-            enc["config_hash"] = "retrained"
-    store.set_properties("features/syn", {FEATURE_SET_KEY: json.dumps(meta)})
+    meta = store.feature_set("syn")
+    image = meta.columns["image_emb"].model_copy(update={"shape": [64]})
+    encoders = [
+        e.model_copy(update={"config_hash": "retrained"}) if e.name == "synthetic-text" else e
+        for e in meta.encoders
+    ]
+    changed = meta.model_copy(
+        update={"columns": {**meta.columns, "image_emb": image}, "encoders": encoders}
+    )
+    store.set_properties("features/syn", changed.to_properties())
     changed = store.version("features/syn")
     with pytest.raises(SpecError, match="refusing to resume") as err:
         run_training(parse_config(_config(store, "a", version=changed)))

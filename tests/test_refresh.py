@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from features.store import FeatureStore
-from pipelines import synthetic
+from jobs.demo import corpus as synthetic
 from pipelines.build import build
 from pipelines.label import LabelSpec
 from pipelines.spec import write_spec

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from jobs import schedule as sched
 from jobs import submit as jobsubmit
+from jobs.demo.corpus import write_directory_source
 from pipelines.errors import MmfpError
 from pipelines.spec import write_spec
-from pipelines.synthetic import write_directory_source
 from tests.cluster_fixtures import ROOT, LocalCluster, cluster_env, ray_cluster
 from tests.helpers import make_spec
 

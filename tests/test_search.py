@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -11,9 +9,10 @@ import typer
 from deltalake import write_deltalake
 from typer.testing import CliRunner
 
-from features.catalog import build_index
+from features.ann import build_index
 from features.errors import StoreError
-from features.schema import FEATURE_SET_KEY, ORIGINAL_VIEW, conform, feature_schema, list_of
+from features.metadata import ColumnMeta, EncoderMeta, FeatureSetMeta
+from features.schema import ORIGINAL_VIEW, conform, feature_schema, list_of
 from features.search import search
 from features.store import FeatureStore
 from jobs.cli_query import register
@@ -36,22 +35,18 @@ def write_feature_set(
     """Append ``features/<name>`` rows: ``keys`` (sample_id, view, split, label, ...) + embeddings.
 
     A stand-in for the encode stage: the table contract of features/schema.py,
-    with each column's shape in the ``FEATURE_SET_KEY`` property.
+    with each column's shape in its ``FeatureSetMeta``.
     """
     dims = {c: next(len(v) for v in vs if v is not None) for c, vs in columns.items()}
-    meta = {
-        "encoders": [{"name": "test", "version": "0", "config_hash": "0", "model": None}],
-        "columns": {
-            c: {"shape": [d], "dtype": "float32", "encoder": "test", "normalized": normalized}
-            | {"kind": "embedding"}
-            for c, d in dims.items()
+    meta = FeatureSetMeta(
+        encoders=[EncoderMeta(name="test", version="0", config_hash="0")],
+        columns={
+            c: ColumnMeta(shape=[d], encoder="test", normalized=normalized) for c, d in dims.items()
         },
-        "samples_version": None,
-        "views_version": None,
-    }
+    )
     schema = feature_schema({c: list_of(pa.float32()) for c in columns})
     table = f"features/{name}"
-    store.ensure_table(table, schema=schema, properties={FEATURE_SET_KEY: json.dumps(meta)})
+    store.ensure_table(table, schema=schema, properties=meta.to_properties())
     data = {c: keys.column(c) for c in keys.column_names}
     if "view" not in data:
         data["view"] = pa.array(np.full(keys.num_rows, ORIGINAL_VIEW, np.int32))
@@ -161,6 +156,24 @@ def test_refusals_name_the_problem(store):
     with pytest.raises(StoreError, match="search filter failed"):
         search(store, "solo", vector=np.ones(DIM), where="no_such_column = 1")
     assert search(store, "solo", vector=np.ones(DIM), k=2).num_rows == 2  # one column: no --column
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "split = 'train') OR (1 = 1",  # breaking out of the parentheses
+        "1 = 1; COPY (SELECT 1) TO '{leak}'",  # a second statement
+        "split = 'train' UNION SELECT * FROM f",
+        "1 = 1 LIMIT 1",
+    ],
+)
+def test_a_filter_is_one_expression(store, tmp_path, where, cache):
+    """``--where`` is parsed as one SQL expression and applied as a filter, never pasted."""
+    leak = tmp_path / "leak.csv"
+    with pytest.raises(StoreError, match="search filter failed"):
+        search(store, "solo", vector=np.ones(DIM), where=where.format(leak=leak), cache=cache)
+    assert not leak.exists()
 
 
 def test_ann_recall_at_10_on_random_data(tmp_path):

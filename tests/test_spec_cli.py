@@ -58,10 +58,16 @@ def test_bad_specs_name_the_field(tmp_path, data, expected):
         load_spec(_write(tmp_path / "bad.yaml", data))
 
 
-def test_cli_bad_spec_exits_2_without_traceback(tmp_path):
+@pytest.mark.parametrize(
+    "entrypoint",
+    [["jobs", "build"], ["jobs.build"], ["jobs", "refresh"], ["jobs.refresh"]],
+    ids=" ".join,
+)
+def test_cli_bad_spec_exits_2_without_traceback(tmp_path, entrypoint):
+    """``python -m jobs build`` and the old per-job modules (saved schedules run them)."""
     bad = _write(tmp_path / "bad.yaml", {"sources": [{"kind": "directory", "uri": "x", "oops": 1}]})
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "build", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", *entrypoint, str(bad)], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert "sources.0.directory.oops: unknown field" in proc.stderr
@@ -111,18 +117,15 @@ def test_demo_then_store_commands(tmp_path):
     assert "nothing new" in again.output
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_demo_writes_an_augmentation_preview(tmp_path):
-    workdir = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--workdir", str(workdir), "--n-per-class", "3"])
-    assert result.exit_code == 0, result.output
+def test_demo_writes_an_augmentation_preview(demo):
+    workdir, output = demo
     png = workdir / "augmentations.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = cv2.imread(str(png))
     assert image.shape[0] > 200
     assert image.shape[1] > 600
-    assert "new augmented views" in result.output
+    assert "new augmented views" in output
     # it ends with pretraining and the test recall table
-    assert "r@1 / chance" in result.output
-    assert "text->image" in result.output
+    assert "r@1 / chance" in output
+    assert "text->image" in output
     assert list((workdir / "store" / "_train" / "demo").glob("checkpoint_step*/export"))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,9 +22,12 @@ from features.errors import StoreError
 from features.sql import run_sql, write_result
 from features.store import FeatureStore
 from jobs.cli_query import register
+from jobs.report import print_relation
 from pipelines.build import build
 from tests.helpers import corpus_sources, make_spec
 from tests.test_search import write_feature_set
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +103,39 @@ def test_errors_are_store_errors_naming_the_problem(built, kwargs, match):
         run_sql(store, **kwargs).fetchall()
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "COPY (SELECT * FROM samples) TO '/tmp/mmfp-leak.csv'",
+        "ATTACH '/tmp/mmfp-leak.db'",
+        "INSTALL httpfs",
+        "SET disabled_filesystems = ''",
+        "SELECT * FROM glob('/etc/*')",
+    ],
+)
+def test_queries_cannot_reach_files_or_change_the_connection(built, query):
+    """The one DuckDB door (features.duck.connect): registered tables only."""
+    store, _, _ = built
+    with pytest.raises(StoreError, match="SQL failed"):
+        run_sql(store, query).fetchall()
+
+
+def test_the_connection_does_not_need_a_working_directory(tmp_path):
+    """Ray may remove a job's working_dir under it; DuckDB must still open."""
+    code = (
+        "import os; os.chdir(os.environ['GONE']); os.rmdir(os.environ['GONE']);"
+        "from features.duck import connect; import pyarrow as pa;"
+        "print(connect({'t': pa.table({'a': [1, 2]})}).sql('SELECT sum(a) FROM t').fetchall())"
+    )
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = {**os.environ, "GONE": str(gone), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "[(3,)]" in proc.stdout
+
+
 QUERY = "SELECT sample_id, split, modalities, image_width, ingested_at FROM samples ORDER BY 1"
 
 
@@ -114,7 +154,7 @@ def test_every_format_round_trips(built, tmp_path):
     assert [r["sample_id"] for r in lines] == expected.column("sample_id").to_pylist()
     assert lines[0]["modalities"] == expected.column("modalities")[0].as_py()
     assert datetime.fromisoformat(lines[0]["ingested_at"])
-    shown = write_result(run_sql(store, QUERY), "table", tmp_path / "r.txt", max_rows=5)
+    shown = print_relation(run_sql(store, QUERY), max_rows=5, out=tmp_path / "r.txt")
     text = (tmp_path / "r.txt").read_text()
     assert shown == 5
     assert "first 5 rows shown" in text

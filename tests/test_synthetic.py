@@ -18,7 +18,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipelines import errors, synthetic
+from jobs.demo import corpus as synthetic
+from pipelines import errors
 
 COLUMNS = ["id", "text", "image", "audio", "label", "group"]
 

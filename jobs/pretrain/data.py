@@ -7,13 +7,11 @@ resumed checkpoints against it, and builds the Ray Datasets whose batches
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from features.errors import StoreError
-from features.schema import FEATURE_SET_KEY
-from features.store import FeatureStore
+from features.metadata import ColumnMeta, FeatureSetMeta, feature_table
+from features.tables import TableStore
 from jobs.pretrain.arrays import row_filter, to_tensors
 from jobs.pretrain.config import TrainConfig
 from pipelines.errors import SpecError
@@ -32,52 +30,46 @@ TOWER_INPUT_KIND = {
 
 @dataclass(frozen=True)
 class FeatureSetInfo:
-    """A feature set pinned at one version: its column shapes and the encoders behind them."""
+    """A feature set pinned at one version, with its description (``FeatureSetMeta``)."""
 
     name: str
     version: int
-    columns: dict[str, dict[str, Any]]
-    encoders: list[dict[str, Any]] = field(default_factory=list)
+    meta: FeatureSetMeta
 
     @property
     def table(self) -> str:
-        return f"features/{self.name}"
+        return feature_table(self.name)
+
+    @property
+    def columns(self) -> dict[str, ColumnMeta]:
+        return self.meta.columns
 
     def shape(self, column: str) -> list[int]:
-        return [int(d) for d in self.columns[column]["shape"]]
+        return list(self.columns[column].shape)
 
-    def encoder_hash(self, column: str) -> str | None:
-        name = self.columns[column].get("encoder")
-        for enc in self.encoders:
-            if enc.get("name") == name:
-                return enc.get("config_hash")
-        return None
+    def encoders(self) -> list[dict[str, Any]]:
+        """The encoders' entries, as a checkpoint records them."""
+        return [e.model_dump(mode="json", exclude_none=True) for e in self.meta.encoders]
 
     def signature(self, columns: list[str]) -> dict[str, dict[str, Any]]:
         """What a checkpoint must agree on to resume: per column shape, dtype, encoder hash."""
-        return {
-            c: {
+        signature = {}
+        for c in sorted(columns):
+            encoder = self.meta.encoder_of(c)
+            signature[c] = {
                 "shape": self.shape(c),
-                "dtype": self.columns[c].get("dtype", "float32"),
-                "encoder": self.columns[c].get("encoder"),
-                "config_hash": self.encoder_hash(c),
+                "dtype": self.columns[c].dtype,
+                "encoder": self.columns[c].encoder,
+                "config_hash": encoder.config_hash if encoder else None,
             }
-            for c in sorted(columns)
-        }
+        return signature
 
 
-def feature_set_info(store: FeatureStore, name: str, version: int | None) -> FeatureSetInfo:
+def feature_set_info(store: TableStore, name: str, version: int | None) -> FeatureSetInfo:
     """Read the feature set description at ``version`` (latest when None), pinning it."""
-    table = f"features/{name}"
+    table = feature_table(name)
     dt = store.delta(table, version)
-    raw = dt.metadata().configuration.get(FEATURE_SET_KEY)
-    if not raw:
-        raise StoreError(
-            f"table {table!r} has no {FEATURE_SET_KEY!r} property: it was not written by the "
-            "encode stage, so its column shapes and encoders are unknown"
-        )
-    meta = json.loads(raw)
-    return FeatureSetInfo(name, dt.version(), meta.get("columns", {}), meta.get("encoders", []))
+    return FeatureSetInfo(name, dt.version(), FeatureSetMeta.of(dt, table=table))
 
 
 def check_towers(info: FeatureSetInfo, config: TrainConfig) -> None:
@@ -90,8 +82,8 @@ def check_towers(info: FeatureSetInfo, config: TrainConfig) -> None:
                 f"modalities.{modality}.input: feature set {info.name!r} (version "
                 f"{info.version}) has no column {col!r}; columns: {known}"
             )
-        want, have = TOWER_INPUT_KIND[tower.kind], info.columns[col].get("kind")
-        if have and have != want:
+        want, have = TOWER_INPUT_KIND[tower.kind], info.columns[col].kind
+        if have != want:
             raise SpecError(
                 f"modalities.{modality}: a {tower.kind} tower reads an {want} column, but "
                 f"{col!r} is an {have} column"
@@ -139,15 +131,13 @@ def tower_inputs(
     """modality -> (column, shape, dtype) for ``to_tensors``; ids stay int32, the rest float32."""
     result = {}
     for modality, tower in config.modalities.items():
-        stored = info.columns[tower.input].get("dtype", "float32")
+        stored = info.columns[tower.input].dtype
         dtype = "int32" if stored.startswith("int") else "float32"
         result[modality] = (tower.input, info.shape(tower.input), dtype)
     return result
 
 
-def count_rows(
-    store: FeatureStore, info: FeatureSetInfo, split: str, *, include_views: bool
-) -> int:
+def count_rows(store: TableStore, info: FeatureSetInfo, split: str, *, include_views: bool) -> int:
     table = store.to_arrow(
         info.table,
         info.version,
@@ -158,7 +148,7 @@ def count_rows(
 
 
 def split_dataset(
-    store: FeatureStore, info: FeatureSetInfo, config: TrainConfig, split: str, *, views: bool
+    store: TableStore, info: FeatureSetInfo, config: TrainConfig, split: str, *, views: bool
 ) -> ray.data.Dataset:
     """A Ray Dataset of dense tensor batches for one split, read at the pinned version.
 

@@ -232,7 +232,7 @@ def run_meta(
         "version": info.version,
         "shapes": {c: info.shape(c) for c in columns},
         "signature": info.signature(columns),
-        "encoders": info.encoders,
+        "encoders": info.encoders(),
         "steps_per_epoch": steps_per_epoch,
         "train_rows": train_rows,
         "has_val": has_val,

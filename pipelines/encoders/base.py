@@ -24,16 +24,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from features.metadata import ColumnMeta, EncoderMeta
+from features.schema import list_of
 from pipelines.encoders.fingerprint import model_identity
 from pipelines.errors import SpecError
 
 MODALITIES = ("text", "image", "audio")
 T = TypeVar("T")
-
-
-def list_type(value_type: pa.DataType) -> pa.DataType:
-    """``list<value_type>`` with the item field named ``element``, as Delta reads it back."""
-    return pa.list_(pa.field("element", value_type))
 
 
 class EncoderConfig(BaseModel):
@@ -45,7 +42,8 @@ class EncoderConfig(BaseModel):
     model: str | None = None  # local model directory or hub id; None for weight-free featurizers
     params: dict[str, Any] = Field(default_factory=dict)  # encoder-specific, validated by it
     batch_size: int = Field(32, gt=0)  # rows per forward pass (and per Ray batch)
-    dtype: Literal["float32", "float16"] = "float32"  # storage dtype of embedding columns
+    # storage dtype of embedding columns; Delta Lake has no half-precision type, so float32 only
+    dtype: Literal["float32"] = "float32"
     normalize: bool = True  # L2-normalise embeddings, so a dot product is a cosine
     num_gpus: float = Field(1.0, ge=0)  # per actor, used only when the cluster has GPUs
     concurrency: int = Field(1, gt=0)  # actor pool size for model encoders
@@ -127,26 +125,28 @@ class Encoder:
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
-    def describe(self) -> dict[str, Any]:
-        """This encoder's entry and columns for a feature set's metadata
-        (``features.schema.FEATURE_SET_KEY``), so readers can refuse a mismatch."""
+    def describe(self) -> tuple[EncoderMeta, dict[str, ColumnMeta]]:
+        """This encoder's entry and columns in a feature set's description
+        (``features.metadata.FeatureSetMeta``), so readers can refuse a mismatch."""
         columns = {
-            name: {
-                "shape": list(shape),
-                "dtype": np.dtype(arrow_type.value_type.to_pandas_dtype()).name,
-                "encoder": self.config.name,
-                "kind": "embedding" if name.endswith("_emb") else "input",
-                "normalized": name.endswith("_emb") and self.config.normalize,
-            }
+            name: ColumnMeta(
+                shape=list(shape),
+                dtype=np.dtype(arrow_type.value_type.to_pandas_dtype()).name,
+                encoder=self.config.name,
+                kind="embedding" if name.endswith("_emb") else "input",
+                normalized=name.endswith("_emb") and self.config.normalize,
+            )
             for name, (arrow_type, shape) in self.output_columns().items()
         }
-        encoder = {
-            "name": self.config.name,
-            "version": self.version,
-            "config_hash": self.config_hash(),
-            "model": self.config.model,
-        }
-        return {"encoder": encoder, "columns": columns}
+        encoder = EncoderMeta(
+            name=self.config.name,
+            version=self.version,
+            config_hash=self.config_hash(),
+            model=self.config.model,
+            # the full config too, so a query can be embedded by the same encoder later
+            config=self.config.model_dump(mode="json"),
+        )
+        return encoder, columns
 
     # -- the work ---------------------------------------------------------------------------
 
@@ -187,7 +187,7 @@ class Encoder:
     # -- helpers for subclasses -------------------------------------------------------------
 
     def embedding_type(self) -> pa.DataType:
-        return list_type(pa.float16() if self.config.dtype == "float16" else pa.float32())
+        return list_of(pa.float32())
 
     def cached(self, key: str, factory: Callable[[], T]) -> T:
         """Create a heavy object once per process; it is dropped when the encoder is pickled."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 
 from pipelines.encoders.base import Encoder, EncoderConfig
-from pipelines.encoders.featurizers import AudioLogMel, ImagePixels, TextIds
 from pipelines.encoders.hf import HFAudio, HFImage, HFText
 from pipelines.encoders.joint import Clap, Clip
+from pipelines.encoders.model_inputs import AudioLogMel, ImagePixels, TextIds
 from pipelines.errors import SpecError
 
 ENCODERS: dict[str, type[Encoder]] = {

@@ -7,12 +7,9 @@ so the encoders load them by path exactly as they load a user's model.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from pipelines import synthetic
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from jobs.demo import corpus
 
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID = 0, 1, 2, 3
@@ -20,14 +17,14 @@ _LAYER = {"num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size":
 
 
 def vocabulary() -> dict[str, int]:
-    """Special tokens plus every word the synthetic captions use."""
+    """Special tokens plus every word the demo corpus's captions use."""
     words = {
         w
-        for template in synthetic.TEMPLATES
+        for template in corpus.TEMPLATES
         for w in template.replace("{", " ").replace("}", " ").replace(",", " ").split()
     }
-    words |= set(synthetic.CLASSES) | {c for c, _ in synthetic.COLOURS}
-    words |= set(synthetic.BACKGROUNDS) | set(synthetic.SIZES) | set(synthetic.TONES)
+    words |= set(corpus.CLASSES) | {c for c, _ in corpus.COLOURS}
+    words |= set(corpus.BACKGROUNDS) | set(corpus.SIZES) | set(corpus.TONES)
     words |= {",", ":", ".", "photo", "sound"}
     return {t: i for i, t in enumerate([*SPECIAL, *sorted(words)])}
 

@@ -1,21 +1,24 @@
-"""The encode phase of a run: one feature set's plan, incremental, committed once.
+"""The feature-set plan: the (sample, view) pairs a feature set lacks -> ``features/<name>``.
 
-Kept apart from ``build.py`` so that ``mmfp encode`` can run it alone.
+What is missing is decided on the driver from key columns only (an Arrow
+anti-join of samples and views keys against the feature set's); Ray runs
+``Preprocess`` in CPU tasks and ``Encode`` in an actor pool (``num_gpus`` per
+actor where the cluster has GPUs), and the table gets one commit. ``mmfp
+encode`` runs this plan alone.
 """
 
 from __future__ import annotations
-
-import json
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
-from features.commit import remove_all
-from features.schema import FEATURE_SET_KEY, FEATURES_PREFIX
+from features.keys import anti_join
+from features.metadata import FeatureSetMeta, feature_table
+from features.schema import ORIGINAL_VIEW
 from features.sink import StoreSink
+from pipelines.build.run import Run
 from pipelines.encode import (
     KEY_COLUMNS,
     MEDIA_COLUMNS,
@@ -25,15 +28,13 @@ from pipelines.encode import (
     as_feature_input,
     build_encoders,
     check_compatible,
-    feature_set_metadata,
-    metadata_json,
+    feature_set_meta,
     missing_rows,
     table_schema,
     wants_actors,
 )
 
-if TYPE_CHECKING:
-    from pipelines.build import Run
+FEATURE_KEYS = ["sample_id", "view"]
 
 
 class ToTable:
@@ -46,46 +47,37 @@ class ToTable:
         return {self.name: batch}, {"rows": batch.num_rows}
 
 
-def _keys(table: pa.Table) -> set[tuple[str, int]]:
-    return set(
-        zip(table.column("sample_id").to_pylist(), table.column("view").to_pylist(), strict=True)
-    )
-
-
 def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool = False) -> None:
     """Encode the (sample, view) pairs the feature set lacks, as one commit of its table."""
     store, result = run.store, run.result
-    name = f"{FEATURES_PREFIX}{feature_set.name}"
+    name = feature_table(feature_set.name)
     encoders = build_encoders(feature_set)
     has_views = feature_set.views and store.exists("views")
-    metadata = feature_set_metadata(
+    meta = feature_set_meta(
         encoders,
         samples_version=store.version("samples"),
         views_version=store.version("views") if has_views else None,
     )
-    existing: set[tuple[str, int]] = set()
+    existing = pa.table({"sample_id": pa.array([], pa.string()), "view": pa.array([], pa.int32())})
     if store.exists(name):
-        stored = json.loads(store.properties(name).get(FEATURE_SET_KEY, "{}"))
         if reencode:
             # every row is replaced, in the same commit that adds the new ones
-            run.removals[name] = (remove_all(store.delta(name)), [])
-            store.set_properties(name, metadata_json(metadata))
+            run.commits.replace_all(name)
+            store.set_properties(name, meta.to_properties())
         else:
-            check_compatible(feature_set.name, stored, metadata)
-            existing = _keys(store.to_arrow(name, columns=["sample_id", "view"]))
+            check_compatible(
+                feature_set.name, FeatureSetMeta.of(store.delta(name), table=name), meta
+            )
+            existing = store.to_arrow(name, columns=FEATURE_KEYS)
     # keys other writers add from here on are dropped from this run's files at commit
-    run.base[name] = store.version(name)
+    run.commits.pin(name)
     sources = [("samples", False)] + ([("views", True)] if has_views else [])
-    wanted: set[tuple[str, int]] = set()
-    for table, is_view in sources:
-        cols = ["sample_id", "view"] if is_view else ["sample_id"]
-        keys = store.to_arrow(table, columns=cols)
-        if not is_view:
-            keys = keys.append_column("view", pa.repeat(pa.scalar(-1, pa.int32()), keys.num_rows))
-        wanted |= _keys(keys)
-    if not (wanted - existing):
+    wanted = pa.concat_tables(
+        [_keys(store.to_arrow(t, columns=_key_columns(v))) for t, v in sources]
+    )
+    todo = anti_join(wanted, existing, FEATURE_KEYS)
+    if todo.num_rows == 0:
         return
-    frozen = frozenset(existing)
     parts = []
     for table, is_view in sources:
         columns = [c for c in KEY_COLUMNS if c != "view" or is_view] + MEDIA_COLUMNS
@@ -93,9 +85,7 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
         ds = ds.map_batches(
             as_feature_input, batch_format="pyarrow", fn_kwargs={"is_view": is_view}
         )
-        parts.append(
-            ds.map_batches(missing_rows, batch_format="pyarrow", fn_kwargs={"existing": frozen})
-        )
+        parts.append(ds.map_batches(missing_rows, batch_format="pyarrow", fn_kwargs={"todo": todo}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     configs = feature_set.encoders
     batch_size = min(c.batch_size for c in configs)
@@ -116,17 +106,25 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
             compute=ActorPoolStrategy(min_size=1, max_size=actors),
             num_gpus=max(c.num_gpus for c in configs) if gpus else 0,
         )
-    else:  # weight-free featurizers: plain CPU tasks, fused with preprocessing
+    else:  # weight-free model inputs: plain CPU tasks, fused with preprocessing
         ds = ds.map_batches(Encode(configs), batch_format="pyarrow", batch_size=batch_size)
-    sink = StoreSink(
-        store,
-        ToTable(name),
-        run_id=result.run_id,
-        tables=[name],
-        properties={name: metadata_json(metadata)},
-        deferred=(name,),
-        schemas={name: table_schema(encoders)},
-    )
+    schema = run.commits.declare(name, table_schema(encoders), meta.to_properties())
+    sink = StoreSink(store, ToTable(name), run_id=result.run_id, schemas={name: schema})
     ds.write_datasink(sink)
     result.feature_counts[feature_set.name] = sink.counts.get("rows", 0)
-    run.commit(name, sink.pending.get(name, []))
+    run.commits.add(name, sink.files[name])
+    run.commit(name)
+
+
+def _key_columns(is_view: bool) -> list[str]:
+    return FEATURE_KEYS if is_view else ["sample_id"]
+
+
+def _keys(rows: pa.Table) -> pa.Table:
+    """(sample_id, view) keys; sample rows get ``ORIGINAL_VIEW``."""
+    if "view" in rows.column_names:
+        return rows.select(FEATURE_KEYS).cast(
+            pa.schema([("sample_id", pa.string()), ("view", pa.int32())])
+        )
+    view = pa.repeat(pa.scalar(ORIGINAL_VIEW, pa.int32()), rows.num_rows)
+    return pa.table({"sample_id": rows.column("sample_id"), "view": view})

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 from deltalake import write_deltalake
 
-from features.schema import FEATURE_SET_KEY, ORIGINAL_VIEW, conform, feature_schema, list_of
+from features.metadata import ColumnMeta, EncoderMeta, FeatureSetMeta
+from features.schema import ORIGINAL_VIEW, conform, feature_schema, list_of
 from features.store import FeatureStore
 
 MODALITIES = ("text", "image", "audio")
@@ -99,25 +100,15 @@ def write_synthetic_feature_set(
     m_rows = len(zz)
 
     columns: dict[str, pa.Array] = {}
-    meta_cols: dict[str, dict[str, Any]] = {}
+    meta_cols: dict[str, ColumnMeta] = {}
     encoders = []
     for m, d in dims.items():
         emb = zz @ maps[m] + rng.normal(size=(m_rows, d)) * noise
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         columns[f"{m}_emb"] = _list_column(emb.astype(np.float32), has[m][idx], pa.float32())
         enc = f"synthetic-{m}"
-        meta_cols[f"{m}_emb"] = {
-            "shape": [d], "dtype": "float32", "encoder": enc, "normalized": True,
-            "kind": "embedding",
-        }  # fmt: skip
-        encoders.append(
-            {
-                "name": enc,
-                "version": "1",
-                "model": None,
-                "config_hash": _hash({"m": m, "d": d, "s": seed}),
-            }
-        )
+        meta_cols[f"{m}_emb"] = ColumnMeta(shape=[d], encoder=enc, normalized=True)
+        encoders.append(EncoderMeta(name=enc, config_hash=_hash({"m": m, "d": d, "s": seed})))
     if inputs:
         s, (mels, frames) = image_size, mel_shape
         pixels = (
@@ -134,13 +125,8 @@ def write_synthetic_feature_set(
         ]:
             modality = col.split("_")[0]
             columns[col] = _list_column(arr.astype(vt.to_pandas_dtype()), has[modality][idx], vt)
-            meta_cols[col] = {
-                "shape": shape, "dtype": str(vt), "encoder": enc, "normalized": False,
-                "kind": "input",
-            }  # fmt: skip
-            encoders.append(
-                {"name": enc, "version": "1", "model": None, "config_hash": _hash({"c": col})}
-            )
+            meta_cols[col] = ColumnMeta(shape=shape, dtype=str(vt), encoder=enc, kind="input")
+            encoders.append(EncoderMeta(name=enc, config_hash=_hash({"c": col})))
 
     sample_ids = np.array([f"s{i:05d}" for i in range(n)], dtype=object)
     mods = [[m for m in dims if has[m][i]] for i in idx]
@@ -157,9 +143,9 @@ def write_synthetic_feature_set(
         }
     )
     schema = feature_schema({c: columns[c].type for c in columns})
-    meta = {"encoders": encoders, "columns": meta_cols, "samples_version": 0, "views_version": None}
+    meta = FeatureSetMeta(encoders=encoders, columns=meta_cols, samples_version=0)
     table_name = f"features/{name}"
-    store.ensure_table(table_name, schema=schema, properties={FEATURE_SET_KEY: json.dumps(meta)})
+    store.ensure_table(table_name, schema=schema, properties=meta.to_properties())
     # Shuffled like content-hash ids would be, so no file holds a single class.
     table = conform(table, schema).take(pa.array(rng.permutation(table.num_rows)))
     for chunk in np.array_split(np.arange(table.num_rows), files):

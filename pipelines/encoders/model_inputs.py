@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from features.metadata import ColumnMeta, EncoderMeta
+from features.schema import list_of
 from pipelines.encoders import media
-from pipelines.encoders.base import Encoder, EncoderConfig, EncoderParams, list_type
+from pipelines.encoders.base import Encoder, EncoderConfig, EncoderParams
 from pipelines.errors import SpecError
 
 # OpenAI CLIP's RGB statistics: the usual choice for contrastive image towers.
@@ -50,7 +52,7 @@ class ImagePixels(Featurizer):
 
     def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
         s = self.params.size
-        return {"image_pixels": (list_type(pa.float32()), (3, s, s))}
+        return {"image_pixels": (list_of(pa.float32()), (3, s, s))}
 
     def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
         images = [media.decode_rgb(v) for v in media.column(batch, "image")]
@@ -102,7 +104,7 @@ class AudioLogMel(Featurizer):
     params: AudioLogMelParams
 
     def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
-        return {"audio_logmel": (list_type(pa.float32()), (self.params.n_mels, self.params.frames))}
+        return {"audio_logmel": (list_of(pa.float32()), (self.params.n_mels, self.params.frames))}
 
     def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
         p = self.params
@@ -144,13 +146,16 @@ class TextIds(Featurizer):
             )
 
     def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
-        return {"text_ids": (list_type(pa.int32()), (self.params.max_length,))}
+        return {"text_ids": (list_of(pa.int32()), (self.params.max_length,))}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> tuple[EncoderMeta, dict[str, ColumnMeta]]:
         """Adds the pad id: a model reading ``text_ids`` masks tokens equal to it."""
-        described = super().describe()
-        described["columns"]["text_ids"]["pad_id"] = self._tokenizer().pad_token_id
-        return described
+        encoder, columns = super().describe()
+        pad_id = self._tokenizer().pad_token_id
+        return encoder, {
+            **columns,
+            "text_ids": columns["text_ids"].model_copy(update={"pad_id": pad_id}),
+        }
 
     def _tokenizer(self) -> Any:
         from pipelines.encoders.hub import load_tokenizer

@@ -5,14 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from features.plots import augment_preview
 from features.store import FeatureStore
+from jobs.demo.corpus import write_demo_corpus
+from jobs.demo.preview import augment_preview
+from jobs.demo.tiny_models import tiny_clip, write_tokenizer
 from jobs.report import console, print_build
 from jobs.runtime import init_ray
 from pipelines.build import BuildResult, build
-from pipelines.encoders.tiny import tiny_clip, write_tokenizer
 from pipelines.spec import load_spec
-from pipelines.synthetic import write_demo_corpus
 
 DEMO_SPEC = """\
 # Written by `mmfp demo`. Paths are relative to this file.

@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from features.catalog import diff, lineage, optimize, vacuum
 from features.errors import StoreError
+from features.maintenance import diff, lineage, optimize, vacuum
 from features.store import FeatureStore
 from jobs.cli_query import register
 from pipelines.build import build

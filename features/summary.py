@@ -1,4 +1,4 @@
-"""Questions people ask a store: counts, balance, table sizes (DuckDB over Delta)."""
+"""Counts a run report shows: samples per split and modality, quarantine reasons, table sizes."""
 
 from __future__ import annotations
 
@@ -7,38 +7,35 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from features.store import FeatureStore, Version
+from features.duck import connect
+from features.tables import TableStore, Version
 
 
-def duckdb_over(
-    store: FeatureStore, name: str, version: Version = None
-) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with ``name`` (at ``version``) registered as a view called ``t``."""
-    con = duckdb.connect()
-    con.register("t", store.delta(name, version).to_pyarrow_dataset())
-    return con
+def _over(store: TableStore, name: str, version: Version = None) -> duckdb.DuckDBPyConnection:
+    """A connection with ``name`` (at ``version``) registered as ``t``."""
+    return connect({"t": store.dataset(name, version)})
 
 
-def split_modality_counts(store: FeatureStore, version: Version = None) -> pa.Table:
+def split_modality_counts(store: TableStore, version: Version = None) -> pa.Table:
     """Samples per split and modality (a sample with image and text counts under both)."""
-    con = duckdb_over(store, "samples", version)
+    con = _over(store, "samples", version)
     return con.sql(
         "SELECT split, m AS modality, count(*) AS samples "
         "FROM (SELECT split, unnest(modalities) AS m FROM t) GROUP BY ALL ORDER BY ALL"
     ).to_arrow_table()
 
 
-def split_counts(store: FeatureStore, version: Version = None) -> dict[str, int]:
-    con = duckdb_over(store, "samples", version)
+def split_counts(store: TableStore, version: Version = None) -> dict[str, int]:
+    con = _over(store, "samples", version)
     rows = con.sql("SELECT split, count(*) FROM t GROUP BY split ORDER BY split").fetchall()
     return {split: n for split, n in rows}
 
 
-def quarantine_reasons(store: FeatureStore, *, run_id: str | None = None) -> pa.Table:
+def quarantine_reasons(store: TableStore, *, run_id: str | None = None) -> pa.Table:
     """Quarantined inputs (of one run, or all), most common reasons first."""
     if not store.exists("quarantine"):
         return pa.table({"error_type": [], "uri": [], "message": []})
-    con = duckdb_over(store, "quarantine")
+    con = _over(store, "quarantine")
     where = "WHERE run_id = $run" if run_id else ""
     return con.sql(
         f"SELECT error_type, stage, uri, message FROM t {where} "
@@ -47,7 +44,7 @@ def quarantine_reasons(store: FeatureStore, *, run_id: str | None = None) -> pa.
     ).to_arrow_table()
 
 
-def table_summary(store: FeatureStore, name: str) -> dict[str, Any]:
+def table_summary(store: TableStore, name: str) -> dict[str, Any]:
     """Rows, files, bytes and latest version of one table, from the Delta log alone."""
     dt = store.delta(name)
     actions = pa.table(dt.get_add_actions(flatten=True))

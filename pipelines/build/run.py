@@ -1,0 +1,140 @@
+"""One run of a spec: its id, what it found, the store versions it reads and commits.
+
+A ``Run`` holds the spec, the store, the counts the stages report
+(``BuildResult``) and the run's ``RunCommits``; the plan modules beside this
+one (samples, views, feature sets) add files to it and commit their tables.
+The run's lineage row in ``_runs`` is its last commit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from deltalake.transaction import Transaction
+
+from features.commit import RunCommits
+from features.tables import TableStore
+from pipelines.spec import PipelineSpec
+
+OUTCOMES = ("samples", "quarantined", "duplicates", "already_stored", "already_quarantined")
+BASE_TABLES = ("samples", "quarantine", "views", "_inputs")
+
+
+@dataclass
+class BuildResult:
+    """What one build did: counts per outcome and the table versions it committed."""
+
+    run_id: str
+    store_uri: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    view_counts: dict[str, int] = field(default_factory=dict)
+    feature_counts: dict[str, int] = field(default_factory=dict)  # rows encoded per feature set
+    removed: dict[str, int] = field(default_factory=dict)  # inputs gone, samples deleted
+    versions: dict[str, int] = field(default_factory=dict)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    finished_at: datetime | None = None
+    skipped_inputs: int = 0  # unchanged inputs a refresh did not read again
+    already_done: bool = False  # the slot was committed by an earlier attempt
+
+    @property
+    def inputs(self) -> int:
+        return sum(self.counts.get(k, 0) for k in OUTCOMES)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.versions)
+
+
+@dataclass
+class Run:
+    """One run's state: spec, store, counts, commits, and the quarantine rows already stored."""
+
+    spec: PipelineSpec
+    store: TableStore
+    result: BuildResult
+    commits: RunCommits
+    known_quarantine: pa.Table  # quarantine_id of every row stored before the run
+
+    @classmethod
+    def start(cls, spec: PipelineSpec, *, run_id: str | None = None) -> Run:
+        """Open the spec's store and pin the versions the run reads."""
+        store = TableStore(spec.store.uri, storage_options=spec.store.storage_options)
+        result = BuildResult(run_id=run_id or new_run_id(), store_uri=store.uri)
+        commits = RunCommits(store, result.run_id)
+        commits.pin(*BASE_TABLES)
+        known = store.column_values("quarantine", "quarantine_id", commits.base["quarantine"])
+        return cls(spec, store, result, commits, pa.table({"quarantine_id": known}))
+
+    def commit(self, name: str, *, transaction: Transaction | None = None) -> None:
+        """Commit what the run has for ``name`` and record the version it made."""
+        version = self.commits.commit(name, transaction=transaction)
+        if version is not None:
+            self.result.versions[name] = version
+
+    def commit_rest(self) -> None:
+        """Commit every table that still has files or removals pending."""
+        for name in [*self.commits.pending, *self.commits.removals]:
+            self.commit(name)
+
+    def finish(self, *, kind: str, transaction: Transaction | None = None) -> BuildResult:
+        """Stamp the end and, when the run changed the store, append its ``_runs`` row."""
+        result = self.result
+        result.finished_at = datetime.now(UTC)
+        if result.changed:
+            self.commits.write("_runs", pa.Table.from_pylist([run_record(self.spec, result, kind)]))
+            self.commit("_runs", transaction=transaction)
+        return result
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    version = package_version("mmfp")
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{sha}"
+
+
+def slot_transaction(spec: PipelineSpec, kind: str, slot: int | None) -> Transaction | None:
+    """The Delta app transaction of a scheduled slot: a retried job cannot commit it twice."""
+    return None if slot is None else Transaction(f"mmfp:{spec.name}:{kind}", slot)
+
+
+def run_record(spec: PipelineSpec, result: BuildResult, kind: str) -> dict[str, Any]:
+    """The run's lineage row in ``_runs``."""
+    return {
+        "run_id": result.run_id,
+        "kind": kind,
+        "spec_name": spec.name,
+        "spec_hash": spec.spec_hash(),
+        "code_version": code_version(),
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "inputs": result.inputs,
+        "samples_written": result.counts["samples"],
+        "quarantined": result.counts["quarantined"],
+        "duplicates": result.counts["duplicates"],
+        "already_stored": result.counts["already_stored"],
+        "views_written": result.view_counts.get("views", 0),
+        "versions": json.dumps(result.versions, sort_keys=True),
+    }

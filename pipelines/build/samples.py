@@ -1,0 +1,111 @@
+"""The samples plan: listed inputs -> collect, label, split, dedup -> ``samples``.
+
+Listing and planning happen on the driver (metadata only); the references are
+cut into a few blocks per CPU so that each Ray task reads and decodes a good
+batch of inputs, and tar shards are one task each. ``samples`` is committed
+when the stage ends (views and feature sets read it); its quarantine and
+ledger rows stay pending for the run's last commits.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from features.metadata import vocabulary_properties
+from features.sink import StoreSink
+from pipelines.build.run import OUTCOMES, Run
+from pipelines.collect import COLLECTED, RefReader, ShardReader
+from pipelines.dedup import IdRegistry, mark_duplicates
+from pipelines.label import Labeller, label_vocabulary
+from pipelines.ledger import InputPlan
+from pipelines.route import SampleRouter
+from pipelines.spec import PipelineSpec, WebDatasetSource
+from pipelines.split import split_batch
+
+
+def collect_samples(run: Run, plan: InputPlan) -> None:
+    """The plan's inputs -> ``samples`` (committed now); quarantine and ledger rows pending."""
+    spec, store, result = run.spec, run.store, run.result
+    if plan.todo.empty:
+        run.commit("samples")  # removals, when a refresh has nothing new to read
+        return
+    registry = IdRegistry.remote(store, run.commits.base["samples"])
+    ds = collected_dataset(spec, plan)
+    if spec.label and Labeller(spec.label).needs_model:  # zero-shot: the model loads once
+        ds = ds.map_batches(
+            Labeller,
+            fn_constructor_args=(spec.label,),
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=1),
+        )
+    elif spec.label:
+        ds = ds.map_batches(Labeller(spec.label), batch_format="pyarrow")
+    ds = ds.map_batches(
+        split_batch,
+        batch_format="pyarrow",
+        fn_kwargs={"seed": spec.split.seed, "ratios": spec.split.ratios, "by": spec.split.by},
+    )
+    ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry})
+    vocabulary = vocabulary_properties(label_vocabulary(spec.label))
+    schemas = {
+        "samples": run.commits.declare("samples", properties=vocabulary),
+        "quarantine": run.commits.declare("quarantine"),
+        "_inputs": run.commits.declare("_inputs"),
+    }
+    sink = StoreSink(
+        store,
+        SampleRouter(result.run_id, run.known_quarantine),
+        run_id=result.run_id,
+        schemas=schemas,
+    )
+    ds.write_datasink(sink)
+    ray.kill(registry)
+    result.counts.update({k: sink.counts.get(k, 0) for k in OUTCOMES})
+    for name, files in sink.files.items():
+        run.commits.add(name, files)
+    run.commit("samples")
+
+
+def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
+    """The plan's inputs as one dataset of ``COLLECTED`` rows, read and decoded by Ray tasks."""
+    datasets: list[ray.data.Dataset] = []
+    refs = plan.todo.refs
+    if refs.num_rows:
+        reader = RefReader(
+            {s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode
+        )
+        blocks = _split_rows(refs, _blocks(spec, refs.num_rows))
+        datasets.append(
+            # from_blocks builds block metadata locally: no remote round trip per build
+            ray.data.from_blocks(blocks).map_batches(
+                reader, batch_format="pyarrow", batch_size=spec.resources.batch_size
+            )
+        )
+    for source in spec.sources:
+        shards = plan.todo.shards.get(source.source_name)
+        if shards and isinstance(source, WebDatasetSource):
+            items = [
+                {"shard": path, "fingerprint": fp, "state": plan.member_state.get(path)}
+                for path, fp in shards.items()
+            ]
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            datasets.append(
+                ds.map_batches(ShardReader(source, spec.decode), batch_format="pyarrow")
+            )
+    if not datasets:
+        return ray.data.from_arrow(COLLECTED.empty_table())
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def _blocks(spec: PipelineSpec, rows: int) -> int:
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))  # stable, unlike available
+    wanted = cpus * spec.resources.blocks_per_cpu
+    return max(1, min(wanted, -(-rows // spec.resources.batch_size)))
+
+
+def _split_rows(table: pa.Table, parts: int) -> list[pa.Table]:
+    step = -(-table.num_rows // parts) if table.num_rows else 1
+    return [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]

@@ -1,0 +1,50 @@
+"""The views plan: train samples without their views at the spec's seed -> ``views``.
+
+What is missing is decided on the driver from key columns only (an Arrow
+anti-join of train ids x view indices against the stored views); Ray tasks
+then read the samples, make just those views and write them. Reads
+``samples`` at its committed version, so views also catch up on samples
+stored by earlier runs (e.g. after ``augment`` is added to a spec).
+"""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+
+from features.schema import VIEWS
+from features.sink import StoreSink
+from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views, missing_views
+from pipelines.build.run import Run
+from pipelines.route import ViewRouter
+
+
+def augment_samples(run: Run) -> None:
+    """Make the views the store lacks; their rows and quarantine rows stay pending."""
+    spec, store, result = run.spec, run.store, run.result
+    augment = spec.augment
+    assert augment is not None
+    existing = VIEWS.empty_table().select(["sample_id", "view"])
+    if run.commits.base["views"] is not None:
+        rows = store.to_arrow(
+            "views", run.commits.base["views"], columns=["sample_id", "view", "seed"]
+        )
+        existing = rows.filter(pc.equal(rows.column("seed"), augment.seed))
+    samples = store.to_arrow("samples", columns=["sample_id", "split"])
+    train_ids = samples.filter(pc.equal(samples.column("split"), "train")).column("sample_id")
+    todo = missing_views(train_ids, existing, augment)
+    if todo.num_rows == 0:
+        return  # every train sample has all its views: skip reading media at all
+    ds = store.table("samples", columns=list(VIEW_INPUT_COLUMNS))
+    ds = ds.map_batches(
+        make_missing_views,
+        batch_format="pyarrow",
+        batch_size=spec.resources.batch_size,
+        fn_kwargs={"spec": augment, "run_id": result.run_id, "todo": todo},
+    )
+    schemas = {name: run.commits.declare(name) for name in ("views", "quarantine")}
+    router = ViewRouter(result.run_id, run.known_quarantine)
+    sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
+    ds.write_datasink(sink)
+    result.view_counts = {"views": 0, **sink.counts}
+    for name, files in sink.files.items():
+        run.commits.add(name, files)
