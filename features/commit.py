@@ -22,6 +22,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -136,6 +137,41 @@ def keys_since(
     return changed_keys(before, dt, keys).added
 
 
+class SlotCommitted(StoreError):
+    """A scheduled slot another run already committed to this table: this run stops."""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Rows a run removes from a table: those whose ``column`` is in ``ids``, or all."""
+
+    column: str | None = None  # None: every row (a full replacement)
+    ids: pa.Array | None = None
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What one commit did: its version (None: nothing to commit), the rows of this run's
+    own files that landed, and the rows dropped because the table already had their key."""
+
+    version: int | None
+    rows: int = 0
+    dropped: int = 0
+
+
+def removal_actions(
+    dt: DeltaTable, storage_options: dict[str, str], removals: Sequence[Removal], tag: str
+) -> tuple[list[RemoveAction], list[AddAction]]:
+    """Remove actions (and rewritten files) for ``removals``, planned against ``dt``'s version."""
+    if any(r.column is None for r in removals):
+        return remove_all(dt), []
+    columns = {r.column for r in removals}
+    if len(columns) != 1:
+        raise StoreError(f"{dt.table_uri}: removals by several columns {sorted(columns)}")
+    ids = pa.chunked_array([r.ids for r in removals if r.ids is not None], pa.string())
+    return rows_without(dt, storage_options, columns.pop(), ids.combine_chunks(), tag)
+
+
 def commit_files(
     dt: DeltaTable,
     storage_options: dict[str, str],
@@ -144,21 +180,43 @@ def commit_files(
     run_id: str,
     keys: Sequence[str] | None = None,
     base_version: int | None = None,
-    removes: Sequence[RemoveAction] = (),
+    removals: Sequence[Removal] = (),
     transaction: Transaction | None = None,
-) -> int | None:
-    """Commit files as one version of ``dt``; ``None`` when nothing is left to commit.
+    owned: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Committed:
+    """Commit files (and removals) as one version of ``dt``.
 
-    With ``keys``, rows whose key another writer committed after ``base_version``
-    are dropped first; the commit never auto-rebases, so the check repeats
-    until this commit lands on top of everything it checked against.
+    The commit is attempted against the version it was checked and planned on,
+    with no automatic rebase, exactly as Delta's own conflict checker treats a
+    delete: when another writer commits first, the check and the plan run again
+    on the new version. With ``keys``, rows whose key the run's own files repeat
+    or another writer committed after ``base_version`` are dropped first;
+    removals are planned anew on each attempt's version, so they never
+    resurrect or duplicate a row another writer changed. A ``transaction`` (a
+    scheduled slot) already on the table stops the run (``SlotCommitted``)
+    unless this run put it there (``owned``). ``metadata`` goes into the
+    commit's info, atomically with the rows (e.g. the feature-set description).
     """
     checked = base_version
+    dropped = 0
+    if keys is not None and adds:
+        adds, dropped = _unique_keys(dt.table_uri, storage_options, adds, keys, run_id)
+    rewritten: list[AddAction] = []
     for _ in range(MAX_ATTEMPTS):
         dt.update_incremental()
+        if transaction is not None and not owned:
+            done = dt.transaction_version(transaction.app_id)
+            if done is not None and done >= transaction.version:
+                discard_files(dt.table_uri, storage_options, [*adds, *rewritten])
+                raise SlotCommitted(
+                    f"{dt.table_uri}: slot {transaction.version} of {transaction.app_id} was "
+                    "already committed by another run"
+                )
         if keys is not None and checked != dt.version():
             clash = keys_since(dt, storage_options, checked, keys)
             if clash.num_rows:
+                before = _rows(adds)
                 adds = rewrite_files(
                     dt.table_uri,
                     storage_options,
@@ -166,51 +224,102 @@ def commit_files(
                     lambda rows, clash=clash: ~key_mask(rows, clash, keys),
                     run_id,
                 )
+                dropped += before - _rows(adds)
             checked = dt.version()
+        removes: list[RemoveAction] = []
+        if removals:
+            discard_files(dt.table_uri, storage_options, rewritten)
+            removes, rewritten = removal_actions(dt, storage_options, removals, run_id)
         if not adds and not removes:
-            return None
-        rows = sum(json.loads(a.stats)["numRecords"] for a in adds)
+            discard_files(dt.table_uri, storage_options, rewritten)
+            return Committed(None, 0, dropped)
         properties = CommitProperties(
-            custom_metadata={RUN_ID_KEY: run_id, ROWS_KEY: str(rows)},
+            custom_metadata={**(metadata or {}), RUN_ID_KEY: run_id, ROWS_KEY: str(_rows(adds))},
             max_commit_retries=0,
             app_transactions=[transaction] if transaction else None,
         )
         try:
             dt.create_write_transaction(
-                actions=[*adds, *removes],
+                actions=[*adds, *rewritten, *removes],
                 mode="append",
                 schema=dt.schema(),
                 commit_properties=properties,
             )
         except CommitFailedError:
-            if removes:  # a concurrent writer may have rewritten the same files
-                raise StoreError(
-                    f"{dt.table_uri}: another writer committed while this run was removing "
-                    "rows; run it again to remove them against the new version"
-                ) from None
-            continue
+            continue  # another writer was first: check and plan again on its version
         dt.update_incremental()
-        return dt.version()
+        return Committed(dt.version(), _rows(adds), dropped)
     raise StoreError(f"{dt.table_uri}: gave up after {MAX_ATTEMPTS} concurrent-commit retries")
+
+
+def _rows(actions: Sequence[AddAction]) -> int:
+    return sum(json.loads(a.stats)["numRecords"] for a in actions)
+
+
+def discard_files(
+    table_uri: str, storage_options: dict[str, str], actions: Sequence[AddAction]
+) -> None:
+    """Delete files this run wrote and will not commit (nobody can be reading them)."""
+    fs, root = filesystem_for(table_uri, storage_options)
+    for action in actions:
+        fs.delete_file(f"{root}/{action.path}")
+
+
+def _unique_keys(
+    table_uri: str,
+    storage_options: dict[str, str],
+    adds: list[AddAction],
+    keys: Sequence[str],
+    tag: str,
+) -> tuple[list[AddAction], int]:
+    """The run's files with each key once (the first row keeps it), and the rows dropped.
+
+    Stages never emit a key twice (duplicates are quarantined); this is the
+    table's own guarantee that a bug upstream cannot break it.
+    """
+    fs, root = filesystem_for(table_uri, storage_options)
+    parts = []
+    for i, action in enumerate(adds):
+        with fs.open_input_file(f"{root}/{action.path}") as f:
+            part = pq.read_table(f, columns=list(keys))
+        parts.append(part.append_column("__file", pa.repeat(pa.scalar(i), part.num_rows)))
+    found = pa.concat_tables(parts)
+    found = found.append_column("__pos", pa.array(np.arange(found.num_rows)))
+    first = found.group_by(list(keys)).aggregate([("__pos", "min")]).column("__pos_min")
+    if len(first) == found.num_rows:
+        return adds, 0
+    keep = np.zeros(found.num_rows, dtype=bool)
+    keep[first.to_numpy()] = True
+    starts = np.cumsum([0, *(p.num_rows for p in parts)])
+    masks = iter([keep[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)])
+    kept = rewrite_files(table_uri, storage_options, adds, lambda _rows: next(masks), tag)
+    return kept, found.num_rows - len(first)
 
 
 class RunCommits:
     """Everything one run will commit: base versions, pending files and removals, per table.
 
     ``pin`` records the version a table is read at; files workers wrote are
-    ``add``-ed, driver-side rows ``write``-n, removals planned against the pinned
-    version; ``commit`` makes one Delta version of a table from all of it and
-    records the version in ``versions``.
+    ``add``-ed, driver-side rows ``write``-n, removals requested; ``commit``
+    makes one Delta version of a table from all of it (removals planned on the
+    version it commits on) and records what landed in ``versions`` and ``rows``.
+    A scheduled run's ``transaction`` goes into every commit.
     """
 
-    def __init__(self, store: TableStore, run_id: str) -> None:
+    def __init__(
+        self, store: TableStore, run_id: str, *, transaction: Transaction | None = None
+    ) -> None:
         self.store = store
         self.run_id = run_id
+        self.transaction = transaction
         self.base: dict[str, int | None] = {}
         self.pending: dict[str, list[AddAction]] = {}
-        self.removals: dict[str, list[RemoveAction]] = {}
+        self.removals: dict[str, list[Removal]] = {}
         self.schemas: dict[str, pa.Schema] = {}
+        self.properties: dict[str, dict[str, str]] = {}  # set with the table's next commit
         self.versions: dict[str, int] = {}
+        self.rows: dict[str, int] = {}  # rows of this run's files each table took
+        self.dropped: dict[str, int] = {}  # rows left out: the table had their key already
 
     def pin(self, *names: str) -> None:
         """Record the current version of each table (``None``: not created yet) as its base."""
@@ -224,11 +333,16 @@ class RunCommits:
     def declare(
         self, name: str, schema: pa.Schema | None = None, properties: dict[str, str] | None = None
     ) -> pa.Schema:
-        """Create the table (or set changed ``properties``) before workers write under it;
-        returns the schema every file of this table is cast to."""
+        """Create the table before workers write under it; returns the schema every file of
+        this table is cast to. ``properties`` describe the rows this run adds: a new table
+        is created with them, an existing one gets them with the rows (in the commit's
+        info, then as table properties), never before its rows."""
         self.pin(name)
         self.schemas[name] = schema or self.schemas.get(name) or TABLE_SCHEMAS[name]
-        self.store.ensure_table(name, self.schemas[name], properties=properties)
+        if properties:
+            self.properties[name] = properties
+        if not self.store.exists(name):
+            self.store.ensure_table(name, self.schemas[name], properties=properties)
         return self.schemas[name]
 
     def add(self, name: str, actions: list[AddAction]) -> None:
@@ -246,41 +360,42 @@ class RunCommits:
         )
 
     def remove_rows(self, name: str, column: str, ids: pa.Array) -> None:
-        """Plan the removal of the rows whose ``column`` is in ``ids``, against the base version."""
-        base = self.base_version(name)
-        if base is None or len(ids) == 0:
-            return
-        removes, rewritten = rows_without(
-            self.store.delta(name, base), self.store.storage_options, column, ids, self.run_id
-        )
-        self.removals.setdefault(name, []).extend(removes)
-        self.add(name, rewritten)
+        """Remove the rows whose ``column`` is in ``ids`` in the table's next commit."""
+        if len(ids) and self.base_version(name) is not None:
+            ids = pa.chunked_array(ids).combine_chunks().cast(pa.string())
+            self.removals.setdefault(name, []).append(Removal(column, ids))
 
     def replace_all(self, name: str) -> None:
-        """Plan the removal of every row of the base version (a re-encode replaces them)."""
-        base = self.base_version(name)
-        if base is not None:
-            self.removals.setdefault(name, []).extend(remove_all(self.store.delta(name, base)))
+        """Remove every row the table has at its next commit (a re-encode replaces them)."""
+        if self.base_version(name) is not None:
+            self.removals.setdefault(name, []).append(Removal())
 
     def has_pending(self, name: str) -> bool:
         return bool(self.pending.get(name) or self.removals.get(name))
 
-    def commit(self, name: str, *, transaction: Transaction | None = None) -> int | None:
+    def commit(self, name: str) -> int | None:
         """One Delta commit of everything pending for ``name``; ``None`` when there is nothing."""
         adds = self.pending.pop(name, [])
-        removes = self.removals.pop(name, [])
-        if not adds and not removes:
+        removals = self.removals.pop(name, [])
+        if not adds and not removals:
             return None
-        version = commit_files(
+        done = commit_files(
             self.store.ensure_table(name, self.schemas.get(name)),
             self.store.storage_options,
             adds,
             run_id=self.run_id,
             keys=table_keys(name),
             base_version=self.base_version(name),
-            removes=removes,
-            transaction=transaction,
+            removals=removals,
+            transaction=self.transaction,
+            owned=name in self.versions,  # this run put the slot on the table itself
+            metadata=self.properties.get(name),
         )
-        if version is not None:
-            self.versions[name] = version
-        return version
+        self.rows[name] = self.rows.get(name, 0) + done.rows
+        self.dropped[name] = self.dropped.get(name, 0) + done.dropped
+        if done.version is not None:
+            self.versions[name] = done.version
+            self.base[name] = done.version  # what follows is checked against this run's commit
+            if name in self.properties:  # for readers of the properties; the commit has them
+                self.store.set_properties(name, self.properties.pop(name))
+        return done.version

@@ -18,7 +18,9 @@ from deltalake.exceptions import DeltaError
 
 from features.errors import StoreError
 from features.keys import changed_keys
+from features.leases import live_runs, written_by
 from features.schema import TABLE_KEYS, table_keys
+from features.storage import filesystem_for
 from features.tables import TableStore, Version
 
 # ---- diff ------------------------------------------------------------------------
@@ -87,17 +89,18 @@ def vacuum(
     """Files that no version within the retention window needs, per table: listed, or deleted.
 
     Covers files removed by later commits and files no commit ever referenced
-    (left by a killed job). ``retention_hours`` defaults to each table's
+    (left by a killed run). ``retention_hours`` defaults to each table's
     ``delta.deletedFileRetentionDuration`` (7 days); a shorter one is refused
-    unless ``force``: it breaks time travel to older versions and can delete
-    the files of a write in progress. Every table is checked before any file
-    is deleted, so a refusal deletes nothing.
+    unless ``force``: it breaks time travel to older versions. Files of a run
+    that is still writing (a live lease, ``features.leases``) are never
+    touched, whatever the retention. Every table is checked before any file is
+    deleted, so a refusal deletes nothing.
     """
     plan: dict[str, list[str]] = {}
     refused = []
     for table in store.tables():
         try:
-            plan[table] = _vacuum(store, table, retention_hours, dry_run=True, force=force)
+            plan[table] = _vacuum_plan(store, table, retention_hours, force=force)
         except DeltaError as e:
             if "retention" not in str(e).lower():
                 raise StoreError(f"vacuum of {table!r} failed: {e}") from e
@@ -108,16 +111,19 @@ def vacuum(
             f"(delta.deletedFileRetentionDuration) for {', '.join(refused)}; "
             "add --force to vacuum anyway (time travel to older versions stops working)"
         )
-    if dry_run:
-        return plan
-    return {t: _vacuum(store, t, retention_hours, dry_run=False, force=force) for t in plan}
+    live = live_runs(store)  # read after listing: a run that starts later has newer files
+    plan = {t: [p for p in paths if not written_by(p, live)] for t, paths in plan.items()}
+    if not dry_run:
+        for table, paths in plan.items():
+            fs, root = filesystem_for(store.table_uri(table), store.storage_options)
+            for path in paths:
+                fs.delete_file(f"{root}/{path}")
+    return plan
 
 
-def _vacuum(
-    store: TableStore, table: str, hours: int | None, *, dry_run: bool, force: bool
-) -> list[str]:
+def _vacuum_plan(store: TableStore, table: str, hours: int | None, *, force: bool) -> list[str]:
     return store.delta(table).vacuum(
-        retention_hours=hours, dry_run=dry_run, enforce_retention_duration=not force, full=True
+        retention_hours=hours, dry_run=True, enforce_retention_duration=not force, full=True
     )
 
 

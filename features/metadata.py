@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from features.errors import StoreError
 from features.schema import FEATURES_PREFIX
+from features.storage import filesystem_for
+from features.tables import TableStore
 
 LABEL_VOCABULARY_KEY = "mmfp.label_vocabulary"  # samples: the spec's closed label set (JSON)
 
@@ -84,8 +86,28 @@ class FeatureSetMeta(BaseModel):
             raise StoreError(f"table {table!r}: unreadable {cls.KEY!r} property: {e}") from e
 
     @classmethod
-    def of(cls, dt: DeltaTable, *, table: str) -> FeatureSetMeta:
-        """The description recorded in the version ``dt`` is loaded at."""
+    def of(cls, store: TableStore, dt: DeltaTable, *, table: str) -> FeatureSetMeta:
+        """The description of the rows of the version ``dt`` is loaded at.
+
+        A data commit carries the description its rows were made with (in its
+        commit info, atomically with the rows); the table property is set right
+        after, for other tools. So the log is read back from the version to the
+        newest commit that carries a description or that set the table's
+        metadata: a run killed between the two never leaves rows described by
+        another encoder.
+        """
+        fs, root = filesystem_for(store.table_uri(table), store.storage_options)
+        for version in range(dt.version(), -1, -1):
+            try:
+                with fs.open_input_stream(f"{root}/_delta_log/{version:020d}.json") as f:
+                    actions = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+            except FileNotFoundError:
+                break  # older commits were checkpointed and cleaned up: the property holds
+            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+            if cls.KEY in info:
+                return cls.from_properties({cls.KEY: info[cls.KEY]}, table=table)
+            if any("metaData" in a for a in actions):
+                break
         return cls.from_properties(dt.metadata().configuration, table=table)
 
     def embeddings(self) -> dict[str, ColumnMeta]:

@@ -72,7 +72,7 @@ class FeatureStore(TableStore):
     def feature_set(self, name: str, version: Version = None) -> FeatureSetMeta:
         """The description of a feature set at a version: encoders, column shapes, lineage."""
         table = feature_table(name)
-        return FeatureSetMeta.of(self.delta(table, version), table=table)
+        return FeatureSetMeta.of(self, self.delta(table, version), table=table)
 
     def build_index(self, feature_set: str, column: str | None = None, **options: Any) -> dict:
         """Build and tune the ANN index of a feature-set version; see ``features.ann``."""

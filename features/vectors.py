@@ -60,7 +60,7 @@ def embedding_column(
     """The Delta table of ``feature_set`` at ``version`` and the embedding column to search."""
     table = feature_table(feature_set)
     dt = store.delta(table, version)
-    columns = FeatureSetMeta.of(dt, table=table).embeddings()
+    columns = FeatureSetMeta.of(store, dt, table=table).embeddings()
     if not columns:
         raise StoreError(f"{table} has no embedding columns in its {FeatureSetMeta.KEY} metadata")
     if column is None and len(columns) > 1:

@@ -210,6 +210,7 @@ class ShardReader:
         name = self.source.source_name
         shard_uri = self.shard_uri(shard)
         groups: dict[str, dict[str, bytes]] = {}
+        doubled: dict[str, list[str]] = {}  # group key -> member names seen more than once
         rows: list[dict[str, Any]] = []
         try:
             with (
@@ -224,25 +225,38 @@ class ShardReader:
                         continue
                     prefix = member.name[: len(member.name) - len(base)]
                     stem, ext = base.split(".", 1)
+                    group = groups.setdefault(prefix + stem, {})
+                    if ext.lower() in group:
+                        doubled.setdefault(prefix + stem, []).append(member.name)
                     handle = tar.extractfile(member)
-                    groups.setdefault(prefix + stem, {})[ext.lower()] = (
-                        handle.read() if handle else b""
-                    )
+                    group[ext.lower()] = handle.read() if handle else b""
         except (tarfile.TarError, OSError, EOFError) as e:
             error = errors.CorruptShard(
                 f"tar ends early or is damaged after {len(groups)} samples: {e}"
             )
             rows.append({"source": name, "source_uri": shard_uri} | error_columns(error))
         for key, members in groups.items():
-            rows.append(self.collect_member_group(f"{shard_uri}#{key}", members))
+            rows.append(self.collect_member_group(f"{shard_uri}#{key}", members, doubled.get(key)))
         return rows
 
-    def collect_member_group(self, key: str, members: dict[str, bytes]) -> dict[str, Any]:
-        """The sample row of one member group (``key.jpg``, ``key.txt``, ...), or its error row."""
-        name = self.source.source_name
-        return row_or_error(lambda: self._sample(key, members), source=name, source_uri=key)
+    def collect_member_group(
+        self, key: str, members: dict[str, bytes], doubled: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The sample row of one member group (``key.jpg``, ``key.txt``, ...), or its error row.
 
-    def _sample(self, key: str, members: dict[str, bytes]) -> dict[str, Any]:
+        ``doubled``: members whose name the shard holds more than once (which one is meant
+        is ambiguous, so the group is refused rather than one of them dropped).
+        """
+        name = self.source.source_name
+        return row_or_error(
+            lambda: self._sample(key, members, doubled), source=name, source_uri=key
+        )
+
+    def _sample(
+        self, key: str, members: dict[str, bytes], doubled: list[str] | None
+    ) -> dict[str, Any]:
+        if doubled:
+            raise errors.AmbiguousSample(f"the shard holds {sorted(set(doubled))} more than once")
         parts: dict[str, tuple[bytes | str, str]] = {}
         extra: dict[str, Any] = {}
         for ext, data in members.items():

@@ -28,14 +28,22 @@ class IdRegistry:
         ids = store.column_values("samples", "sample_id", version) if version is not None else []
         self.stored = pa.table({"sample_id": pa.array(ids, pa.string())})
         self.claims: dict[str, str] = {}  # this run's new ids -> the input that claimed it
+        self.seen: list[pa.Array] = []  # every id an input of this run produced
 
     def claim(self, ids: pa.Array, keys: list[str]) -> list[str]:
         """For each (id, key): the key that owns the id, or ``STORED``."""
+        self.seen.append(ids)
         stored = key_mask(pa.table({"sample_id": ids}), self.stored, ["sample_id"])
         return [
             STORED if was_stored else self.claims.setdefault(sid, key)
             for sid, key, was_stored in zip(ids.to_pylist(), keys, stored, strict=True)
         ]
+
+    def produced(self, ids: pa.Array) -> pa.Array:
+        """The ``ids`` some input of this run produced (a renamed file still produces its id)."""
+        candidates = pa.table({"sample_id": ids})
+        seen = pa.table({"sample_id": pa.chunked_array(self.seen, pa.string())})
+        return candidates.filter(pa.array(key_mask(candidates, seen, ["sample_id"]))).column(0)
 
 
 def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle) -> pa.Table:

@@ -220,7 +220,7 @@ def embed_query(
     if modality is None:
         raise StoreError("embed_query needs text=, image_bytes= or audio_bytes=")
     name = feature_table(feature_set)
-    meta = FeatureSetMeta.of(store.delta(name), table=name)
+    meta = FeatureSetMeta.of(store, store.delta(name), table=name)
     for entry in meta.encoders:
         if entry.config is None:
             continue

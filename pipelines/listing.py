@@ -203,11 +203,15 @@ def manifest_refs(
     mapped = {c for c in cols.values() if c}
     rows = batch.to_pylist()
     refs = []
+    seen: dict[str, int] = {}  # key -> rows that had it so far
     for row in rows:
         value = {field: _cell(row, column) for field, column in cols.items()}
         extra = {k: v for k, v in row.items() if k not in mapped and v is not None}
         ident = value["id"] or value["image"] or value["audio"] or value["text"]
         key = f"{source.uri}#{str(ident)[:200]}"
+        seen[key] = repeat = seen.get(key, 0) + 1
+        if repeat > 1:  # every input keeps a key of its own: the ledger and quarantine use it
+            key = f"{key}#{repeat}"
         ref: dict[str, Any] = {
             "source": source.source_name,
             "root": root,
@@ -219,6 +223,10 @@ def manifest_refs(
             "metadata": json.dumps(extra, default=str, sort_keys=True) if extra else None,
         }
         try:
+            if value["id"] and repeat > 1:
+                raise errors.AmbiguousSample(
+                    f"id {value['id']!r} names {repeat} rows of the manifest; ids must be unique"
+                )
             if not (value["text"] or value["image"] or value["audio"]):
                 raise errors.BadManifestRow("row has no text, image or audio value")
             for modality in ("image", "audio"):

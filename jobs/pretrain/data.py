@@ -69,7 +69,7 @@ def feature_set_info(store: TableStore, name: str, version: int | None) -> Featu
     """Read the feature set description at ``version`` (latest when None), pinning it."""
     table = feature_table(name)
     dt = store.delta(table, version)
-    return FeatureSetInfo(name, dt.version(), FeatureSetMeta.of(dt, table=table))
+    return FeatureSetInfo(name, dt.version(), FeatureSetMeta.of(store, dt, table=table))
 
 
 def check_towers(info: FeatureSetInfo, config: TrainConfig) -> None:

@@ -11,10 +11,14 @@ commit per run.
 
 from __future__ import annotations
 
+import pyarrow as pa
 import ray.data
 
+from features.commit import SlotCommitted
+from features.keys import anti_join
+from features.leases import Lease
 from pipelines.build.feature_sets import encode_feature_set
-from pipelines.build.run import BuildResult, Run, slot_transaction
+from pipelines.build.run import BuildResult, Run
 from pipelines.build.samples import collect_samples
 from pipelines.build.views import augment_samples
 from pipelines.errors import SpecError
@@ -39,17 +43,15 @@ def build(
     ``incremental`` (a refresh) reads only inputs whose fingerprint changed since
     the ledger last saw them and applies ``refresh.on_removed`` to inputs that
     disappeared. ``slot`` (e.g. a schedule's slot time in epoch seconds) makes
-    the run exactly-once: a second run for a slot already recorded does nothing.
-    One Delta commit per table that received rows; nothing at all when there is
-    nothing new. Ray must be initialised (jobs do it).
+    the run exactly-once: every commit carries it, and a run that finds it
+    already committed stops (``already_done``). One Delta commit per table that
+    received rows; nothing at all when there is nothing new. Ray must be
+    initialised (jobs do it).
     """
-    run = Run.start(spec, run_id=run_id)
-    transaction = slot_transaction(spec, kind, slot)
-    if transaction and run.store.exists("_runs"):
-        done = run.store.delta("_runs").transaction_version(transaction.app_id)
-        if done is not None and done >= transaction.version:
-            run.result.already_done = True
-            return run.result
+    run = Run.start(spec, run_id=run_id, kind=kind, slot=slot)
+    if run.slot_done():
+        run.result.already_done = True
+        return run.result
     if spec.label:
         Labeller(spec.label).check()  # a bad function path fails here, before Ray work
     # Ray Data's per-operator reservation idles one of few CPUs for ~1 s per stage start;
@@ -60,10 +62,14 @@ def build(
         False,
     )
     try:
-        _run_stages(run, incremental=incremental)
+        with Lease(run.store, run.result.run_id):  # vacuum leaves this run's files alone
+            _run_stages(run, incremental=incremental)
+            return run.finish()
+    except SlotCommitted:
+        run.result.already_done = True  # another run of this slot committed first
+        return run.result
     finally:
         context.op_resource_reservation_enabled = reserved
-    return run.finish(kind=kind, transaction=transaction)
 
 
 def _run_stages(run: Run, *, incremental: bool) -> None:
@@ -77,16 +83,25 @@ def _run_stages(run: Run, *, incremental: bool) -> None:
         run_id=result.run_id,
     )
     result.skipped_inputs = plan.skipped
+    run.commits.write("_inputs", plan.removed)
+    kept = collect_samples(run, plan)
+    # a sample goes only when no current input produces it (a renamed file keeps it)
+    delete = anti_join(
+        pa.table({"sample_id": plan.delete_ids}), pa.table({"sample_id": kept}), ["sample_id"]
+    )
     if plan.removed.num_rows:
-        run.commits.write("_inputs", plan.removed)
         feature_sets = [n for n in store.tables() if n.startswith("features/")]
         for name in ("samples", "views", *feature_sets):
-            run.commits.remove_rows(name, "sample_id", plan.delete_ids)
-        result.removed = {"inputs": plan.removed.num_rows, "samples": len(plan.delete_ids)}
-    collect_samples(run, plan)
+            run.commits.remove_rows(name, "sample_id", delete.column("sample_id"))
+        result.removed = {"inputs": plan.removed.num_rows, "samples": delete.num_rows}
+    run.commit("samples")
+    result.counts["samples"] = run.commits.rows.get("samples", 0)
+    result.counts["already_stored"] += run.commits.dropped.get("samples", 0)
     if spec.augment:
         augment_samples(run)
     run.commit("views")  # encoding reads the views this run made
+    if "views" in result.view_counts:
+        result.view_counts["views"] = run.commits.rows.get("views", 0)
     for feature_set in spec.encode.feature_sets if spec.encode else []:
         encode_feature_set(run, feature_set)
     run.commit_rest()  # quarantine, the ledger, removals from feature sets no spec encodes
@@ -97,9 +112,10 @@ def encode_only(spec: PipelineSpec, name: str, *, reencode: bool = False) -> Bui
     if spec.encode is None:
         raise SpecError("the spec has no `encode` section to run")
     feature_set = spec.encode.get(name)
-    run = Run.start(spec)
+    run = Run.start(spec, kind="encode")
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
-    encode_feature_set(run, feature_set, reencode=reencode)
-    run.commit_rest()
-    return run.finish(kind="encode")
+    with Lease(run.store, run.result.run_id):
+        encode_feature_set(run, feature_set, reencode=reencode)
+        run.commit_rest()
+        return run.finish()

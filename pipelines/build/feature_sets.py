@@ -61,12 +61,11 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     existing = pa.table({"sample_id": pa.array([], pa.string()), "view": pa.array([], pa.int32())})
     if store.exists(name):
         if reencode:
-            # every row is replaced, in the same commit that adds the new ones
+            # every row is replaced, in the commit that adds the new ones and their description
             run.commits.replace_all(name)
-            store.set_properties(name, meta.to_properties())
         else:
             check_compatible(
-                feature_set.name, FeatureSetMeta.of(store.delta(name), table=name), meta
+                feature_set.name, FeatureSetMeta.of(store, store.delta(name), table=name), meta
             )
             existing = store.to_arrow(name, columns=FEATURE_KEYS)
     # keys other writers add from here on are dropped from this run's files at commit
@@ -111,9 +110,9 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     schema = run.commits.declare(name, table_schema(encoders), meta.to_properties())
     sink = StoreSink(store, ToTable(name), run_id=result.run_id, schemas={name: schema})
     ds.write_datasink(sink)
-    result.feature_counts[feature_set.name] = sink.counts.get("rows", 0)
     run.commits.add(name, sink.files[name])
     run.commit(name)
+    result.feature_counts[feature_set.name] = run.commits.rows.get(name, 0)
 
 
 def _key_columns(is_view: bool) -> list[str]:

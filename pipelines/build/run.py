@@ -3,7 +3,7 @@
 A ``Run`` holds the spec, the store, the counts the stages report
 (``BuildResult``) and the run's ``RunCommits``; the plan modules beside this
 one (samples, views, feature sets) add files to it and commit their tables.
-The run's lineage row in ``_runs`` is its last commit.
+Its row in ``_runs`` is its first commit and, completed, its last.
 """
 
 from __future__ import annotations
@@ -55,27 +55,50 @@ class BuildResult:
 
 @dataclass
 class Run:
-    """One run's state: spec, store, counts, commits, and the quarantine rows already stored."""
+    """One run's state: spec, store, counts, commits, and the quarantine rows already stored.
+
+    The run's ``_runs`` row is its first commit (written just before the first data
+    commit, ``finished_at`` empty) and is replaced by the full record as its last, so
+    every committed row traces to a run record, and a run that died shows as unfinished.
+    """
 
     spec: PipelineSpec
     store: TableStore
     result: BuildResult
     commits: RunCommits
     known_quarantine: pa.Table  # quarantine_id of every row stored before the run
+    kind: str = "build"
 
     @classmethod
-    def start(cls, spec: PipelineSpec, *, run_id: str | None = None) -> Run:
+    def start(
+        cls,
+        spec: PipelineSpec,
+        *,
+        run_id: str | None = None,
+        kind: str = "build",
+        slot: int | None = None,
+    ) -> Run:
         """Open the spec's store and pin the versions the run reads."""
         store = TableStore(spec.store.uri, storage_options=spec.store.storage_options)
         result = BuildResult(run_id=run_id or new_run_id(), store_uri=store.uri)
-        commits = RunCommits(store, result.run_id)
+        commits = RunCommits(store, result.run_id, transaction=slot_transaction(spec, kind, slot))
         commits.pin(*BASE_TABLES)
         known = store.column_values("quarantine", "quarantine_id", commits.base["quarantine"])
-        return cls(spec, store, result, commits, pa.table({"quarantine_id": known}))
+        return cls(spec, store, result, commits, pa.table({"quarantine_id": known}), kind)
 
-    def commit(self, name: str, *, transaction: Transaction | None = None) -> None:
+    def slot_done(self) -> bool:
+        """True when a finished run already committed this run's scheduled slot."""
+        transaction = self.commits.transaction
+        if transaction is None or not self.store.exists("_runs"):
+            return False
+        done = self.store.delta("_runs").transaction_version(transaction.app_id)
+        return done is not None and done >= transaction.version
+
+    def commit(self, name: str) -> None:
         """Commit what the run has for ``name`` and record the version it made."""
-        version = self.commits.commit(name, transaction=transaction)
+        if "_runs" not in self.result.versions and self.commits.has_pending(name):
+            self._record()  # the run's record comes before its first data
+        version = self.commits.commit(name)
         if version is not None:
             self.result.versions[name] = version
 
@@ -84,14 +107,22 @@ class Run:
         for name in [*self.commits.pending, *self.commits.removals]:
             self.commit(name)
 
-    def finish(self, *, kind: str, transaction: Transaction | None = None) -> BuildResult:
-        """Stamp the end and, when the run changed the store, append its ``_runs`` row."""
+    def finish(self) -> BuildResult:
+        """Stamp the end and, when the run changed the store, complete its ``_runs`` row."""
         result = self.result
         result.finished_at = datetime.now(UTC)
         if result.changed:
-            self.commits.write("_runs", pa.Table.from_pylist([run_record(self.spec, result, kind)]))
-            self.commit("_runs", transaction=transaction)
+            self.commits.remove_rows("_runs", "run_id", pa.array([result.run_id]))
+            self._record()
         return result
+
+    def _record(self) -> None:
+        self.commits.write(
+            "_runs", pa.Table.from_pylist([run_record(self.spec, self.result, self.kind)])
+        )
+        version = self.commits.commit("_runs")
+        if version is not None:
+            self.result.versions["_runs"] = version
 
 
 def new_run_id() -> str:
@@ -116,8 +147,10 @@ def code_version() -> str:
 
 
 def slot_transaction(spec: PipelineSpec, kind: str, slot: int | None) -> Transaction | None:
-    """The Delta app transaction of a scheduled slot: a retried job cannot commit it twice."""
-    return None if slot is None else Transaction(f"mmfp:{spec.name}:{kind}", slot)
+    """The Delta app transaction of a scheduled slot, in every commit of the run: a retried
+    or doubled job cannot commit it twice. Keyed by the spec's identity (its hash), so two
+    specs that share a store (or a name) never suppress each other's slots."""
+    return None if slot is None else Transaction(f"mmfp:{kind}:{spec.spec_hash()}", slot)
 
 
 def run_record(spec: PipelineSpec, result: BuildResult, kind: str) -> dict[str, Any]:

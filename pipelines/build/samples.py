@@ -26,12 +26,15 @@ from pipelines.spec import PipelineSpec, WebDatasetSource
 from pipelines.split import split_batch
 
 
-def collect_samples(run: Run, plan: InputPlan) -> None:
-    """The plan's inputs -> ``samples`` (committed now); quarantine and ledger rows pending."""
+def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
+    """The plan's inputs -> files of ``samples``, ``quarantine`` and ``_inputs`` (pending).
+
+    Returns the sample ids the plan would delete that an input read now still
+    produces (a renamed or copied file): those must stay.
+    """
     spec, store, result = run.spec, run.store, run.result
     if plan.todo.empty:
-        run.commit("samples")  # removals, when a refresh has nothing new to read
-        return
+        return pa.array([], pa.string())
     registry = IdRegistry.remote(store, run.commits.base["samples"])
     ds = collected_dataset(spec, plan)
     if spec.label and Labeller(spec.label).needs_model:  # zero-shot: the model loads once
@@ -62,11 +65,12 @@ def collect_samples(run: Run, plan: InputPlan) -> None:
         schemas=schemas,
     )
     ds.write_datasink(sink)
+    kept = ray.get(registry.produced.remote(plan.delete_ids))
     ray.kill(registry)
     result.counts.update({k: sink.counts.get(k, 0) for k in OUTCOMES})
     for name, files in sink.files.items():
         run.commits.add(name, files)
-    run.commit("samples")
+    return kept
 
 
 def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
