@@ -154,24 +154,34 @@ class RefReader:
             metadata=ref["metadata"],
         )
 
-    @staticmethod
-    def _read(fs: pafs.FileSystem, root: str, path: str) -> bytes:
+    def _read(self, fs: pafs.FileSystem, root: str, path: str) -> bytes:
+        """The bytes of one regular file under ``root``, checked before a byte is read."""
         if isinstance(fs, pafs.LocalFileSystem):
             real_root = _realpath(root)
             if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
                 raise errors.UnsafePath(f"{path} resolves outside {root} (symlink?)")
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise errors.MissingFile(f"{path} does not exist")
+        if info.type != pafs.FileType.File:  # a directory, FIFO, socket: never opened
+            raise errors.NotARegularFile(f"{path} is not a regular file ({info.type.name})")
+        check_size(path, info.size, self.limits)
         try:
             with fs.open_input_stream(path) as f:
-                data = f.read()
+                data = f.read(self.limits.max_file_bytes + 1)
         except FileNotFoundError as e:
             raise errors.MissingFile(f"{path} does not exist") from e
-        except OSError as e:
-            if "not found" in str(e).lower() or "no such file" in str(e).lower():
-                raise errors.MissingFile(f"{path} does not exist") from e
-            raise
         if not data:
             raise errors.EmptyFile(f"{path} is empty (0 bytes)")
+        check_size(path, len(data), self.limits)  # it grew since it was listed
         return data
+
+
+def check_size(name: str, size: int | None, limits: DecodeLimits) -> None:
+    if size is not None and size > limits.max_file_bytes:
+        raise errors.FileTooLarge(
+            f"{name} has {size} bytes > decode.max_file_bytes={limits.max_file_bytes}"
+        )
 
 
 class ShardReader:
@@ -207,56 +217,92 @@ class ShardReader:
         return shard if is_local(self.source.uri) else f"{scheme}://{shard}"
 
     def read_shard(self, fs: pafs.FileSystem, shard: str) -> list[dict[str, Any]]:
+        """One row per member group, each decoded as soon as the stream moves past it.
+
+        WebDataset keeps a sample's members next to each other: memory holds one
+        group's bytes at a time, and a member over ``decode.max_file_bytes`` is
+        never read.
+        """
         name = self.source.source_name
         shard_uri = self.shard_uri(shard)
-        groups: dict[str, dict[str, bytes]] = {}
-        doubled: dict[str, list[str]] = {}  # group key -> member names seen more than once
         rows: list[dict[str, Any]] = []
+        done: dict[str, int] = {}  # group key -> how many groups had it
+        key: str | None = None
+        members: dict[str, bytes] = {}
+        problems: list[errors.InputError] = []
+
+        def finish() -> None:
+            if key is not None:
+                done[key] = done.get(key, 0) + 1
+                uri = f"{shard_uri}#{key}" + (f"#{done[key]}" if done[key] > 1 else "")
+                rows.append(self.collect_member_group(uri, members, problems))
+
         try:
             with (
                 fs.open_input_stream(shard) as stream,
                 tarfile.open(fileobj=stream, mode="r|*") as tar,
             ):
                 for member in tar:
-                    if not member.isfile():
+                    if member.isdir():
+                        continue
+                    if not member.isfile():  # a link or device: never followed, never dropped
+                        refused = errors.NotARegularFile(f"member {member.name} is not a file")
+                        rows.append({"source": name, "source_uri": f"{shard_uri}#{member.name}"}
+                                    | error_columns(refused))  # fmt: skip
                         continue
                     base = member.name.rsplit("/", 1)[-1]
                     if is_hidden(base) or "." not in base:
                         continue
-                    prefix = member.name[: len(member.name) - len(base)]
                     stem, ext = base.split(".", 1)
-                    group = groups.setdefault(prefix + stem, {})
-                    if ext.lower() in group:
-                        doubled.setdefault(prefix + stem, []).append(member.name)
+                    group = member.name[: len(member.name) - len(base)] + stem
+                    if group != key:
+                        finish()
+                        key, members, problems = group, {}, []
+                        if key in done:
+                            problems.append(errors.AmbiguousSample(
+                                f"members of {key} are not next to each other in the shard"
+                            ))  # fmt: skip
+                    ext = ext.lower()
+                    if ext in members:
+                        problems.append(
+                            errors.AmbiguousSample(f"the shard holds {member.name} more than once")
+                        )
+                    try:
+                        check_size(member.name, member.size, self.limits)
+                    except errors.FileTooLarge as e:
+                        problems.append(e)
+                        members[ext] = b""
+                        continue
                     handle = tar.extractfile(member)
-                    group[ext.lower()] = handle.read() if handle else b""
+                    members[ext] = handle.read() if handle else b""
         except (tarfile.TarError, OSError, EOFError) as e:
+            finish()
+            key = None
             error = errors.CorruptShard(
-                f"tar ends early or is damaged after {len(groups)} samples: {e}"
+                f"tar ends early or is damaged after {len(done)} samples: {e}"
             )
             rows.append({"source": name, "source_uri": shard_uri} | error_columns(error))
-        for key, members in groups.items():
-            rows.append(self.collect_member_group(f"{shard_uri}#{key}", members, doubled.get(key)))
+        finish()
         return rows
 
     def collect_member_group(
-        self, key: str, members: dict[str, bytes], doubled: list[str] | None = None
+        self, key: str, members: dict[str, bytes], problems: list[errors.InputError] | None = None
     ) -> dict[str, Any]:
         """The sample row of one member group (``key.jpg``, ``key.txt``, ...), or its error row.
 
-        ``doubled``: members whose name the shard holds more than once (which one is meant
-        is ambiguous, so the group is refused rather than one of them dropped).
+        ``problems`` found while reading the group (a member twice, one too large) refuse
+        it: which bytes were meant is unclear, so no member is silently dropped.
         """
         name = self.source.source_name
         return row_or_error(
-            lambda: self._sample(key, members, doubled), source=name, source_uri=key
+            lambda: self._sample(key, members, problems), source=name, source_uri=key
         )
 
     def _sample(
-        self, key: str, members: dict[str, bytes], doubled: list[str] | None
+        self, key: str, members: dict[str, bytes], problems: list[errors.InputError] | None
     ) -> dict[str, Any]:
-        if doubled:
-            raise errors.AmbiguousSample(f"the shard holds {sorted(set(doubled))} more than once")
+        if problems:
+            raise problems[0]
         parts: dict[str, tuple[bytes | str, str]] = {}
         extra: dict[str, Any] = {}
         for ext, data in members.items():

@@ -70,8 +70,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
             fmt, (width, height) = (header.format or "unknown").lower(), header.size
     except UnidentifiedImageError as e:
         raise errors.ImageDecodeError("unrecognised image format") from e
-    except (OSError, ValueError, SyntaxError) as e:
-        raise errors.ImageDecodeError(f"unreadable image header: {e}") from e
+    except Exception as e:  # Pillow's plugins raise anything on hostile headers
+        raise errors.ImageDecodeError(f"unreadable image header: {_one_line(e)}") from e
     if width * height > max_pixels:
         raise errors.ImageTooLarge(
             f"header declares {width}x{height} = {width * height} pixels "
@@ -80,13 +80,15 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
     try:
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as e:
-        raise errors.ImageDecodeError(f"OpenCV could not decode the {fmt}: {e}") from e
+        raise errors.ImageDecodeError(f"OpenCV could not decode the {fmt}: {_one_line(e)}") from e
     if pixels is None:
         if _looks_truncated(data, fmt):
             raise errors.TruncatedImage(
                 f"{fmt} data ends before its end marker ({len(data)} bytes)"
             )
         raise errors.ImageDecodeError(f"OpenCV could not decode the {fmt} ({len(data)} bytes)")
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise errors.NonFiniteMedia(f"{fmt} pixels are NaN or infinite")
     channels = 1 if pixels.ndim == 2 else int(pixels.shape[2])
     return DecodedImage(pixels, fmt, int(pixels.shape[1]), int(pixels.shape[0]), channels)
 
@@ -119,6 +121,7 @@ def decode_audio(data: bytes, *, max_seconds: float, ext: str = "") -> DecodedAu
         raise errors.AudioDecodeError(f"unreadable frames: {_soundfile_reason(e)}") from e
     if samples.shape[0] == 0:
         raise errors.EmptyAudio(f"{info.format} decoded to no frames")
+    _check_finite(samples)
     return DecodedAudio(
         samples,
         info.format.lower(),
@@ -133,14 +136,17 @@ def _decode_audio_fallback(
 ) -> DecodedAudio:
     import librosa
 
-    # audioread wants a path; the file is ours and short-lived.
+    # audioread wants a path; the file is ours and short-lived. Not a frame past the
+    # limit is decoded: a longer file is refused by what the bounded read returns.
     with tempfile.NamedTemporaryFile(suffix=f".{ext or 'bin'}", delete=False) as tmp:
         tmp.write(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # librosa's audioread notice
-            _check_duration(librosa.get_duration(path=tmp.name), max_seconds)
-            samples, sample_rate = librosa.load(tmp.name, sr=None, mono=False)
+            samples, sample_rate = librosa.load(
+                tmp.name, sr=None, mono=False, duration=max_seconds + 1.0
+            )
+        _check_duration(np.atleast_2d(samples).shape[-1] / sample_rate, max_seconds)
     except errors.InputError:
         raise
     except Exception as e:
@@ -153,6 +159,7 @@ def _decode_audio_fallback(
     samples = np.atleast_2d(samples).T.astype(np.float32)  # librosa gives (channels, frames)
     if samples.shape[0] == 0:
         raise errors.EmptyAudio("decoded to no frames")
+    _check_finite(samples)
     return DecodedAudio(
         samples,
         ext or "unknown",
@@ -165,6 +172,16 @@ def _decode_audio_fallback(
 def _soundfile_reason(error: Exception) -> str:
     # LibsndfileError's str() names the BytesIO object; its error_string does not.
     return getattr(error, "error_string", None) or str(error)
+
+
+def _check_finite(samples: np.ndarray) -> None:
+    # a NaN sample passes every format check and then breaks every encoder that reads it
+    if not np.isfinite(samples).all():
+        raise errors.NonFiniteMedia("audio samples are NaN or infinite")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 def _check_duration(seconds: float, max_seconds: float) -> None:

@@ -9,10 +9,12 @@ as Arrow fixed-size lists (zero-copy to NumPy), not Python objects.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.errors import StoreError
@@ -22,7 +24,8 @@ from features.schema import FEATURE_KEY_FIELDS, ORIGINAL_VIEW, feature_schema
 from features.tables import TableStore
 from pipelines.encoders import EncoderConfig, encoder_class, get_encoder
 from pipelines.encoders.base import Encoder, device_for_actor
-from pipelines.errors import SpecError
+from pipelines.errors import EncodeFailed, SpecError
+from pipelines.quarantine import ERROR_FIELDS, unreadable, with_errors
 
 KEY_COLUMNS = [f.name for f in FEATURE_KEY_FIELDS]
 MEDIA_COLUMNS = ["text", "image", "audio"]
@@ -128,15 +131,19 @@ def as_feature_input(batch: pa.Table, *, is_view: bool) -> pa.Table:
 
 def _input_field(index: int, key: str, array: np.ndarray) -> tuple[pa.Field, pa.Array]:
     """A model input as a fixed-size list column; its shape travels in the field metadata."""
-    flat = np.ascontiguousarray(array).reshape(len(array), -1)
-    values = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+    values = _input_field_values(array)
     shape = ",".join(str(d) for d in np.shape(array)[1:])
     metadata = {ENCODER_KEY: str(index), INPUT_KEY: key, SHAPE_KEY: shape}
     return pa.field(f"__in{index}__{key}", values.type, metadata=metadata), values
 
 
 class Preprocess:
-    """CPU stage: each encoder's ``preprocess``; inputs leave as fixed-size list columns."""
+    """CPU stage: each encoder's ``preprocess``; inputs leave as fixed-size list columns.
+
+    A row an encoder fails on does not fail its batch: it is found by preprocessing the
+    rows one by one, goes on without media (placeholders, no features) and carries an
+    ``EncodeFailed`` error, so the feature set's sink sends it to quarantine.
+    """
 
     def __init__(self, configs: list[EncoderConfig]) -> None:
         self.configs = configs
@@ -148,11 +155,52 @@ class Preprocess:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._encoders is None:
             self._encoders = [get_encoder(c) for c in self.configs]
+        failed = failing_rows(batch, self._preprocess)
+        if failed:
+            keep = pa.array([i not in failed for i in range(batch.num_rows)])
+            for column in MEDIA_COLUMNS:  # the failing rows go on as rows without media
+                if column in batch.column_names:
+                    index = batch.schema.get_field_index(column)
+                    media = pc.if_else(
+                        keep, batch.column(column), pa.scalar(None, batch.schema.field(index).type)
+                    )
+                    batch = batch.set_column(index, column, media)
         out = batch.select(KEY_COLUMNS)
-        for i, encoder in enumerate(self._encoders):
-            for key, array in encoder.preprocess(batch).items():
-                out = out.append_column(*_input_field(i, key, array))
-        return out
+        for field, values in self._preprocess(batch):
+            out = out.append_column(field, values)
+        return _with_errors(out, failed)
+
+    def _preprocess(self, batch: pa.Table) -> list[tuple[pa.Field, pa.Array]]:
+        assert self._encoders is not None
+        return [
+            _input_field(i, key, array)
+            for i, encoder in enumerate(self._encoders)
+            for key, array in encoder.preprocess(batch).items()
+        ]
+
+
+def failing_rows(batch: pa.Table, step: Callable[[pa.Table], object]) -> dict[int, EncodeFailed]:
+    """The rows ``step`` fails on, each with the reason; empty when the whole batch passes."""
+    try:
+        step(batch)
+        return {}
+    except Exception:  # one bad row: find it, and any others, row by row
+        pass
+    failed = {}
+    for i in range(batch.num_rows):
+        try:
+            step(batch.slice(i, 1))
+        except Exception as e:
+            failed[i] = EncodeFailed(str(unreadable(e)))
+    return failed
+
+
+def _with_errors(out: pa.Table, failed: dict[int, EncodeFailed]) -> pa.Table:
+    """``out`` with the error columns, set on the rows in ``failed``."""
+    for field in ERROR_FIELDS:
+        if field.name not in out.column_names:
+            out = out.append_column(field, pa.nulls(out.num_rows, field.type))
+    return with_errors(out, failed)
 
 
 def _inputs(batch: pa.Table, index: int) -> dict[str, np.ndarray]:
@@ -170,7 +218,11 @@ def _inputs(batch: pa.Table, index: int) -> dict[str, np.ndarray]:
 
 class Encode:
     """Model stage: loads every model of the set once (per actor, on first use), returns
-    feature rows. Ray runs it as an actor class for models, as a task function otherwise."""
+    feature rows. Ray runs it as an actor class for models, as a task function otherwise.
+
+    A row the model fails on gets an ``EncodeFailed`` error and no features; the rest of
+    the batch is encoded.
+    """
 
     def __init__(self, configs: list[EncoderConfig]) -> None:
         self.configs = configs
@@ -189,12 +241,41 @@ class Encode:
         return self._encoders
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = batch.select(KEY_COLUMNS)
+        failed = failing_rows(batch, self._encode)
+        batch = _masked(batch, failed, len(self.encoders))
+        out = batch.select(
+            [*KEY_COLUMNS, *(f.name for f in ERROR_FIELDS if f.name in batch.column_names)]
+        )
+        for column in self._encode(batch):
+            out = out.append_column(*column)
+        return _with_errors(out, failed)
+
+    def _encode(self, batch: pa.Table) -> list[tuple[str, pa.Array]]:
+        columns = []
         for i, encoder in enumerate(self.encoders):
             features = encoder.to_arrow(encoder.encode(_inputs(batch, i)))
-            for name in features.column_names:
-                out = out.append_column(name, features.column(name))
-        return out
+            columns += [(name, features.column(name)) for name in features.column_names]
+        return columns
+
+
+def _masked(batch: pa.Table, failed: dict[int, EncodeFailed], encoders: int) -> pa.Table:
+    """``batch`` with every modality mask off on the ``failed`` rows: the model skips them."""
+    if not failed:
+        return batch
+    keep = np.array([i not in failed for i in range(batch.num_rows)])
+    for field in batch.schema:
+        meta = field.metadata or {}
+        if meta.get(INPUT_KEY, b"").endswith(b"_mask"):
+            index = batch.schema.get_field_index(field.name)
+            mask = batch.column(index).combine_chunks().values.to_numpy(zero_copy_only=False)
+            masked = mask.reshape(batch.num_rows, -1) & keep[:, None]
+            batch = batch.set_column(index, field, _input_field_values(masked))
+    return batch
+
+
+def _input_field_values(array: np.ndarray) -> pa.Array:
+    flat = np.ascontiguousarray(array).reshape(len(array), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
 
 
 def wants_actors(encoders: list[Encoder]) -> bool:

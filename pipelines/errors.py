@@ -45,6 +45,22 @@ class BadManifestRow(InputError):
     """A manifest row with no modality, or a value of the wrong type."""
 
 
+class NotARegularFile(InputError):
+    """A directory, FIFO, socket or device where a file was expected."""
+
+
+class FileTooLarge(InputError):
+    """A file or tar member larger than ``decode.max_file_bytes``: refused before reading."""
+
+
+class UnreadableInput(InputError):
+    """An input that failed in a way no decoder anticipated (the exception's type and message)."""
+
+
+class NonFiniteMedia(InputError):
+    """Audio samples or float pixels that are NaN or infinite."""
+
+
 class CorruptShard(InputError):
     """A tar shard that cannot be read to its end."""
 
@@ -83,6 +99,12 @@ class TextTooLong(InputError):
 
 class EmptyText(InputError):
     """Text that is empty after whitespace normalisation."""
+
+
+class EncodeFailed(InputError):
+    """An encoder failed on this row; the rest of its batch is encoded."""
+
+    stage = "encode"
 
 
 class DuplicateSample(InputError):

@@ -14,7 +14,9 @@ import fnmatch
 import json
 import os
 import posixpath
+import stat
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,13 @@ from pipelines import errors
 from pipelines.decode import modality_of
 from pipelines.identity import short_hash
 from pipelines.quarantine import ERROR_FIELDS, error_columns
-from pipelines.spec import DirectorySource, ManifestSource, PipelineSpec, WebDatasetSource
+from pipelines.spec import (
+    DecodeLimits,
+    DirectorySource,
+    ManifestSource,
+    PipelineSpec,
+    WebDatasetSource,
+)
 
 MEDIA = ("image", "audio")  # modalities a manifest names by path
 
@@ -70,7 +78,7 @@ def list_inputs(spec: PipelineSpec) -> Listing:
         if isinstance(source, DirectorySource):
             ref_sets.append(list_directory(source))
         elif isinstance(source, ManifestSource):
-            ref_sets.append(list_manifest(source))
+            ref_sets.append(list_manifest(source, spec.decode))
         else:
             shards[source.source_name] = list_shards(source)
     return Listing(pa.concat_tables(ref_sets), shards)
@@ -80,32 +88,39 @@ def is_hidden(rel: str) -> bool:
     return rel.startswith(".") or "/." in rel
 
 
+@dataclass(frozen=True)
+class Listed:
+    """One entry a directory walk found: a path with its size and mtime, or why it is refused."""
+
+    path: str
+    size: int = 0
+    mtime_ns: int = 0
+    problem: errors.InputError | None = None
+
+
 def list_directory(source: DirectorySource) -> pa.Table:
     """Group the files under ``source.uri`` into one reference per stem."""
     fs, root = filesystem_for(source.uri, source.storage_options)
     name = source.source_name
-    selector = pafs.FileSelector(root, recursive=True, allow_not_found=False)
     try:
-        infos = fs.get_file_info(selector)
+        listed = list(_walk(fs, root))
     except (FileNotFoundError, OSError) as e:
         raise errors.SpecError(f"source {name!r}: cannot list {source.uri}: {e}") from e
     parts: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     stats: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
     refs: list[dict[str, Any]] = []
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(root) :].lstrip("/")
+    for entry in listed:
+        rel = entry.path[len(root) :].lstrip("/")
         if is_hidden(rel):
             continue
         stem, _, ext = rel.rpartition(".")
         modality = modality_of(ext) if stem else None
-        stat = (rel, info.size, info.mtime_ns)
-        if modality is None:
-            err = errors.UnsupportedFile(f"no modality for extension {ext!r}")
+        stat = (rel, entry.size, entry.mtime_ns)
+        if entry.problem is not None or modality is None:
+            err = entry.problem or errors.UnsupportedFile(f"no modality for extension {ext!r}")
             refs.append(_ref(name, root, f"{source.uri}/{rel}", err, short_hash(stat)))
             continue
-        parts[stem][modality].append(info.path)
+        parts[stem][modality].append(entry.path)
         stats[stem].append(stat)
     for stem in sorted(parts):
         found = parts[stem]
@@ -132,6 +147,59 @@ def list_directory(source: DirectorySource) -> pa.Table:
     return pa.Table.from_pylist(refs, schema=REFS)
 
 
+def _walk(fs: pafs.FileSystem, root: str) -> Iterator[Listed]:
+    """Every file under ``root``; entries that are not regular files carry their problem."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield from _walk_local(root)
+        return
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=False)
+    for info in fs.get_file_info(selector):
+        if info.type == pafs.FileType.File:
+            yield Listed(info.path, info.size or 0, info.mtime_ns or 0)
+        elif info.type != pafs.FileType.Directory:
+            yield Listed(info.path, problem=errors.NotARegularFile(f"{info.type.name} entry"))
+
+
+def _walk_local(root: str) -> Iterator[Listed]:
+    """A local walk that follows directory links only inside ``root`` and never twice.
+
+    A link out of the root, or back into a directory already walked (a loop),
+    is reported, not followed; FIFOs, sockets and devices are reported, never
+    opened; a dangling link is a missing file.
+    """
+    real_root = os.path.realpath(root)
+    walked = {real_root}
+    for here, dirs, files in os.walk(root, followlinks=True, onerror=_raise):
+        kept = []
+        for d in sorted(dirs):
+            path = os.path.join(here, d)
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, real_root]) != real_root:
+                yield Listed(path, problem=errors.UnsafePath(f"links out of the source to {real}"))
+            elif real in walked:
+                loop = errors.UnsafePath(f"links to {real}, already listed (a loop?)")
+                yield Listed(path, problem=loop)
+            else:
+                walked.add(real)
+                kept.append(d)
+        dirs[:] = kept
+        for f in files:
+            path = os.path.join(here, f)
+            try:
+                info = os.stat(path)
+            except OSError:
+                yield Listed(path, problem=errors.MissingFile("a link to nothing"))
+                continue
+            if stat.S_ISREG(info.st_mode):
+                yield Listed(path, info.st_size, info.st_mtime_ns)
+            else:
+                yield Listed(path, problem=errors.NotARegularFile("not a regular file"))
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
 def _ref(
     source: str, root: str, key: str, error: errors.InputError, fingerprint: str
 ) -> dict[str, Any]:
@@ -142,26 +210,32 @@ def _ref(
 
 
 def safe_join(root: str, relative: str) -> str:
-    """``root/relative`` when ``relative`` stays under ``root``; else ``UnsafePath``."""
+    """``root/relative`` when ``relative`` names a file under ``root``; else ``UnsafePath``."""
+    if any(ord(c) < 32 for c in relative):  # NUL and friends end paths early in C
+        raise errors.UnsafePath(f"{relative!r} holds control characters")
     if "://" in relative or relative.startswith(("/", "\\")) or os.path.isabs(relative):
         raise errors.UnsafePath(f"{relative!r} is absolute; manifest paths must be relative")
     normalized = posixpath.normpath(relative.replace("\\", "/"))
     if normalized == ".." or normalized.startswith("../"):
         raise errors.UnsafePath(f"{relative!r} escapes the manifest's directory")
+    if normalized == ".":
+        raise errors.UnsafePath(f"{relative!r} names the manifest's directory, not a file")
     return f"{root}/{normalized}"
 
 
-def list_manifest(source: ManifestSource) -> pa.Table:
+def list_manifest(source: ManifestSource, limits: DecodeLimits | None = None) -> pa.Table:
     """Read a manifest (JSONL, CSV or Parquet) into references, on the driver.
 
     Manifests are metadata: millions of rows read in seconds. One listing of the
     manifest's directory gives every referenced file's size and mtime for the
-    fingerprints, instead of one stat per row.
+    fingerprints, instead of one stat per row. JSONL is parsed line by line, so a
+    line that is not a JSON object is that row's quarantine reason, not the
+    manifest's failure; a manifest over ``decode.max_manifest_bytes`` is refused.
     """
     import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
+    limits = limits or DecodeLimits()
     fs, path = filesystem_for(source.uri, source.storage_options)
     name = source.source_name
     fmt = source.format or path.rsplit(".", 1)[-1].lower()
@@ -170,29 +244,66 @@ def list_manifest(source: ManifestSource) -> pa.Table:
             f"source {name!r}: cannot tell the manifest format of {source.uri}; "
             "set `format:` to jsonl, csv or parquet"
         )
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
         raise errors.SpecError(f"source {name!r}: manifest {source.uri} does not exist")
+    if (info.size or 0) > limits.max_manifest_bytes:
+        raise errors.SpecError(
+            f"source {name!r}: manifest {source.uri} has {info.size} bytes > "
+            f"decode.max_manifest_bytes={limits.max_manifest_bytes}"
+        )
     try:
         with fs.open_input_file(path) as f:
             if fmt == "parquet":
-                table = pq.read_table(f)
+                rows: pa.Table | list[dict[str, Any]] = pq.read_table(f)
             elif fmt == "csv":
                 # every column as text: ids like 007 keep their zeros
-                table = pacsv.read_csv(
+                rows = pacsv.read_csv(
                     f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)
                 )
             else:
-                table = pajson.read_json(f)
+                rows = list(_json_lines(f))
     except (pa.ArrowInvalid, OSError) as e:
         raise errors.SpecError(f"source {name!r}: cannot parse manifest {source.uri}: {e}") from e
     root = path.rsplit("/", 1)[0]
     listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     stats = {i.path: (i.size, i.mtime_ns) for i in listing if i.type == pafs.FileType.File}
-    return manifest_refs(table, source=source, root=root, stats=stats)
+    return manifest_refs(rows, source=source, root=root, stats=stats)
+
+
+BAD_LINE = "__mmfp_bad_line__"  # a JSONL line that is not an object: (line number, reason)
+
+
+def _lines(stream: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a binary stream, read a chunk at a time."""
+    rest = b""
+    while data := stream.read(chunk):
+        lines = (rest + data).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _json_lines(stream: Any) -> Iterator[dict[str, Any]]:
+    for number, raw in enumerate(_lines(stream), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as e:
+            yield {BAD_LINE: (number, f"line {number} is not JSON: {str(e)[:120]}")}
+            continue
+        if not isinstance(row, dict):
+            yield {
+                BAD_LINE: (number, f"line {number} is a JSON {type(row).__name__}, not an object")
+            }
+            continue
+        yield row
 
 
 def manifest_refs(
-    batch: pa.Table,
+    batch: pa.Table | list[dict[str, Any]],
     *,
     source: ManifestSource,
     root: str,
@@ -201,10 +312,15 @@ def manifest_refs(
     """Turn manifest rows into references; ``stats`` (path -> size, mtime) feed fingerprints."""
     cols = source.columns.model_dump()
     mapped = {c for c in cols.values() if c}
-    rows = batch.to_pylist()
+    rows = batch.to_pylist() if isinstance(batch, pa.Table) else batch
     refs = []
     seen: dict[str, int] = {}  # key -> rows that had it so far
     for row in rows:
+        if BAD_LINE in row:
+            number, reason = row[BAD_LINE]
+            error = errors.BadManifestRow(reason)
+            refs.append(_ref(source.source_name, root, f"{source.uri}#line={number}", error, ""))
+            continue
         value = {field: _cell(row, column) for field, column in cols.items()}
         extra = {k: v for k, v in row.items() if k not in mapped and v is not None}
         ident = value["id"] or value["image"] or value["audio"] or value["text"]

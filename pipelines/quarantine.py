@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.errors import InputError
+from pipelines.errors import InputError, UnreadableInput
 from pipelines.identity import short_hash
 
 ERROR_FIELDS = (
@@ -38,12 +38,35 @@ def error_columns(error: InputError) -> dict[str, str]:
     }
 
 
+# OSErrors that are about one input (a directory where a file was named, no permission);
+# any other OSError is the store's or the network's and fails the run instead.
+INPUT_OS_ERRORS = (IsADirectoryError, NotADirectoryError, PermissionError, FileNotFoundError)
+
+
 def row_or_error(make: Callable[[], dict[str, Any]], **base: Any) -> dict[str, Any]:
-    """``make()``'s row, or ``base`` plus the error columns when it raises an ``InputError``."""
+    """``make()``'s row, or ``base`` plus the error columns when reading or decoding fails.
+
+    One input never fails a run: an ``InputError`` keeps its type, anything else a
+    decoder or parser raises on it becomes ``UnreadableInput`` naming the exception.
+    """
     try:
         return make()
     except InputError as e:
         return {**base, **error_columns(e)}
+    except OSError as e:
+        if not isinstance(e, INPUT_OS_ERRORS):
+            raise
+        return {**base, **error_columns(unreadable(e))}
+    except Exception as e:
+        return {**base, **error_columns(unreadable(e))}
+
+
+def unreadable(error: BaseException) -> UnreadableInput:
+    """An unanticipated failure on one input, as one line: ``Type: message``."""
+    message = " ".join(str(error).split())[:300]
+    return UnreadableInput(
+        f"{type(error).__name__}: {message}" if message else type(error).__name__
+    )
 
 
 def with_errors(batch: pa.Table, errors: Mapping[int, InputError]) -> pa.Table:

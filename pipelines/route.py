@@ -45,6 +45,8 @@ class Router:
         return {}
 
     def __call__(self, batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
+        if batch.num_rows == 0:  # Ray Data may hand over an empty block with no columns
+            return {}, {}
         now = datetime.now(UTC)
         counts: Counter[str] = Counter()
         failed = is_error(batch)
@@ -115,11 +117,12 @@ class SampleRouter(Router):
 
 
 class ViewRouter(Router):
+    """Augment output: views to ``views``; views that could not be made to quarantine."""
+
     table = "views"
 
     def input_uris(self, errors: pa.Table) -> list[str]:
-        ids, views = errors.column("sample_id").to_pylist(), errors.column("view").to_pylist()
-        return [f"{sid}#view={view}" for sid, view in zip(ids, views, strict=True)]
+        return view_uris(errors)
 
 
 def _stamp(rows: pa.Table, now: datetime, run_id: str) -> pa.Table:
@@ -133,3 +136,20 @@ def _stamp(rows: pa.Table, now: datetime, run_id: str) -> pa.Table:
             index = rows.schema.get_field_index(name)
             rows = rows.set_column(index, name, pa.repeat(value, rows.num_rows))
     return rows
+
+
+class FeatureRouter(Router):
+    """Encode output: feature rows to the feature set; rows an encoder failed on to quarantine."""
+
+    def __init__(self, table: str, run_id: str, known_quarantine: pa.Table) -> None:
+        super().__init__(run_id, known_quarantine)
+        self.table = table
+
+    def input_uris(self, errors: pa.Table) -> list[str]:
+        return view_uris(errors)
+
+
+def view_uris(errors: pa.Table) -> list[str]:
+    """``<sample_id>#view=<view>``: how a quarantine row names one view of one sample."""
+    ids, views = errors.column("sample_id").to_pylist(), errors.column("view").to_pylist()
+    return [f"{sid}#view={view}" for sid, view in zip(ids, views, strict=True)]

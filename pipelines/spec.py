@@ -77,6 +77,9 @@ class DecodeLimits(_Model):
     max_image_pixels: int = Field(50_000_000, gt=0)  # width * height from the image header
     max_audio_seconds: float = Field(60.0, gt=0)
     max_text_chars: int = Field(20_000, gt=0)
+    # bytes of one input file or tar member, checked from its size before it is read
+    max_file_bytes: int = Field(256 * 2**20, gt=0)
+    max_manifest_bytes: int = Field(2 * 2**30, gt=0)  # a manifest, read on the driver
 
 
 class SplitSpec(_Model):

@@ -33,18 +33,9 @@ from pipelines.encode import (
     table_schema,
     wants_actors,
 )
+from pipelines.route import FeatureRouter
 
 FEATURE_KEYS = ["sample_id", "view"]
-
-
-class ToTable:
-    """Router for a feature set: every row goes to the one table."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
-        return {self.name: batch}, {"rows": batch.num_rows}
 
 
 def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool = False) -> None:
@@ -107,10 +98,15 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
         )
     else:  # weight-free model inputs: plain CPU tasks, fused with preprocessing
         ds = ds.map_batches(Encode(configs), batch_format="pyarrow", batch_size=batch_size)
-    schema = run.commits.declare(name, table_schema(encoders), meta.to_properties())
-    sink = StoreSink(store, ToTable(name), run_id=result.run_id, schemas={name: schema})
+    schemas = {
+        name: run.commits.declare(name, table_schema(encoders), meta.to_properties()),
+        "quarantine": run.commits.declare("quarantine"),
+    }
+    router = FeatureRouter(name, result.run_id, run.known_quarantine)
+    sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
     ds.write_datasink(sink)
     run.commits.add(name, sink.files[name])
+    run.commits.add("quarantine", sink.files["quarantine"])
     run.commit(name)
     result.feature_counts[feature_set.name] = run.commits.rows.get(name, 0)
 
