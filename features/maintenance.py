@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +118,8 @@ def vacuum(
         for table, paths in plan.items():
             fs, root = filesystem_for(store.table_uri(table), store.storage_options)
             for path in paths:
-                fs.delete_file(f"{root}/{path}")
+                with contextlib.suppress(FileNotFoundError):  # another vacuum was first
+                    fs.delete_file(f"{root}/{path}")
     return plan
 
 

@@ -13,8 +13,17 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-# Storage-option keys whose values never appear in messages or logs.
-SECRET_KEYS = ("SECRET", "TOKEN", "PASSWORD", "KEY_ID", "CREDENTIAL")
+# Storage-option keys whose values may be shown (without credentials inside URLs); every
+# other value is treated as a secret, whatever its name (Azure keys, GCS service accounts,
+# SAS tokens, a provider's next option).
+PUBLIC_KEYS = frozenset(
+    {
+        "AWS_REGION", "AWS_DEFAULT_REGION", "REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT",
+        "ENDPOINT_URL", "ENDPOINT", "AWS_ALLOW_HTTP", "ALLOW_HTTP", "AWS_S3_ALLOW_UNSAFE_RENAME",
+        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "AWS_CONDITIONAL_PUT", "AWS_S3_LOCKING_PROVIDER",
+        "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_USE_EMULATOR", "GOOGLE_BUCKET",
+    }
+)  # fmt: skip
 
 
 def scheme_of(uri: str) -> str:
@@ -75,8 +84,16 @@ def filesystem_for(
 
 
 def redact(options: dict[str, str] | None) -> dict[str, str]:
-    """Storage options safe to print: secrets replaced by ``***``."""
+    """Storage options safe to print or record: only known public keys keep their values
+    (URLs without any ``user:password@``), every other value is ``***``."""
     return {
-        k: ("***" if any(s in k.upper() for s in SECRET_KEYS) else v)
+        k: (_without_userinfo(str(v)) if k.upper() in PUBLIC_KEYS else "***")
         for k, v in (options or {}).items()
     }
+
+
+def _without_userinfo(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme and "@" in parsed.netloc:
+        return parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[1]).geturl()
+    return value

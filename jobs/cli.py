@@ -10,6 +10,7 @@ with code 2; nothing prints a traceback for them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,17 @@ store_app = typer.Typer(
     help="Look at a feature store: tables, schemas, versions.", no_args_is_help=True
 )
 app.add_typer(store_app, name="store")
+
+
+@app.callback()
+def main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")
+    ] = False,
+) -> None:
+    """mmfp: a multimodal feature platform on Ray and Delta Lake."""
+    if debug:
+        os.environ["MMFP_DEBUG"] = "1"  # read by jobs.errors.user_errors
 
 
 @app.command()

@@ -20,7 +20,7 @@ import typer
 
 from jobs import schedule as sched
 from jobs import submit as jobsubmit
-from jobs.errors import user_errors
+from jobs.errors import clean, user_errors
 from jobs.options import JobApiAddressOpt, key_values
 from jobs.report import console, table
 from jobs.submit import Kind
@@ -65,7 +65,7 @@ def cli_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except jobsubmit.JobFailed as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {clean(e)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from e
 
     @functools.wraps(fn)
@@ -186,7 +186,7 @@ def jobs_status(submission_id: JobId, address: JobApiAddressOpt = None) -> None:
         ("ended", _when(j.end_time, "%Y-%m-%d %H:%M:%S UTC")),
     ):
         if value:
-            typer.echo(f"  {label}: {value}")
+            typer.echo(f"  {label}: {clean(value)}")
 
 
 @jobs_app.command("logs")

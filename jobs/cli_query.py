@@ -28,7 +28,7 @@ from features.stats import plot_stats
 from features.stats import stats as table_stats
 from features.store import FeatureStore
 from features.tables import Version
-from jobs.errors import open_store, user_errors
+from jobs.errors import clean, open_store, user_errors
 from jobs.options import DEFAULT_STORE, StoreOpt, TableArg, VersionOpt
 from jobs.report import console, print_history, print_relation
 from jobs.report import table as grid
@@ -126,6 +126,10 @@ def search(
     ] = None,
     version: VersionOpt = None,
     ann: Annotated[bool, typer.Option("--ann/--exact", help="Use the version's index.")] = False,
+    trust_store_code: Annotated[
+        bool,
+        typer.Option(help="Import an encoder the store names by import path (runs its code)."),
+    ] = False,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Nearest rows of a feature set by cosine similarity (exact, or with --ann the index)."""
@@ -137,7 +141,7 @@ def search(
     if vector is not None:
         query_vector = np.load(vector, allow_pickle=False)
     elif text is not None or file is not None:
-        query_vector = _embed(fs, feature_set, text, file)
+        query_vector = _embed(fs, feature_set, text, file, trust_store_code)
     hits = run_search(
         fs,
         feature_set,
@@ -158,15 +162,18 @@ def search(
     console.print(grid(f"top {k} in {feature_set}", columns, rows))
 
 
-def _embed(store: FeatureStore, feature_set: str, text: str | None, file: Path | None) -> Any:
+def _embed(
+    store: FeatureStore, feature_set: str, text: str | None, file: Path | None, trust: bool
+) -> Any:
     """The encode stage's ``embed_query`` hook: text or media -> a vector in the feature set."""
     if text is not None:
-        return embed_query(store, feature_set, text=text)
+        return embed_query(store, feature_set, text=text, trust_store_code=trust)
     assert file is not None
     modality = modality_of(file.suffix.lstrip("."))
     if modality not in ("image", "audio"):
         raise StoreError(f"{file}: not an image or audio file (by its extension)")
-    return embed_query(store, feature_set, **{f"{modality}_bytes": file.read_bytes()})
+    data = {f"{modality}_bytes": file.read_bytes()}
+    return embed_query(store, feature_set, **data, trust_store_code=trust)
 
 
 def diff(
@@ -180,14 +187,14 @@ def diff(
     d = table_diff(open_store(store), table, v1, v2)
     s = d.summary()
     console.print(
-        f"[bold]{table}[/bold] v{d.v1} -> v{d.v2}: +{s['rows_added']} rows, "
+        f"{clean(table)} v{d.v1} -> v{d.v2}: +{s['rows_added']} rows, "
         f"-{s['rows_removed']} rows, {s['rows_rewritten']} rewritten "
         f"({s['files_added']} files added, {s['files_removed']} removed)"
     )
     for sign, keys in (("+", d.added), ("-", d.removed)):
         shown = keys.slice(0, show).to_pylist()
         for row in shown:
-            console.print(f"  {sign} " + " ".join(str(v) for v in row.values()))
+            console.print(f"  {sign} " + " ".join(clean(v) for v in row.values()))
         if keys.num_rows > len(shown):
             console.print(f"  {sign} ... {keys.num_rows - len(shown)} more")
 
@@ -211,7 +218,7 @@ def vacuum(
     )
     verb = "deleted" if apply else "would delete"
     for table, paths in files.items():
-        console.print(f"[bold]{table}[/bold]: {verb} {len(paths)} file(s)")
+        console.print(f"{clean(table)}: {verb} {len(paths)} file(s)")
         for path in paths:
             console.print(f"  {path}")
     if not apply and any(files.values()):
@@ -222,7 +229,7 @@ def optimize(table: TableArg, store: StoreOpt = DEFAULT_STORE) -> None:
     """Compact a table's small files into fewer large ones (one commit, same rows)."""
     r = run_optimize(open_store(store), table)
     console.print(
-        f"[bold]{table}[/bold] v{r['version']}: {r['files_before']} -> {r['files_after']} files"
+        f"{clean(table)} v{r['version']}: {r['files_before']} -> {r['files_after']} files"
     )
 
 
@@ -239,7 +246,7 @@ def stats(
     """Counts per split / label / modality, media histograms and quarantine reasons."""
     fs = open_store(store)
     summary = table_stats(fs, table, version)
-    console.print(f"[bold]{table}[/bold] v{summary['version']}: {summary['rows']} rows")
+    console.print(f"{clean(table)} v{summary['version']}: {summary['rows']} rows")
     for key, counts in summary.items():
         if key.startswith("by_") or key == "quarantine":
             title = "quarantine reasons" if key == "quarantine" else key.replace("_", " ")
@@ -263,7 +270,7 @@ def index(
         open_store(store), feature_set, column, version=version, target_recall=target_recall
     )
     console.print(
-        f"[bold]{m['table']}.{m['column']}[/bold] v{m['version']}: {m['rows']} rows, "
+        f"{m['table']}.{m['column']} v{m['version']}: {m['rows']} rows, "
         f"nlist {m['nlist']}, nprobe {m['nprobe']}, recall@10 {m['recall_at_10']:.3f} vs exact "
         f"({m['probe_queries']} queries), built in {m['build_s']:.1f}s -> {m['uri']}"
     )

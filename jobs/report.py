@@ -13,15 +13,18 @@ from typing import Any
 import duckdb
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from features import summary
 from features.metadata import label_vocabulary
 from features.sql import batches
 from features.store import FeatureStore
+from jobs.errors import clean
 from pipelines.build import BuildResult
 from pipelines.label import class_balance
 
-console = Console()
+# markup off: text from the data ("[/]", "[link=...]") is printed as it is, never parsed
+console = Console(markup=False)
 
 
 def table(
@@ -51,7 +54,7 @@ def table(
             max_width=max_width,
         )
     for row in rows:
-        out.add_row(*("" if v is None else str(v) for v in row))
+        out.add_row(*(Text("" if v is None else clean(v)) for v in row))
     return out
 
 
@@ -67,7 +70,7 @@ def human_bytes(n: int) -> str:
 def print_build(result: BuildResult, store: FeatureStore) -> None:
     c = result.counts
     console.print(
-        f"[bold]run {result.run_id}[/bold]: {result.inputs} inputs -> "
+        f"run {result.run_id}: {result.inputs} inputs -> "
         f"{c['samples']} new samples, {c['quarantined']} quarantined, "
         f"{c['duplicates']} duplicates, {c['already_stored']} already stored"
         + (f", {c['already_quarantined']} already quarantined" if c["already_quarantined"] else "")
@@ -118,7 +121,7 @@ def print_describe(store: FeatureStore, name: str) -> None:
     dt = store.delta(name)
     size = summary.table_summary(store, name)
     console.print(
-        f"[bold]{name}[/bold] v{size['version']}: {size['rows']} rows in "
+        f"{clean(name)} v{size['version']}: {size['rows']} rows in "
         f"{size['files']} files ({human_bytes(size['bytes'])})"
     )
     schema = [[f.name, str(f.type), f.nullable] for f in dt.schema().fields]
@@ -156,7 +159,7 @@ def print_class_balance(store: FeatureStore) -> None:
     console.print(table("class balance per split", ["label", *splits], [*rows, totals]))
     vocabulary = label_vocabulary(store.properties("samples"))
     if vocabulary:
-        console.print(f"closed label vocabulary: {', '.join(vocabulary)}")
+        console.print(f"closed label vocabulary: {clean(', '.join(vocabulary))}")
 
 
 def print_history(store: FeatureStore, name: str, *, lineage: bool = False) -> None:
@@ -195,10 +198,10 @@ def print_relation(
         else f"{len(shown)} row(s)"
     )
     if out is None:
-        console.print(grid, f"[dim]{note}[/dim]")
+        console.print(grid, Text(note, style="dim"))
     else:
         with open(out, "w") as handle:
-            Console(file=handle, width=200).print(grid, f"[dim]{note}[/dim]")
+            Console(file=handle, width=200, markup=False).print(grid, Text(note, style="dim"))
     return len(shown)
 
 

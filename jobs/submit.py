@@ -110,7 +110,7 @@ def auth_token() -> tuple[str, str] | None:
     """``(token, where it came from)`` from Ray's usual places, or None without a token."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if token:
-        return token, "RAY_AUTH_TOKEN"
+        return _checked_token(token, "RAY_AUTH_TOKEN"), "RAY_AUTH_TOKEN"
     path_env = os.environ.get("RAY_AUTH_TOKEN_PATH")
     path = Path(path_env or "~/.ray/auth_token").expanduser()
     try:
@@ -119,9 +119,20 @@ def auth_token() -> tuple[str, str] | None:
         if path_env:
             raise ClusterError(f"RAY_AUTH_TOKEN_PATH={path_env} does not exist") from e
         return None
-    except OSError as e:
-        raise ClusterError(f"cannot read the Ray token file {path}: {e.strerror}") from e
-    return (token, str(path)) if token else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClusterError(f"cannot read the Ray token file {path}: {type(e).__name__}") from e
+    return (_checked_token(token, str(path)), str(path)) if token else None
+
+
+def _checked_token(token: str, source: str) -> str:
+    """A token is one word of printable characters: anything else would end up in (or
+    break) an HTTP header, and the error that says so would print the header."""
+    if not token.isprintable() or any(c.isspace() for c in token):
+        raise ClusterError(
+            f"the token in {source} holds whitespace or control characters (a line break "
+            "inside?); a Ray auth token is a single word"
+        )
+    return token
 
 
 def first_line(text: str | None) -> str:
@@ -166,7 +177,8 @@ def _cluster_errors(address: str, job: str | None = None) -> Iterator[None]:
             "cluster up and is this its dashboard address (http://HEAD:8265)?"
         ) from None
     except (requests.RequestException, aiohttp.ClientError) as e:
-        raise ClusterError(f"a request to {address} failed: {type(e).__name__}: {e}") from None
+        # the exception's text can quote request headers (the token): name its type only
+        raise ClusterError(f"a request to {address} failed: {type(e).__name__}") from None
     except RuntimeError as e:
         msg = str(e)
         if "already exists" in msg:

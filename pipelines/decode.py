@@ -143,6 +143,7 @@ def _decode_audio_fallback(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # librosa's audioread notice
+            warnings.simplefilter("ignore", UserWarning)  # "PySoundFile failed": we know
             samples, sample_rate = librosa.load(
                 tmp.name, sr=None, mono=False, duration=max_seconds + 1.0
             )

@@ -22,7 +22,7 @@ from features.keys import semi_join
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import FEATURE_KEY_FIELDS, ORIGINAL_VIEW, feature_schema
 from features.tables import TableStore
-from pipelines.encoders import EncoderConfig, encoder_class, get_encoder
+from pipelines.encoders import ENCODERS, EncoderConfig, encoder_class, get_encoder
 from pipelines.encoders.base import Encoder, device_for_actor
 from pipelines.errors import EncodeFailed, SpecError
 from pipelines.quarantine import ERROR_FIELDS, unreadable, with_errors
@@ -289,12 +289,15 @@ def embed_query(
     text: str | None = None,
     image_bytes: bytes | None = None,
     audio_bytes: bytes | None = None,
+    trust_store_code: bool = False,
 ) -> np.ndarray:
     """Embed a search query with the feature set's own encoder (the one recorded in it).
 
     A text query against a joint feature set (CLIP, CLAP) lands in the same space as
     its image / audio embeddings, so text finds images. Refuses when the encoder's
-    model or config changed since the feature set was built.
+    model or config changed since the feature set was built. A store's metadata is
+    data: an encoder it names by import path (``package.module:Class``) is imported
+    only with ``trust_store_code``; built-in encoders need no trust.
     """
     given = {"text": text, "image": image_bytes, "audio": audio_bytes}
     modality, value = next(((m, v) for m, v in given.items() if v is not None), (None, None))
@@ -305,6 +308,12 @@ def embed_query(
     for entry in meta.encoders:
         if entry.config is None:
             continue
+        if entry.name not in ENCODERS and not trust_store_code:
+            raise StoreError(
+                f"{name} was encoded by {entry.name!r}, code named only by the store's "
+                "metadata: importing it runs that code. Pass --trust-store-code (Python: "
+                "trust_store_code=True) if you trust whoever wrote this store"
+            )
         encoder = get_encoder(EncoderConfig.model_validate(entry.config))
         if f"{modality}_emb" not in encoder.output_columns():
             continue

@@ -111,14 +111,23 @@ def test_errors_are_store_errors_naming_the_problem(built, kwargs, match):
         "ATTACH '/tmp/mmfp-leak.db'",
         "INSTALL httpfs",
         "SET disabled_filesystems = ''",
+        "SET lock_configuration = false",
         "SELECT * FROM glob('/etc/*')",
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SELECT * FROM read_blob('/etc/hostname')",
+        "COPY (SELECT 1 AS x) TO '{store}/samples/_delta_log/99999999999999999999.json'",
+        "SELECT * FROM read_parquet('https://example.com/x.parquet')",
+        "LOAD httpfs",
+        "CREATE SECRET (TYPE s3, KEY_ID 'x', SECRET 'y')",
+        "SELECT 1; SELECT * FROM read_text('/etc/hostname')",
     ],
 )
 def test_queries_cannot_reach_files_or_change_the_connection(built, query):
     """The one DuckDB door (features.duck.connect): registered tables only."""
     store, _, _ = built
     with pytest.raises(StoreError, match="SQL failed"):
-        run_sql(store, query).fetchall()
+        run_sql(store, query.format(store=store.uri)).fetchall()
+    assert not list((Path(store.uri) / "samples" / "_delta_log").glob("9999*"))
 
 
 def test_the_connection_does_not_need_a_working_directory(tmp_path):

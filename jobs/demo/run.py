@@ -12,7 +12,10 @@ from jobs.demo.tiny_models import tiny_clip, write_tokenizer
 from jobs.report import console, print_build
 from jobs.runtime import init_ray
 from pipelines.build import BuildResult, build
+from pipelines.errors import SpecError
 from pipelines.spec import load_spec
+
+MARKER = ".mmfp-demo"  # what lets --fresh delete a work directory: the demo made it
 
 DEMO_SPEC = """\
 # Written by `mmfp demo`. Paths are relative to this file.
@@ -119,8 +122,20 @@ def run_demo(
     address: str | None = None,
 ) -> BuildResult:
     if fresh and workdir.exists():
+        if not _made_by_demo(workdir):
+            raise SpecError(
+                f"--fresh deletes the demo's work directory, but {workdir} was not made by "
+                "`mmfp demo` (it has no .mmfp-demo marker): choose another --workdir"
+            )
         shutil.rmtree(workdir)
+    if workdir.exists() and any(workdir.iterdir()) and not _made_by_demo(workdir):
+        raise SpecError(
+            f"{workdir} already holds files not made by `mmfp demo`: choose another --workdir"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text(
+        "made by `mmfp demo`; `mmfp demo --fresh` may delete this folder\n"
+    )
     data = workdir / "data"
     if data.exists():  # the corpus is deterministic: reuse it, so a rerun finds nothing new
         console.print(f"reusing the demo corpus under {data} (--fresh to start over)")
@@ -152,3 +167,11 @@ def run_demo(
         f"mmfp store describe samples --store {store.uri}"
     )
     return result
+
+
+def _made_by_demo(workdir: Path) -> bool:
+    """The demo's marker is there, or the spec it writes (work directories made before
+    the marker existed)."""
+    spec = workdir / "spec.yaml"
+    written = spec.is_file() and spec.read_text(errors="replace").startswith(DEMO_SPEC[:30])
+    return (workdir / MARKER).is_file() or written
