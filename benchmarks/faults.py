@@ -18,7 +18,8 @@ process in its own process group, killed with SIGKILL):
 After every trial the store opens, and ``samples``, ``views``, the feature set and
 ``quarantine`` hold exactly the keys a clean build of the same inputs holds: a key
 missing is a row lost, a key twice a row duplicated. Every committed row's ``run_id``
-must have a ``_runs`` row. The report prints a table per scenario; ``--json`` writes it.
+must have a ``_runs`` row. The report prints a table per scenario; ``--json`` writes it
+after every trial.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class Report:
                     }
                 )
         return rows
+
+    def save(self, path: Path) -> None:
+        trials = [asdict(t) for t in self.trials]
+        path.write_text(json.dumps({"table": self.table(), "trials": trials}, indent=1))
 
 
 # ---- the corpus, its spec and the commands ------------------------------------------------
@@ -376,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             report.trials.append(trial)
             outcome = "ok" if trial.converged else "NOT CONVERGED"
             print(f"[{n}/{len(plan)}] {scenario}: {trial.detail} -> {outcome} {trial.error}")
+            if args.json:  # after every trial, so a long run cut short keeps what it measured
+                report.save(args.json)
     print(
         f"\n{'scenario':10} {'trials':>6} {'converged':>9} {'lost':>5} {'dup':>5} {'untraced':>8}"
     )
@@ -383,9 +390,6 @@ def main(argv: list[str] | None = None) -> int:
         counts = (row["rows lost"], row["rows duplicated"], row["untraced rows"])
         print(f"{row['scenario']:10} {row['trials']:>6} {row['converged']:>9} "
               f"{counts[0]:>5} {counts[1]:>5} {counts[2]:>8}")  # fmt: skip
-    if args.json:
-        trials = [asdict(t) for t in report.trials]
-        args.json.write_text(json.dumps({"table": report.table(), "trials": trials}, indent=1))
     return 0 if all(t.converged for t in report.trials) else 1
 
 
