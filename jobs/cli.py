@@ -42,10 +42,18 @@ def main(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", help="Show Ray's log lines here too (default: only in the run's log file)."
+        ),
+    ] = False,
 ) -> None:
     """mmfp: a multimodal feature platform on Ray and Delta Lake."""
     if debug:
         os.environ["MMFP_DEBUG"] = "1"  # read by jobs.errors.user_errors
+    if verbose:
+        os.environ["MMFP_VERBOSE"] = "1"  # read by jobs.runtime.init_ray
 
 
 @app.command()

@@ -30,16 +30,18 @@ def train(
 
     from jobs.pretrain.config import load_config
     from jobs.pretrain.train import run_training
-    from jobs.runtime import init_ray
+    from jobs.report import print_log_file
+    from jobs.runtime import start_job
 
     cfg = load_config(config)
-    init_ray(address)
+    _, log_file = start_job(address, prefix=f"train-{cfg.name}-")
     try:
         result = run_training(cfg)
     except TrainingFailedError as e:
         typer.secho(f"training failed: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from e
     print_train_summary(cfg.name, result)
+    print_log_file(log_file)
 
 
 @user_errors

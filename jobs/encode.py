@@ -12,8 +12,8 @@ import typer
 
 from jobs.errors import user_errors
 from jobs.options import RayAddressOpt
-from jobs.report import console
-from jobs.runtime import init_ray
+from jobs.report import console, print_log_file
+from jobs.runtime import start_job
 from pipelines.build import BuildResult, encode_only
 from pipelines.spec import load_spec
 
@@ -22,8 +22,8 @@ def run_encode(
     spec_path: str, feature_set: str, *, reencode: bool = False, address: str | None = None
 ) -> BuildResult:
     spec = load_spec(spec_path)
-    init_ray(address)
-    result = encode_only(spec, feature_set, reencode=reencode)
+    run_id, log_file = start_job(address)
+    result = encode_only(spec, feature_set, reencode=reencode, run_id=run_id)
     rows = result.feature_counts.get(feature_set, 0)
     store = spec.store.uri
     if not result.changed:
@@ -32,6 +32,7 @@ def run_encode(
         console.print(
             f"feature set {feature_set!r}: {rows} rows encoded, committed {result.versions}"
         )
+    print_log_file(log_file)
     return result
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -70,6 +71,10 @@ def user_errors(fn: F) -> F:
                 raise
             message = scrub(clean(one_line(e)))
             typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            runtime = sys.modules.get("jobs.runtime")  # never imported here: it imports Ray
+            log = runtime.current_log() if runtime else None
+            if log is not None:
+                typer.echo(f"(Ray's log lines of this run: {log})", err=True)
             typer.echo("(run with --debug or MMFP_DEBUG=1 to see the traceback)", err=True)
             raise typer.Exit(1) from e
 

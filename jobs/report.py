@@ -109,6 +109,14 @@ def print_build(result: BuildResult, store: FeatureStore) -> None:
     console.print(f"store {store.uri}: committed {versions}")
 
 
+def print_log_file(path: Path) -> None:
+    """Name the run's log file, when Ray's lines went there (not with ``--verbose``)."""
+    if path.exists():
+        console.print(
+            f"Ray's log lines: {path} (--verbose shows them here)", style="dim", soft_wrap=True
+        )
+
+
 def print_tables(store: FeatureStore) -> None:
     rows = []
     for name in store.tables():

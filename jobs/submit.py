@@ -254,8 +254,8 @@ def runtime_env(
     env: dict[str, object] = {"working_dir": str(working_dir), "excludes": list(excludes)}
     if pip:
         env["pip"] = list(pip)
-    if env_vars:
-        env["env_vars"] = dict(env_vars)
+    # a submitted job's log (``mmfp jobs logs``) is its run log: Ray's lines stay in it
+    env["env_vars"] = {"MMFP_VERBOSE": "1", **(env_vars or {})}
     return env
 
 

@@ -15,6 +15,14 @@ from jobs.demo import corpus as synthetic
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def run_logs(tmp_path_factory) -> Path:
+    """Run log files (``jobs.runtime.run_log``) go under the session's tmp dir, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("run-logs")
+    os.environ["MMFP_LOG_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A private local Ray with 2 CPUs (``address="local"`` never joins a stray cluster)."""

@@ -237,7 +237,7 @@ def test_runtime_env_ships_the_project_only(tmp_path):
     env = jobsubmit.runtime_env(ROOT, pip=["x==1"], env_vars={"A": "1"})
     assert env["working_dir"] == str(ROOT)
     assert {".venv/", ".git/", "mmfp-demo/"} <= set(env["excludes"])
-    assert (env["pip"], env["env_vars"]) == (["x==1"], {"A": "1"})
+    assert (env["pip"], env["env_vars"]) == (["x==1"], {"MMFP_VERBOSE": "1", "A": "1"})
     with pytest.raises(jobsubmit.ClusterError, match="not an mmfp checkout"):
         jobsubmit.runtime_env(tmp_path)
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from features.store import FeatureStore
 from jobs.demo.corpus import write_demo_corpus
 from jobs.demo.preview import augment_preview
 from jobs.demo.tiny_models import tiny_clip, write_tokenizer
-from jobs.report import console, print_build
-from jobs.runtime import init_ray
+from jobs.report import console, print_build, print_log_file
+from jobs.runtime import start_job, verbose
 from pipelines.build import BuildResult, build
 from pipelines.errors import SpecError
 from pipelines.spec import load_spec
@@ -148,15 +150,17 @@ def run_demo(
         )
     models = workdir / "models"
     if not (models / "tiny-clip").exists():
-        tiny_clip(models / "tiny-clip")
-        write_tokenizer(models / "tokenizer")
+        with _quiet_transformers():  # its save bars and fallback notes are not the demo's
+            tiny_clip(models / "tiny-clip")
+            write_tokenizer(models / "tokenizer")
     spec_path = workdir / "spec.yaml"
     spec_path.write_text(DEMO_SPEC)
     spec = load_spec(spec_path)
-    init_ray(address)
-    result = build(spec)
+    run_id, log_file = start_job(address)
+    result = build(spec, run_id=run_id)
     store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
     print_build(result, store)
+    print_log_file(log_file)
     preview = augment_preview(store, workdir / "augmentations.png")
     if preview:
         console.print(f"augmentation preview: {preview}")
@@ -167,6 +171,24 @@ def run_demo(
         f"mmfp store describe samples --store {store.uri}"
     )
     return result
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    if verbose():
+        yield
+        return
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _made_by_demo(workdir: Path) -> bool:

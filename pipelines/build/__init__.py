@@ -18,7 +18,7 @@ from features.commit import SlotCommitted
 from features.keys import anti_join
 from features.leases import Lease
 from pipelines.build.feature_sets import encode_feature_set
-from pipelines.build.run import BuildResult, Run
+from pipelines.build.run import BuildResult, Run, new_run_id
 from pipelines.build.samples import collect_samples
 from pipelines.build.views import augment_samples
 from pipelines.errors import SpecError
@@ -27,7 +27,7 @@ from pipelines.ledger import plan_inputs, read_state
 from pipelines.listing import list_inputs
 from pipelines.spec import PipelineSpec
 
-__all__ = ["BuildResult", "build", "encode_only"]
+__all__ = ["BuildResult", "build", "encode_only", "new_run_id"]
 
 
 def build(
@@ -107,12 +107,14 @@ def _run_stages(run: Run, *, incremental: bool) -> None:
     run.commit_rest()  # quarantine, the ledger, removals from feature sets no spec encodes
 
 
-def encode_only(spec: PipelineSpec, name: str, *, reencode: bool = False) -> BuildResult:
+def encode_only(
+    spec: PipelineSpec, name: str, *, reencode: bool = False, run_id: str | None = None
+) -> BuildResult:
     """Run one feature set of the spec's ``encode`` section alone (``mmfp encode``)."""
     if spec.encode is None:
         raise SpecError("the spec has no `encode` section to run")
     feature_set = spec.encode.get(name)
-    run = Run.start(spec, kind="encode")
+    run = Run.start(spec, run_id=run_id, kind="encode")
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
     with Lease(run.store, run.result.run_id):
