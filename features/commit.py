@@ -370,6 +370,10 @@ class RunCommits:
         if self.base_version(name) is not None:
             self.removals.setdefault(name, []).append(Removal())
 
+    def pending_bytes(self, name: str) -> int:
+        """Bytes of the files waiting to be committed to ``name``."""
+        return sum(action.size for action in self.pending.get(name, []))
+
     def has_pending(self, name: str) -> bool:
         return bool(self.pending.get(name) or self.removals.get(name))
 

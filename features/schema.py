@@ -117,12 +117,28 @@ RUNS = pa.schema(
     ]
 )
 
+# one row per stage of a run: where its time went (``mmfp runs show``)
+STAGES = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("started_at", UTC_MICROS),
+        pa.field("seconds", pa.float64()),  # wall time, without the stages nested in it
+        pa.field("rows", pa.int64()),
+        pa.field("bytes", pa.int64()),
+        pa.field("task_seconds", pa.float64()),  # Ray tasks' wall time, summed over tasks
+        pa.field("cpu_seconds", pa.float64()),  # Ray tasks' CPU time, summed over tasks
+        pa.field("cpus", pa.float64()),  # CPUs the cluster had
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "quarantine": QUARANTINE,
     "views": VIEWS,
     "_inputs": INPUTS,
     "_runs": RUNS,
+    "_stages": STAGES,
 }
 
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -130,6 +146,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "quarantine": ("quarantine_id",),
     "views": ("sample_id", "view"),
     "_runs": ("run_id",),
+    "_stages": ("run_id", "stage"),
 }
 
 

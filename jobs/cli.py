@@ -19,6 +19,7 @@ import typer
 from jobs.build import build_command
 from jobs.cli_cluster import register as register_cluster
 from jobs.cli_query import register as register_query
+from jobs.cli_runs import register as register_runs
 from jobs.cli_train import evaluate, train
 from jobs.encode import encode_command
 from jobs.errors import open_store, user_errors
@@ -101,3 +102,4 @@ app.command("train")(train)
 app.command("evaluate")(evaluate)
 register_cluster(app)  # submit, jobs, schedule
 register_query(app, store_app)  # query, search, store diff/vacuum/optimize/stats/index/lineage
+register_runs(app)  # runs ls / show

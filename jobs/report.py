@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from features import summary
+from features import runs, summary
 from features.metadata import label_vocabulary
 from features.sql import batches
 from features.store import FeatureStore
@@ -220,3 +221,47 @@ def _cell(value: Any) -> str:
         return f"<{len(value)} bytes>"
     text = str(value)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def print_runs(found: pa.Table) -> None:
+    rows = []
+    for r in found.to_pylist():
+        took = (r["finished_at"] - r["started_at"]).total_seconds() if r["finished_at"] else None
+        rows.append(
+            [
+                r["run_id"],
+                r["kind"],
+                f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
+                "unfinished" if took is None else f"{took:.1f}",
+                r["inputs"],
+                r["samples_written"],
+                r["quarantined"],
+            ]
+        )
+    headers = ["run", "kind", "started (UTC)", "seconds", "inputs", "samples", "quarantined"]
+    console.print(table("runs, newest first", headers, rows, no_wrap=["run"], right=headers[3:]))
+
+
+def print_stages(run_id: str, stages: pa.Table) -> None:
+    """Each stage's time, share, throughput and CPU use, then the bottleneck and why."""
+    rows = stages.to_pylist()
+    total = sum(max(0.0, r["seconds"]) for r in rows) or 1.0
+    out = []
+    for r in rows:
+        busy = runs.cpu_busy(r)
+        out.append(
+            [
+                r["stage"],
+                f"{r['seconds']:.2f}",
+                f"{max(0.0, r['seconds']) / total:.0%}",
+                r["rows"],
+                f"{r['rows'] / r['seconds']:.0f}" if r["seconds"] > 0 and r["rows"] else "",
+                human_bytes(r["bytes"]) if r["bytes"] else "",
+                "" if busy is None else f"{busy:.0%} of {r['cpus']:g}",
+            ]
+        )
+    headers = ["stage", "seconds", "share", "rows", "rows/s", "written", "CPU busy"]
+    console.print(table(f"run {run_id}: {total:.1f} s in stages", headers, out, right=headers[1:]))
+    worst = runs.bottleneck(stages)
+    if worst:
+        console.print(f"bottleneck: {worst.stage} ({worst.share:.0%} of the run): {worst.reason}")

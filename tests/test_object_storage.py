@@ -101,7 +101,7 @@ def test_build_from_s3_sources_into_an_s3_store(s3_options, corpus):
     assert result.counts["samples"] == expected
     assert result.counts["quarantined"] == 0
     store = FeatureStore(f"s3://{BUCKET}/store", storage_options=options)
-    assert store.tables() == ["_inputs", "_runs", "quarantine", "samples"]
+    assert store.tables() == ["_inputs", "_runs", "_stages", "quarantine", "samples"]
     assert store.to_arrow("samples").num_rows == expected
     assert store.table("samples", columns=["sample_id"]).count() == expected
     keys = [

@@ -73,7 +73,7 @@ def test_a_touched_file_is_read_again_but_adds_nothing(tmp_path):
     again = build(spec, kind="refresh", incremental=True)
     assert again.inputs == 1
     assert again.counts["already_stored"] == 1
-    assert again.versions.keys() == {"_inputs", "_runs"}  # the new fingerprint only
+    assert again.versions.keys() == {"_inputs", "_runs", "_stages"}  # the new fingerprint only
     assert len(_ids(store)) == 10
 
 

@@ -108,7 +108,8 @@ def test_demo_then_store_commands(tmp_path):
     assert "WRITE" in history.output
     unknown = runner.invoke(app, ["store", "describe", "nope", "--store", store])
     assert unknown.exit_code == 2
-    assert "_inputs, _runs, features/clip, features/inputs, quarantine, samples" in unknown.output
+    tables = "_inputs, _runs, _stages, features/clip, features/inputs, quarantine, samples"
+    assert tables in unknown.output
     # the demo is deterministic: a second run finds everything already stored
     again = runner.invoke(
         app, ["demo", "--workdir", str(workdir), "--n-per-class", "1", "--no-train"]

@@ -21,6 +21,7 @@ from pipelines.build.feature_sets import encode_feature_set
 from pipelines.build.run import BuildResult, Run, new_run_id
 from pipelines.build.samples import collect_samples
 from pipelines.build.views import augment_samples
+from pipelines.encode import FeatureSetSpec
 from pipelines.errors import SpecError
 from pipelines.label import Labeller
 from pipelines.ledger import plan_inputs, read_state
@@ -75,16 +76,20 @@ def build(
 def _run_stages(run: Run, *, incremental: bool) -> None:
     """Plan the inputs, then collect, augment and encode in order, committing each table once."""
     spec, store, result = run.spec, run.store, run.result
-    plan = plan_inputs(
-        list_inputs(spec),
-        read_state(store, run.commits.base["_inputs"]),
-        incremental=incremental,
-        delete_removed=spec.refresh.on_removed == "delete",
-        run_id=result.run_id,
-    )
+    with run.stage("plan") as timing:  # listing and the ledger, on the driver
+        plan = plan_inputs(
+            list_inputs(spec),
+            read_state(store, run.commits.base["_inputs"]),
+            incremental=incremental,
+            delete_removed=spec.refresh.on_removed == "delete",
+            run_id=result.run_id,
+        )
+        timing.rows = plan.todo.refs.num_rows + sum(map(len, plan.todo.shards.values()))
     result.skipped_inputs = plan.skipped
     run.commits.write("_inputs", plan.removed)
-    kept = collect_samples(run, plan)
+    with run.stage("collect") as timing:
+        kept = collect_samples(run, plan)
+        timing.rows = result.inputs
     # a sample goes only when no current input produces it (a renamed file keeps it)
     delete = anti_join(
         pa.table({"sample_id": plan.delete_ids}), pa.table({"sample_id": kept}), ["sample_id"]
@@ -98,12 +103,14 @@ def _run_stages(run: Run, *, incremental: bool) -> None:
     result.counts["samples"] = run.commits.rows.get("samples", 0)
     result.counts["already_stored"] += run.commits.dropped.get("samples", 0)
     if spec.augment:
-        augment_samples(run)
+        with run.stage("augment") as timing:
+            augment_samples(run)
+            timing.rows = sum(result.view_counts.values())
     run.commit("views")  # encoding reads the views this run made
     if "views" in result.view_counts:
         result.view_counts["views"] = run.commits.rows.get("views", 0)
     for feature_set in spec.encode.feature_sets if spec.encode else []:
-        encode_feature_set(run, feature_set)
+        _encode(run, feature_set)
     run.commit_rest()  # quarantine, the ledger, removals from feature sets no spec encodes
 
 
@@ -118,6 +125,12 @@ def encode_only(
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
     with Lease(run.store, run.result.run_id):
-        encode_feature_set(run, feature_set, reencode=reencode)
+        _encode(run, feature_set, reencode=reencode)
         run.commit_rest()
         return run.finish()
+
+
+def _encode(run: Run, feature_set: FeatureSetSpec, *, reencode: bool = False) -> None:
+    with run.stage(f"encode {feature_set.name}") as timing:
+        encode_feature_set(run, feature_set, reencode=reencode)
+        timing.rows = run.result.feature_counts.get(feature_set.name, 0)

@@ -105,6 +105,7 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     router = FeatureRouter(name, result.run_id, run.known_quarantine)
     sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
     ds.write_datasink(sink)
+    run.measure(ds)
     run.commits.add(name, sink.files[name])
     run.commits.add("quarantine", sink.files["quarantine"])
     run.commit(name)

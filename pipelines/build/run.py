@@ -10,22 +10,43 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import ray
+import ray.data
 from deltalake.transaction import Transaction
 
 from features.commit import RunCommits
+from features.schema import STAGES
 from features.tables import TableStore
 from pipelines.spec import PipelineSpec
 
 OUTCOMES = ("samples", "quarantined", "duplicates", "already_stored", "already_quarantined")
 BASE_TABLES = ("samples", "quarantine", "views", "_inputs")
+
+
+@dataclass
+class StageTiming:
+    """Where one stage's time went: its wall time (without the stages nested in it), what
+    it produced, and how busy the Ray tasks it ran kept the cluster's CPUs."""
+
+    stage: str
+    started_at: datetime
+    seconds: float = 0.0
+    rows: int = 0
+    bytes: int = 0
+    task_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    cpus: float = 0.0
 
 
 @dataclass
@@ -43,6 +64,7 @@ class BuildResult:
     finished_at: datetime | None = None
     skipped_inputs: int = 0  # unchanged inputs a refresh did not read again
     already_done: bool = False  # the slot was committed by an earlier attempt
+    stages: dict[str, StageTiming] = field(default_factory=dict)  # in the order they ran
 
     @property
     def inputs(self) -> int:
@@ -68,6 +90,7 @@ class Run:
     commits: RunCommits
     known_quarantine: pa.Table  # quarantine_id of every row stored before the run
     kind: str = "build"
+    _open_stages: list[StageTiming] = field(default_factory=list)
 
     @classmethod
     def start(
@@ -94,11 +117,40 @@ class Run:
         done = self.store.delta("_runs").transaction_version(transaction.app_id)
         return done is not None and done >= transaction.version
 
+    @contextmanager
+    def stage(self, name: str) -> Iterator[StageTiming]:
+        """Time a stage of the run; a stage inside another is taken out of the outer's time."""
+        timing = self.result.stages.setdefault(name, StageTiming(name, datetime.now(UTC)))
+        self._open_stages.append(timing)
+        start = time.perf_counter()
+        try:
+            yield timing
+        finally:
+            seconds = time.perf_counter() - start
+            self._open_stages.pop()
+            timing.seconds += seconds
+            if self._open_stages:
+                self._open_stages[-1].seconds -= seconds
+
+    def measure(self, ds: ray.data.Dataset) -> None:
+        """Add the Ray tasks of an executed dataset to the stage that is running."""
+        if self._open_stages:
+            task_seconds, cpu_seconds = task_times(ds)
+            timing = self._open_stages[-1]
+            timing.task_seconds += task_seconds
+            timing.cpu_seconds += cpu_seconds
+            timing.cpus = float(ray.cluster_resources().get("CPU", 0))
+
     def commit(self, name: str) -> None:
         """Commit what the run has for ``name`` and record the version it made."""
-        if "_runs" not in self.result.versions and self.commits.has_pending(name):
+        if not self.commits.has_pending(name):
+            return
+        if "_runs" not in self.result.versions:
             self._record()  # the run's record comes before its first data
-        version = self.commits.commit(name)
+        with self.stage(f"commit {name}") as timing:
+            timing.bytes += self.commits.pending_bytes(name)
+            version = self.commits.commit(name)
+            timing.rows = self.commits.rows.get(name, 0)  # rows the table took from this run
         if version is not None:
             self.result.versions[name] = version
 
@@ -112,6 +164,10 @@ class Run:
         result = self.result
         result.finished_at = datetime.now(UTC)
         if result.changed:
+            self.commits.write("_stages", stage_rows(result))
+            version = self.commits.commit("_stages")
+            if version is not None:
+                result.versions["_stages"] = version
             self.commits.remove_rows("_runs", "run_id", pa.array([result.run_id]))
             self._record()
         return result
@@ -123,6 +179,30 @@ class Run:
         version = self.commits.commit("_runs")
         if version is not None:
             self.result.versions["_runs"] = version
+
+
+def stage_rows(result: BuildResult) -> pa.Table:
+    """The run's stages as rows of ``_stages``."""
+    rows = [{"run_id": result.run_id, **asdict(t)} for t in result.stages.values()]
+    return pa.Table.from_pylist(rows, schema=STAGES)
+
+
+def task_times(ds: ray.data.Dataset) -> tuple[float, float]:
+    """(wall, CPU) seconds the dataset's Ray tasks ran, summed over tasks and operators,
+    from Ray Data's execution stats; zeros where a Ray version does not report them."""
+    try:
+        summary = ds.get_stats_summary()  # Ray Data's stats as data (``ds.stats()`` is text)
+    except Exception:  # noqa: BLE001 - the stats are a report, never a reason to fail a run
+        return 0.0, 0.0
+    wall = cpu = 0.0
+    pending = [summary]
+    while pending:
+        node = pending.pop()
+        pending.extend(node.parents)
+        for op in node.operators_stats:
+            wall += op.wall_time.sum if op.wall_time else 0.0
+            cpu += op.cpu_time.sum if op.cpu_time else 0.0
+    return wall, cpu
 
 
 def new_run_id() -> str:

@@ -65,6 +65,7 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         schemas=schemas,
     )
     ds.write_datasink(sink)
+    run.measure(ds)
     kept = ray.get(registry.produced.remote(plan.delete_ids))
     ray.kill(registry)
     result.counts.update({k: sink.counts.get(k, 0) for k in OUTCOMES})

@@ -45,6 +45,7 @@ def augment_samples(run: Run) -> None:
     router = ViewRouter(result.run_id, run.known_quarantine)
     sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
     ds.write_datasink(sink)
+    run.measure(ds)
     result.view_counts = {"views": 0, **sink.counts}
     for name, files in sink.files.items():
         run.commits.add(name, files)

@@ -1,0 +1,87 @@
+"""Runs and where their time went: ``_runs`` and ``_stages`` as data for ``mmfp runs``.
+
+Each stage row holds its wall time (stages nested in it taken out), what it
+produced, and the wall and CPU seconds of the Ray tasks it ran; the bottleneck
+is the stage with the largest share of the run, and its reason comes from how
+busy those tasks kept the cluster's CPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features.errors import StoreError
+from features.tables import TableStore
+
+BUSY = 0.8  # tasks kept at least this share of the CPUs busy: the stage is CPU-bound
+ON_CPU = 0.5  # below this share of their time on a CPU, tasks were waiting inside
+
+
+@dataclass
+class Bottleneck:
+    stage: str
+    share: float  # of the run's staged time
+    reason: str
+
+
+def recent_runs(store: TableStore, limit: int = 20) -> pa.Table:
+    """The newest ``limit`` runs, newest first."""
+    if not store.exists("_runs"):
+        return pa.table({})
+    runs = store.to_arrow("_runs")
+    order = pc.sort_indices(runs, [("started_at", "descending")])
+    return runs.take(order[:limit])
+
+
+def run_stages(store: TableStore, run_id: str) -> pa.Table:
+    """The stages of one run in the order they ran; an unknown run is a ``StoreError``."""
+    stages = store.to_arrow("_stages") if store.exists("_stages") else None
+    mine = stages.filter(pc.equal(stages.column("run_id"), run_id)) if stages else None
+    if mine is None or mine.num_rows == 0:
+        known = recent_runs(store, 5).column("run_id").to_pylist() if store.exists("_runs") else []
+        hint = f"; recent runs: {', '.join(known)}" if known else ""
+        raise StoreError(f"no stages recorded for run {run_id!r} in {store.uri}{hint}")
+    return mine.take(pc.sort_indices(mine, [("started_at", "ascending")]))
+
+
+def cpu_busy(row: dict) -> float | None:
+    """The share of the cluster's CPUs the stage's Ray tasks kept busy (None: no tasks)."""
+    if not row["task_seconds"] or not row["seconds"] or not row["cpus"]:
+        return None
+    return min(1.0, row["task_seconds"] / (row["seconds"] * row["cpus"]))
+
+
+def bottleneck(stages: pa.Table) -> Bottleneck | None:
+    """The stage that took the largest share of the run, and why it took it."""
+    rows = stages.to_pylist()
+    total = sum(max(0.0, r["seconds"]) for r in rows)
+    if not rows or total <= 0:
+        return None
+    worst = max(rows, key=lambda r: r["seconds"])
+    return Bottleneck(worst["stage"], worst["seconds"] / total, _reason(worst))
+
+
+def _reason(row: dict) -> str:
+    stage = row["stage"]
+    if stage.startswith("commit "):
+        return "committing to Delta on the driver (writing the log, checking keys)"
+    if stage == "plan":
+        return "listing inputs and reading the ledger on the driver"
+    busy = cpu_busy(row)
+    if busy is None:
+        return "driver work: no Ray tasks ran in it"
+    cpus = f"{row['cpus']:g} CPUs"
+    if row["cpu_seconds"] < ON_CPU * row["task_seconds"]:
+        return (
+            f"waiting inside its tasks (I/O or an accelerator): they were on a CPU "
+            f"{row['cpu_seconds'] / row['task_seconds']:.0%} of their time"
+        )
+    if busy >= BUSY:
+        return f"CPU-bound: its Ray tasks kept {busy:.0%} of {cpus} busy"
+    return (
+        f"waiting for work: its Ray tasks kept only {busy:.0%} of {cpus} busy "
+        "(start-up, scheduling, a model loading, or too few blocks)"
+    )

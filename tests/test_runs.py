@@ -1,0 +1,124 @@
+"""Where a run's time went: every stage's row in ``_stages``, ``mmfp runs ls/show``, and
+the bottleneck named with its reason."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from features.runs import bottleneck, run_stages
+from features.schema import STAGES
+from features.store import FeatureStore
+from jobs.cli import app
+from jobs.demo import corpus as synthetic
+from pipelines.build import build
+from pipelines.build.run import Run
+from tests.helpers import make_spec
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("runs")
+    synthetic.write_directory_source(root / "data", n_per_class=2, seed=5)
+    spec = make_spec(
+        root / "store",
+        [{"kind": "directory", "uri": str(root / "data"), "class_folders": True}],
+        augment={"views_per_sample": 1, "image": [{"name": "HorizontalFlip"}]},
+        encode={
+            "feature_sets": [
+                {"name": "inputs", "encoders": [{"name": "image_pixels", "params": {"size": 16}}]}
+            ]
+        },
+    )
+    result = build(spec)
+    return spec, result, FeatureStore(str(root / "store"))
+
+
+def test_every_stage_of_a_build_has_a_row(built):
+    _, result, store = built
+    stages = run_stages(store, result.run_id).to_pylist()
+    names = [s["stage"] for s in stages]
+    assert names[:2] == ["plan", "collect"]
+    assert {"commit samples", "augment", "commit views", "encode inputs"} <= set(names)
+    assert {"commit features/inputs", "commit _inputs"} <= set(names)
+    by_name = {s["stage"]: s for s in stages}
+    assert by_name["collect"]["rows"] == result.inputs
+    assert by_name["collect"]["task_seconds"] > 0  # Ray Data's task stats reached the row
+    assert by_name["collect"]["cpus"] == 2
+    assert by_name["commit samples"]["rows"] == result.counts["samples"]
+    assert by_name["commit samples"]["bytes"] > 0
+    assert by_name["encode inputs"]["rows"] == result.feature_counts["inputs"]
+    wall = (result.finished_at - result.started_at).total_seconds()
+    staged = sum(s["seconds"] for s in stages)
+    assert 0 < staged <= wall  # nested commits are not counted twice
+    assert all(s["seconds"] >= 0 for s in stages)
+
+
+def test_a_run_that_changes_nothing_records_no_stages(built):
+    spec, _, store = built
+    before = store.to_arrow("_stages").num_rows
+    again = build(spec)
+    assert not again.changed
+    assert store.to_arrow("_stages").num_rows == before
+
+
+def test_runs_ls_and_show_name_the_bottleneck(built):
+    _, result, store = built
+    listed = runner.invoke(app, ["runs", "ls", "--store", store.uri])
+    assert listed.exit_code == 0, listed.output
+    assert result.run_id in listed.output
+    shown = runner.invoke(app, ["runs", "show", result.run_id, "--store", store.uri])
+    assert shown.exit_code == 0, shown.output
+    worst = bottleneck(run_stages(store, result.run_id))
+    assert f"bottleneck: {worst.stage} (" in shown.output
+    assert "collect" in shown.output
+    unknown = runner.invoke(app, ["runs", "show", "no-such-run", "--store", store.uri])
+    assert unknown.exit_code == 2
+    assert "no stages recorded for run 'no-such-run'" in unknown.output
+    assert result.run_id in unknown.output  # the recent runs are named
+
+
+def test_a_nested_stage_is_taken_out_of_the_outer_one(tmp_path):
+    run = Run.start(make_spec(tmp_path / "store", [{"kind": "directory", "uri": str(tmp_path)}]))
+    with run.stage("outer"):
+        time.sleep(0.05)
+        with run.stage("inner"):
+            time.sleep(0.2)
+    outer, inner = run.result.stages["outer"], run.result.stages["inner"]
+    assert 0.2 <= inner.seconds < 0.4
+    assert 0.05 <= outer.seconds < 0.2
+
+
+def _stages(*rows: dict) -> pa.Table:
+    defaults = {"run_id": "r", "rows": 0, "bytes": 0, "cpus": 2.0}
+    return pa.Table.from_pylist([{**defaults, **r} for r in rows], schema=STAGES)
+
+
+@pytest.mark.parametrize(
+    ("worst", "reason"),
+    [
+        ({"stage": "collect", "task_seconds": 19.0, "cpu_seconds": 18.0}, "CPU-bound: its Ray "
+         "tasks kept 95% of 2 CPUs busy"),
+        ({"stage": "collect", "task_seconds": 6.0, "cpu_seconds": 6.0}, "waiting for work: its "
+         "Ray tasks kept only 30% of 2 CPUs busy"),
+        ({"stage": "encode clip", "task_seconds": 18.0, "cpu_seconds": 3.0}, "waiting inside its "
+         "tasks (I/O or an accelerator): they were on a CPU 17% of their time"),
+        ({"stage": "commit samples", "task_seconds": 0.0, "cpu_seconds": 0.0}, "committing"),
+        ({"stage": "plan", "task_seconds": 0.0, "cpu_seconds": 0.0}, "listing inputs"),
+        ({"stage": "encode x", "task_seconds": 0.0, "cpu_seconds": 0.0}, "driver work"),
+    ],
+)  # fmt: skip
+def test_the_bottleneck_and_why(worst, reason):
+    stages = _stages(
+        {"stage": "plan", "seconds": 1.0, "task_seconds": 0.0, "cpu_seconds": 0.0},
+        {"seconds": 10.0, **worst},
+        {"stage": "commit _inputs", "seconds": 1.0, "task_seconds": 0.0, "cpu_seconds": 0.0},
+    )
+    found = bottleneck(stages)
+    assert (found.stage, round(found.share, 2)) == (worst["stage"], round(10 / 12, 2))
+    assert found.reason.startswith(reason)
