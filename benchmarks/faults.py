@@ -79,6 +79,9 @@ class Report:
                     {
                         "scenario": scenario,
                         "trials": len(mine),
+                        # the kill landed while the command ran (not finished first / no busy
+                        # worker at that moment)
+                        "killed": sum(t.detail.startswith(("driver ", "worker ")) for t in mine),
                         "converged": sum(t.converged for t in mine),
                         "rows lost": sum(t.lost for t in mine),
                         "rows duplicated": sum(t.duplicated for t in mine),
@@ -130,23 +133,32 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "jobs", *args]
 
 
-def run(args: list[str], *, kill_after: float | None = None, kill: str = "driver") -> float:
+@dataclass
+class Ran:
+    seconds: float
+    killed: str = ""  # "driver", "worker", "no busy worker" or "finished first"
+
+
+def run(args: list[str], *, kill_after: float | None = None, kill: str = "driver") -> Ran:
     """Run a command in its own process group; SIGKILL it (or one Ray worker) after
-    ``kill_after`` seconds. Returns the seconds it ran."""
+    ``kill_after`` seconds. Returns the seconds it ran and what was killed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
     start = time.perf_counter()
     proc = subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
+    killed = ""
     if kill_after is not None:
+        killed = "finished first"
         try:
             proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
             if kill == "driver":
                 _kill_tree(proc.pid)
+                killed = "driver"
             else:
-                _kill_one_worker(proc.pid)
+                killed = "worker" if _kill_one_worker(proc.pid) else "no busy worker"
     try:
         _, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -156,7 +168,7 @@ def run(args: list[str], *, kill_after: float | None = None, kill: str = "driver
     if kill_after is None and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[2:])} failed ({proc.returncode}): {err[-2000:]}")
     _kill_tree(proc.pid)  # Ray processes that outlive a killed driver
-    return seconds
+    return Ran(seconds, killed)
 
 
 def _children(pid: int) -> list[int]:
@@ -183,8 +195,9 @@ def _kill_tree(pid: int) -> None:
             os.kill(target, signal.SIGKILL)
 
 
-def _kill_one_worker(pid: int) -> None:
-    """SIGKILL one Ray worker process (a task or actor) under ``pid``, not the driver."""
+def _kill_one_worker(pid: int) -> bool:
+    """SIGKILL one busy Ray worker process (a task or actor) under ``pid``, not the driver;
+    False when none was busy at that moment."""
     workers = []
     for child in _children(pid):
         try:
@@ -195,6 +208,7 @@ def _kill_one_worker(pid: int) -> None:
             workers.append(child)
     if workers:
         os.kill(random.choice(workers), signal.SIGKILL)
+    return bool(workers)
 
 
 # ---- what a store holds ---------------------------------------------------------------------
@@ -254,7 +268,7 @@ class Bench:
         self.root = work / "trial"
         write_inputs(self.root / "data", samples, seed=1)
         self.seconds: dict[str, float] = {}
-        self.seconds["build"] = run(command("build", str(self.spec())))
+        self.seconds["build"] = run(command("build", str(self.spec()))).seconds
         self.reference_base = keys(self.root / "store")
         shutil.copytree(self.root, work / "base")
         write_inputs(work / "new", samples // 2, seed=2)  # what a refresh finds later
@@ -285,12 +299,14 @@ class Bench:
             "refresh": command("refresh", str(spec)),
             "encode": command("encode", str(spec), "--feature-set", "inputs", "--reencode"),
         }[scenario]
-        duration = self.seconds.get(scenario) or self.seconds["build"]
-        delay = self.rng.uniform(0.0, duration)
-        run(args, kill_after=delay, kill="worker" if scenario == "worker" else "driver")
+        if scenario not in self.seconds:  # the command's clean duration, once: kills land in it
+            self.seconds[scenario] = run(args).seconds
+            store = self.fresh(grown=grown, with_base=scenario not in ("build", "worker"))
+        delay = self.rng.uniform(0.0, self.seconds[scenario])
+        ran = run(args, kill_after=delay, kill="worker" if scenario == "worker" else "driver")
         run(command("refresh" if scenario == "refresh" else "build", str(spec)))
         reference = self.reference_grown if grown else self.reference_base
-        return compare(scenario, f"killed after {delay:.1f} s", store, reference)
+        return compare(scenario, f"{ran.killed} at {delay:.1f} s", store, reference)
 
     def race(self, i: int) -> Trial:
         store = self.fresh(grown=True, with_base=True)
@@ -331,11 +347,11 @@ class Bench:
             "epochs": 3, "batch_size": 8, "num_workers": 1, "checkpoint_every_steps": 2,
         }))  # fmt: skip
         if "train" not in self.seconds:
-            self.seconds["train"] = run(command("train", str(config)))
+            self.seconds["train"] = run(command("train", str(config))).seconds
             shutil.rmtree(store / "_train" / f"faults{i}")
         delay = self.rng.uniform(0.0, self.seconds["train"])
         kill = "worker" if i % 2 else "driver"  # a Ray Train worker, or the whole run
-        run(command("train", str(config)), kill_after=delay, kill=kill)
+        ran = run(command("train", str(config)), kill_after=delay, kill=kill)
         run(command("train", str(config)))  # resumes from its last checkpoint
         metrics = store / "_train" / f"faults{i}"
         finished = any(
@@ -344,7 +360,7 @@ class Bench:
             for line in path.read_text().splitlines()
             if line.strip()
         )
-        trial = compare("train", f"{kill} killed after {delay:.1f} s", store, self.reference_base)
+        trial = compare("train", f"{ran.killed} at {delay:.1f} s", store, self.reference_base)
         trial.converged = trial.converged and finished
         return trial
 
@@ -384,11 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:  # after every trial, so a long run cut short keeps what it measured
                 report.save(args.json)
     print(
-        f"\n{'scenario':10} {'trials':>6} {'converged':>9} {'lost':>5} {'dup':>5} {'untraced':>8}"
+        f"\n{'scenario':10} {'trials':>6} {'killed':>6} {'converged':>9} {'lost':>5} {'dup':>5} "
+        f"{'untraced':>8}"
     )
     for row in report.table():
         counts = (row["rows lost"], row["rows duplicated"], row["untraced rows"])
-        print(f"{row['scenario']:10} {row['trials']:>6} {row['converged']:>9} "
+        print(f"{row['scenario']:10} {row['trials']:>6} {row['killed']:>6} {row['converged']:>9} "
               f"{counts[0]:>5} {counts[1]:>5} {counts[2]:>8}")  # fmt: skip
     return 0 if all(t.converged for t in report.trials) else 1
 

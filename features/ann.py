@@ -51,9 +51,11 @@ class AnnIndex:
 
         params = faiss.SearchParametersIVF(nprobe=int(self.meta["nprobe"]))
         banned = excluded_rows(self.keys, exclude)
+        available = self.index.ntotal - len(banned)
         selectors = []  # faiss keeps raw pointers: the Python objects must outlive the search
         if where is not None:
             allowed = np.setdiff1d(where_rows(store, self.keys, where), banned)
+            available = len(allowed)
             selectors.append(faiss.IDSelectorBatch(allowed.astype(np.int64)))
         elif len(banned):
             selectors.append(faiss.IDSelectorBatch(banned.astype(np.int64)))
@@ -61,6 +63,11 @@ class AnnIndex:
         if selectors:
             params.sel = selectors[-1]
         scores, ids = self.index.search(q[None, :], k, params=params)
+        if (ids[0] >= 0).sum() < min(k, available):
+            # the probed lists held fewer allowed rows than asked for (a selective filter or
+            # a large k): probe every list, which for IVF-Flat is the exact answer
+            params.nprobe = self.index.nlist
+            scores, ids = self.index.search(q[None, :], k, params=params)
         found = ids[0] >= 0
         return hits_table(self.keys.take(ids[0][found]), scores[0][found])
 
