@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.errors import StoreError
+from features.schema import RUNS
 from features.tables import TableStore
 
 BUSY = 0.8  # tasks kept at least this share of the CPUs busy: the stage is CPU-bound
@@ -30,10 +31,8 @@ class Bottleneck:
 def recent_runs(store: TableStore, limit: int = 20) -> pa.Table:
     """The newest ``limit`` runs, newest first."""
     if not store.exists("_runs"):
-        return pa.table({})
-    runs = store.to_arrow("_runs")
-    order = pc.sort_indices(runs, [("started_at", "descending")])
-    return runs.take(order[:limit])
+        return RUNS.empty_table()
+    return store.to_arrow("_runs").sort_by([("started_at", "descending")]).slice(0, limit)
 
 
 def run_stages(store: TableStore, run_id: str) -> pa.Table:
@@ -41,7 +40,7 @@ def run_stages(store: TableStore, run_id: str) -> pa.Table:
     stages = store.to_arrow("_stages") if store.exists("_stages") else None
     mine = stages.filter(pc.equal(stages.column("run_id"), run_id)) if stages else None
     if mine is None or mine.num_rows == 0:
-        known = recent_runs(store, 5).column("run_id").to_pylist() if store.exists("_runs") else []
+        known = recent_runs(store, 5).column("run_id").to_pylist()
         hint = f"; recent runs: {', '.join(known)}" if known else ""
         raise StoreError(f"no stages recorded for run {run_id!r} in {store.uri}{hint}")
     return mine.take(pc.sort_indices(mine, [("started_at", "ascending")]))
@@ -54,10 +53,15 @@ def cpu_busy(row: dict) -> float | None:
     return min(1.0, row["task_seconds"] / (row["seconds"] * row["cpus"]))
 
 
+def staged_seconds(rows: list[dict]) -> float:
+    """The run's time in its stages (each stage's own time, nested ones taken out)."""
+    return sum(max(0.0, r["seconds"]) for r in rows)
+
+
 def bottleneck(stages: pa.Table) -> Bottleneck | None:
     """The stage that took the largest share of the run, and why it took it."""
     rows = stages.to_pylist()
-    total = sum(max(0.0, r["seconds"]) for r in rows)
+    total = staged_seconds(rows)
     if not rows or total <= 0:
         return None
     worst = max(rows, key=lambda r: r["seconds"])

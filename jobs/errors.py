@@ -20,6 +20,7 @@ import typer
 
 from features.errors import MmfpError, StoreError
 from features.store import FeatureStore
+from jobs.options import env_flag
 
 F = TypeVar("F", bound=Callable[..., Any])
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -50,7 +51,7 @@ def one_line(error: BaseException) -> str:
 
 
 def debugging() -> bool:
-    return os.environ.get("MMFP_DEBUG", "") not in ("", "0", "false")
+    return env_flag("MMFP_DEBUG")
 
 
 def user_errors(fn: F) -> F:

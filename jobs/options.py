@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,12 @@ VersionOpt = Annotated[
     str | None, typer.Option(help="Version number or ISO 8601 time; default: latest.")
 ]
 DEFAULT_STORE = "mmfp-store"
+
+
+def env_flag(name: str) -> bool:
+    """An on/off environment variable (``MMFP_DEBUG``, ``MMFP_VERBOSE``): unset, "", "0"
+    and "false" are off."""
+    return os.environ.get(name, "") not in ("", "0", "false")
 
 
 def key_values(pairs: list[str] | None, option: str) -> dict[str, str]:

@@ -137,8 +137,8 @@ def print_describe(store: FeatureStore, name: str) -> None:
     console.print(table("schema", ["column", "type", "nullable"], schema))
     if name == "samples":
         print_class_balance(store)
-    if store.exists("_runs"):
-        runs = store.to_arrow("_runs").sort_by([("started_at", "descending")]).slice(0, 5)
+    latest = runs.recent_runs(store, 5)
+    if latest.num_rows:
         console.print(
             table(
                 "lineage: latest runs",
@@ -153,7 +153,7 @@ def print_describe(store: FeatureStore, name: str) -> None:
                         r["samples_written"],
                         r["versions"],
                     ]
-                    for r in runs.to_pylist()
+                    for r in latest.to_pylist()
                 ],
             )
         )
@@ -245,7 +245,7 @@ def print_runs(found: pa.Table) -> None:
 def print_stages(run_id: str, stages: pa.Table) -> None:
     """Each stage's time, share, throughput and CPU use, then the bottleneck and why."""
     rows = stages.to_pylist()
-    total = sum(max(0.0, r["seconds"]) for r in rows) or 1.0
+    total = runs.staged_seconds(rows) or 1.0
     out = []
     for r in rows:
         busy = runs.cpu_busy(r)

@@ -11,6 +11,8 @@ from typing import Any
 
 import ray
 
+from jobs.options import env_flag
+
 # the loggers whose lines are Ray's, not mmfp's: they go to the run's log file
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 _HANDLER_NAME = "mmfp-run-log"
@@ -21,7 +23,7 @@ KEEP_LOGS = 200
 
 def verbose() -> bool:
     """``--verbose`` / ``MMFP_VERBOSE=1``: Ray's log lines stay on the terminal."""
-    return os.environ.get("MMFP_VERBOSE", "") not in ("", "0", "false")
+    return env_flag("MMFP_VERBOSE")
 
 
 def current_log() -> Path | None:
