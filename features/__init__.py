@@ -7,12 +7,40 @@ DuckDB SQL, search feature sets by vector, and keep the store tidy.
 
 from __future__ import annotations
 
-from features.errors import MmfpError, StoreError
-from features.metadata import ColumnMeta, EncoderMeta, FeatureSetMeta
-from features.search import search
-from features.sql import run_sql, write_result
-from features.store import FeatureStore
-from features.tables import TableStore, Version, parse_version
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from features.errors import MmfpError, StoreError
+    from features.metadata import ColumnMeta, EncoderMeta, FeatureSetMeta
+    from features.search import search
+    from features.sql import run_sql, write_result
+    from features.store import FeatureStore
+    from features.tables import TableStore, Version, parse_version
+
+# name -> module, imported on first use: a worker writing Parquet files must not
+# import DuckDB and the search code with the package
+_PUBLIC = {
+    "MmfpError": "features.errors",
+    "StoreError": "features.errors",
+    "ColumnMeta": "features.metadata",
+    "EncoderMeta": "features.metadata",
+    "FeatureSetMeta": "features.metadata",
+    "search": "features.search",
+    "run_sql": "features.sql",
+    "write_result": "features.sql",
+    "FeatureStore": "features.store",
+    "TableStore": "features.tables",
+    "Version": "features.tables",
+    "parse_version": "features.tables",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
 
 __all__ = [
     "ColumnMeta",

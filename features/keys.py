@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 _ROW = "__mmfp_row"
@@ -37,16 +38,28 @@ def key_mask(left: pa.Table, right: pa.Table, keys: Sequence[str]) -> np.ndarray
     return mask
 
 
+def rows_where(table: pa.Table, mask: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Table:
+    """``table.filter(mask)`` (null means drop), without the copy when every row is kept.
+
+    A filter copies every buffer, media bytes included: on a stage's hot path
+    (route, dedup) most batches keep all their rows, so that copy is pure waste.
+    """
+    mask = mask if isinstance(mask, pa.Array | pa.ChunkedArray) else pa.array(mask)
+    if mask.null_count == 0 and (len(mask) == 0 or pc.all(mask).as_py()):
+        return table
+    return table.filter(mask)
+
+
 def anti_join(left: pa.Table, right: pa.Table, keys: Sequence[str]) -> pa.Table:
     """The rows of ``left`` whose key is not in ``right`` (order kept)."""
     if right.num_rows == 0:
         return left
-    return left.filter(pa.array(~key_mask(left, right, keys)))
+    return rows_where(left, ~key_mask(left, right, keys))
 
 
 def semi_join(left: pa.Table, right: pa.Table, keys: Sequence[str]) -> pa.Table:
     """The rows of ``left`` whose key is in ``right`` (order kept)."""
-    return left.filter(pa.array(key_mask(left, right, keys)))
+    return rows_where(left, key_mask(left, right, keys))
 
 
 def version_keys(dt: DeltaTable, keys: Sequence[str], fragments: list | None = None) -> pa.Table:

@@ -8,17 +8,17 @@ from features.store import FeatureStore
 from jobs.errors import user_errors
 from jobs.options import RayAddressOpt, SpecArg
 from jobs.report import print_build, print_log_file
-from jobs.runtime import start_job
+from jobs.runtime import new_job
 from pipelines.build import BuildResult, build
 from pipelines.spec import load_spec
 
 
 def run_build(spec_path: str, *, address: str | None = None) -> BuildResult:
     spec = load_spec(spec_path)  # validated before Ray starts
-    run_id, log_file = start_job(address)
-    result = build(spec, run_id=run_id)
+    job = new_job(address)
+    result = build(spec, run_id=job.run_id, start_ray=job.start_ray)
     print_build(result, FeatureStore(spec.store.uri, storage_options=spec.store.storage_options))
-    print_log_file(log_file)
+    print_log_file(job.log_file)
     return result
 
 

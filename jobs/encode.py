@@ -13,7 +13,7 @@ import typer
 from jobs.errors import user_errors
 from jobs.options import RayAddressOpt
 from jobs.report import console, print_log_file
-from jobs.runtime import start_job
+from jobs.runtime import new_job
 from pipelines.build import BuildResult, encode_only
 from pipelines.spec import load_spec
 
@@ -22,8 +22,10 @@ def run_encode(
     spec_path: str, feature_set: str, *, reencode: bool = False, address: str | None = None
 ) -> BuildResult:
     spec = load_spec(spec_path)
-    run_id, log_file = start_job(address)
-    result = encode_only(spec, feature_set, reencode=reencode, run_id=run_id)
+    job = new_job(address)
+    result = encode_only(
+        spec, feature_set, reencode=reencode, run_id=job.run_id, start_ray=job.start_ray
+    )
     rows = result.feature_counts.get(feature_set, 0)
     store = spec.store.uri
     if not result.changed:
@@ -32,7 +34,7 @@ def run_encode(
         console.print(
             f"feature set {feature_set!r}: {rows} rows encoded, committed {result.versions}"
         )
-    print_log_file(log_file)
+    print_log_file(job.log_file)
     return result
 
 

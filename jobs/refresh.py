@@ -17,7 +17,7 @@ from features.store import FeatureStore
 from jobs.errors import user_errors
 from jobs.options import RayAddressOpt, SpecArg
 from jobs.report import console, print_build, print_log_file
-from jobs.runtime import start_job
+from jobs.runtime import new_job
 from pipelines.build import BuildResult, build
 from pipelines.errors import SpecError
 from pipelines.spec import load_spec
@@ -44,8 +44,15 @@ def run_refresh(
 ) -> BuildResult:
     spec = load_spec(spec_path)
     slot_seconds = parse_slot(slot)
-    run_id, log_file = start_job(address)
-    result = build(spec, run_id=run_id, kind="refresh", incremental=True, slot=slot_seconds)
+    job = new_job(address)
+    result = build(
+        spec,
+        run_id=job.run_id,
+        kind="refresh",
+        incremental=True,
+        slot=slot_seconds,
+        start_ray=job.start_ray,
+    )
     if result.already_done:
         console.print(f"slot {slot} was already committed by an earlier attempt: nothing to do")
         return result
@@ -57,7 +64,7 @@ def run_refresh(
             f"({result.removed['samples']} samples deleted, policy {spec.refresh.on_removed})"
         )
     print_build(result, store)
-    print_log_file(log_file)
+    print_log_file(job.log_file)
     return result
 
 

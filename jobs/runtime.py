@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +39,35 @@ def run_log(name: str) -> Path:
     return Path(folder) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
 
 
-def start_job(address: str | None, *, prefix: str = "") -> tuple[str, Path]:
-    """A new run id and its log file, with Ray started (or joined) logging there."""
+@dataclass
+class Job:
+    """One CLI job: its run id, its log file, and how to start (or join) Ray for it."""
+
+    run_id: str
+    log_file: Path
+    address: str | None
+
+    def start_ray(self) -> None:
+        """Start or join Ray with its log lines in the job's log file (idempotent)."""
+        init_ray(self.address, log_file=self.log_file)
+
+
+def new_job(address: str | None, *, prefix: str = "") -> Job:
+    """A new run id and its log file; Ray starts when ``Job.start_ray`` is first called
+    (builds call it only when a stage has work: a no-op refresh never starts Ray)."""
     from pipelines.build import new_run_id
 
     run_id = new_run_id()
     log_file = run_log(prefix + run_id)
     prune_logs(log_file.parent)
-    init_ray(address, log_file=log_file)
-    return run_id, log_file
+    return Job(run_id, log_file, address)
+
+
+def start_job(address: str | None, *, prefix: str = "") -> tuple[str, Path]:
+    """A new run id and its log file, with Ray started (or joined) logging there."""
+    job = new_job(address, prefix=prefix)
+    job.start_ray()
+    return job.run_id, job.log_file
 
 
 def prune_logs(folder: Path, keep: int = KEEP_LOGS) -> None:
@@ -90,6 +112,10 @@ def init_ray(
             "logging_level": "WARNING",
             "log_to_driver": False,
         }
+    if not address:
+        # Ray's own exit hook sleeps 0.5 s for worker output a local run never prints
+        # (log_to_driver is off); this hook runs first and makes that one a no-op
+        atexit.register(ray.shutdown)
     if not routed:
         ray.init(**options, **kwargs)
         return

@@ -9,9 +9,32 @@ set's own recorded encoder.
 
 from __future__ import annotations
 
-from pipelines.build import BuildResult, build, encode_only
-from pipelines.encode import embed_query
-from pipelines.spec import PipelineSpec, load_spec, parse_spec
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.build import BuildResult, build, encode_only
+    from pipelines.encode import embed_query
+    from pipelines.spec import PipelineSpec, load_spec, parse_spec
+
+# name -> module, imported on first use: a Ray worker that runs one stage function
+# (``pipelines.collect``) must not import the whole facade (Ray Data plans, encoders)
+_PUBLIC = {
+    "BuildResult": "pipelines.build",
+    "build": "pipelines.build",
+    "encode_only": "pipelines.build",
+    "embed_query": "pipelines.encode",
+    "PipelineSpec": "pipelines.spec",
+    "load_spec": "pipelines.spec",
+    "parse_spec": "pipelines.spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
 
 __all__ = [
     "BuildResult",

@@ -53,7 +53,7 @@ def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle) -> pa.T
     naming the input that kept the id, so it is accounted for in quarantine.
     """
     ok = pc.invert(is_error(batch))
-    good = batch.filter(ok)
+    good = batch.select(["source_uri", "sample_id"]).filter(ok)  # not the media columns
     idx = pc.indices_nonzero(ok).to_pylist()
     keys = good.column("source_uri").to_pylist()
     ids = good.column("sample_id").combine_chunks()

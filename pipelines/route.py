@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.keys import key_mask
+from features.keys import key_mask, rows_where
 from pipelines.collect import INPUT_COLUMNS
 from pipelines.ledger import news_mask
 from pipelines.quarantine import ERROR_COLUMNS, is_error, quarantine_rows
@@ -50,17 +50,17 @@ class Router:
         now = datetime.now(UTC)
         counts: Counter[str] = Counter()
         failed = is_error(batch)
-        good = self.select_new(batch.filter(pc.invert(failed)), counts)
+        good = self.select_new(rows_where(batch, pc.invert(failed)), counts)
         extra = [*ERROR_COLUMNS, *INPUT_COLUMNS, "status"]
         good = _stamp(
             good.drop_columns([c for c in extra if c in good.column_names]), now, self.run_id
         )
         counts[self.table] += good.num_rows
-        errors = batch.filter(failed)
+        errors = rows_where(batch, failed)
         quarantine = quarantine_rows(errors, self.input_uris(errors), run_id=self.run_id, now=now)
         known = key_mask(quarantine, self.known, ["quarantine_id"])
         counts["already_quarantined"] += int(known.sum())
-        quarantine = quarantine.filter(pa.array(~known))
+        quarantine = rows_where(quarantine, ~known)
         duplicate = pc.equal(quarantine.column("error_type"), "DuplicateSample")
         counts["duplicates"] += pc.sum(duplicate).as_py() or 0
         counts["quarantined"] += quarantine.num_rows - (pc.sum(duplicate).as_py() or 0)
@@ -82,7 +82,7 @@ class SampleRouter(Router):
     def select_new(self, good: pa.Table, counts: Counter[str]) -> pa.Table:
         status = good.column("status")
         counts["already_stored"] += pc.sum(pc.equal(status, "stored")).as_py() or 0
-        return good.filter(pc.equal(status, "new"))
+        return rows_where(good, pc.equal(status, "new"))
 
     def extra_tables(self, batch: pa.Table, now: datetime) -> dict[str, pa.Table]:
         status = batch.column("status")
@@ -112,7 +112,7 @@ class SampleRouter(Router):
             }
         )
         # a rebuild sees every input again: only rows that tell something new are written
-        news = ledger.filter(news_mask(ledger))
+        news = rows_where(ledger, news_mask(ledger))
         return {"_inputs": news.drop_columns(["prev_fingerprint", "prev_outcome"])}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from features.commit import RunCommits, write_file
@@ -95,3 +96,22 @@ def test_removals_go_in_the_same_commit_as_adds(store):
     assert _ids(store) == ["a", "c", "d"]
     before = store.to_arrow("samples", version=base + 1).column("sample_id").to_pylist()
     assert sorted(before) == ["a", "b", "c"]
+
+
+def test_files_compress_every_column_but_encoded_media(tmp_path):
+    """zstd on every leaf column, nested ones included; JPEG/PNG bytes are stored as they are."""
+    rows = pa.table(
+        {
+            "image": pa.array([b"\xff\xd8jpeg"] * 3, pa.binary()),
+            "labels": pa.array([["a", "b"]] * 3, pa.list_(pa.string())),
+            "embedding": pa.array([[1.0, 2.0]] * 3, pa.list_(pa.float32(), 2)),
+            "metadata": pa.array([[("k", "v")]] * 3, pa.map_(pa.string(), pa.string())),
+            "box": pa.array([{"x": 1, "y": 2}] * 3),
+        }
+    )
+    action = write_file(str(tmp_path), {}, rows, "t")
+    meta = pq.ParquetFile(tmp_path / action.path).metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(7)}
+    assert meta.num_columns == 7
+    assert codecs.pop("image") == "UNCOMPRESSED"
+    assert set(codecs.values()) == {"ZSTD"}, codecs

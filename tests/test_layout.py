@@ -170,6 +170,27 @@ def test_public_api():
     for name in ("build", "load_spec", "BuildResult", "embed_query"):
         assert name in pipelines.__all__
         assert getattr(pipelines, name)
+    for package in (features, pipelines):  # every promised name resolves, nothing more
+        assert all(getattr(package, name) for name in package.__all__)
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            package.nope  # noqa: B018
+
+
+def test_a_stage_worker_imports_only_what_its_stage_needs():
+    """A Ray worker running collect (read, split, dedup, write) is cold in every CLI call:
+    importing a stage module must not drag in the package facades (Ray Data plans, DuckDB
+    SQL, search, the CLI)."""
+    code = """
+import json, sys
+import features.sink, pipelines.collect, pipelines.dedup, pipelines.route, pipelines.split
+heavy = ("pipelines.build", "features.sql", "features.search", "features.store", "jobs")
+print(json.dumps(sorted(m for m in sys.modules if m.startswith(heavy))))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
 def test_every_module_ships_to_a_cluster_and_into_git(tmp_path):

@@ -51,13 +51,22 @@ def test_ray_lines_go_to_the_run_log_and_verbose_shows_them(tmp_path):
     assert log.stem in printed  # the file is named after the run id the summary prints
     assert "Starting execution of Dataset" in log.read_text()
 
+    idle = _mmfp("refresh", str(spec_path), logs=tmp_path / "idle")
+    assert idle.returncode == 0, idle.stderr[-2000:]
+    assert "nothing new: store unchanged" in idle.stdout
+    # nothing to read: Ray never started (starting it makes the run's log file)
+    assert not (tmp_path / "idle").exists()
+    assert "Ray's log lines" not in idle.stdout
+
     loud = _mmfp("--verbose", "refresh", str(spec_path), logs=tmp_path / "loud")
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "unchanged inputs skipped" in loud.stdout
     assert not (tmp_path / "loud").exists()  # verbose: nothing routed, no file made
 
-    (latest, *_) = sorted((tmp_path / "store" / "samples" / "_delta_log").glob("*.json"))[::-1]
-    latest.write_text("{not json")  # a failure that is not the user's: one line, and the log
+    # a failure that is not the user's, once Ray runs: one line, and the log
+    synthetic.write_directory_source(data / "more", n_per_class=1, seed=4)  # work for Ray
+    for part in (tmp_path / "store" / "samples").glob("*.parquet"):
+        part.write_bytes(b"not parquet")  # the dedup registry reads the stored ids
     failed = _mmfp("build", str(spec_path), logs=tmp_path / "failed")
     assert failed.returncode == 1, failed.stderr[-2000:]
     assert "Traceback" not in failed.stderr

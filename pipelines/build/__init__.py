@@ -11,6 +11,8 @@ commit per run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyarrow as pa
 import ray.data
 
@@ -38,6 +40,7 @@ def build(
     kind: str = "build",
     incremental: bool = False,
     slot: int | None = None,
+    start_ray: Callable[[], None] | None = None,
 ) -> BuildResult:
     """Collect, label, split, deduplicate, augment and encode the sources of ``spec``.
 
@@ -47,9 +50,10 @@ def build(
     the run exactly-once: every commit carries it, and a run that finds it
     already committed stops (``already_done``). One Delta commit per table that
     received rows; nothing at all when there is nothing new. Ray must be
-    initialised (jobs do it).
+    initialised, or ``start_ray`` given: it is called when a stage first has work
+    for Ray, so a run with nothing to do never starts it (jobs pass one).
     """
-    run = Run.start(spec, run_id=run_id, kind=kind, slot=slot)
+    run = Run.start(spec, run_id=run_id, kind=kind, slot=slot, start_ray=start_ray)
     if run.slot_done():
         run.result.already_done = True
         return run.result
@@ -115,13 +119,18 @@ def _run_stages(run: Run, *, incremental: bool) -> None:
 
 
 def encode_only(
-    spec: PipelineSpec, name: str, *, reencode: bool = False, run_id: str | None = None
+    spec: PipelineSpec,
+    name: str,
+    *,
+    reencode: bool = False,
+    run_id: str | None = None,
+    start_ray: Callable[[], None] | None = None,
 ) -> BuildResult:
     """Run one feature set of the spec's ``encode`` section alone (``mmfp encode``)."""
     if spec.encode is None:
         raise SpecError("the spec has no `encode` section to run")
     feature_set = spec.encode.get(name)
-    run = Run.start(spec, run_id=run_id, kind="encode")
+    run = Run.start(spec, run_id=run_id, kind="encode", start_ray=start_ray)
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
     with Lease(run.store, run.result.run_id):

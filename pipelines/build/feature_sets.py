@@ -68,6 +68,7 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     todo = anti_join(wanted, existing, FEATURE_KEYS)
     if todo.num_rows == 0:
         return
+    run.ensure_ray()
     parts = []
     for table, is_view in sources:
         columns = [c for c in KEY_COLUMNS if c != "view" or is_view] + MEDIA_COLUMNS

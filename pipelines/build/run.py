@@ -12,7 +12,7 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -90,6 +90,9 @@ class Run:
     commits: RunCommits
     known_quarantine: pa.Table  # quarantine_id of every row stored before the run
     kind: str = "build"
+    # starts (or joins) Ray; called only once a stage has work for it, so a run with
+    # nothing to do (a no-op refresh) never pays for starting a cluster
+    start_ray: Callable[[], None] | None = None
     _open_stages: list[StageTiming] = field(default_factory=list)
 
     @classmethod
@@ -100,6 +103,7 @@ class Run:
         run_id: str | None = None,
         kind: str = "build",
         slot: int | None = None,
+        start_ray: Callable[[], None] | None = None,
     ) -> Run:
         """Open the spec's store and pin the versions the run reads."""
         store = TableStore(spec.store.uri, storage_options=spec.store.storage_options)
@@ -107,7 +111,15 @@ class Run:
         commits = RunCommits(store, result.run_id, transaction=slot_transaction(spec, kind, slot))
         commits.pin(*BASE_TABLES)
         known = store.column_values("quarantine", "quarantine_id", commits.base["quarantine"])
-        return cls(spec, store, result, commits, pa.table({"quarantine_id": known}), kind)
+        known = pa.table({"quarantine_id": known})
+        return cls(spec, store, result, commits, known, kind, start_ray)
+
+    def ensure_ray(self) -> None:
+        """Make sure Ray is up before a stage hands it work (see ``start_ray``)."""
+        if not ray.is_initialized():
+            if self.start_ray is None:
+                raise RuntimeError("Ray is not initialised: call ray.init() (jobs do it)")
+            self.start_ray()
 
     def slot_done(self) -> bool:
         """True when a finished run already committed this run's scheduled slot."""

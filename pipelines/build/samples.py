@@ -35,6 +35,7 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
     spec, store, result = run.spec, run.store, run.result
     if plan.todo.empty:
         return pa.array([], pa.string())
+    run.ensure_ray()
     registry = IdRegistry.remote(store, run.commits.base["samples"])
     ds = collected_dataset(spec, plan)
     if spec.label and Labeller(spec.label).needs_model:  # zero-shot: the model loads once

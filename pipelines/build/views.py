@@ -34,6 +34,7 @@ def augment_samples(run: Run) -> None:
     todo = missing_views(train_ids, existing, augment)
     if todo.num_rows == 0:
         return  # every train sample has all its views: skip reading media at all
+    run.ensure_ray()
     ds = store.table("samples", columns=list(VIEW_INPUT_COLUMNS))
     ds = ds.map_batches(
         make_missing_views,
