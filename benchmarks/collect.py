@@ -46,7 +46,6 @@ from benchmarks._common import (  # noqa: E402
     corpus_args,
     local_ray,
     make_spec,
-    op_reservation,
     write_corpus,
 )
 from pipelines.collect import RefReader  # noqa: E402
@@ -205,12 +204,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     corpus_args(parser, samples=2000, image_size=256, repeats=3, cores=cores)
     parser.add_argument("--no-peer", action="store_true", help="skip the datasets peer")
     parser.add_argument(
-        "--no-op-reservation",
-        action="store_true",
-        help="set DataContext.op_resource_reservation_enabled = False before the builds "
-        "(the tuning proposed in BENCHMARKS.md; build() picks the driver's context up)",
-    )
-    parser.add_argument(
         "--worker-niceness",
         type=int,
         default=0,
@@ -253,14 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         # never overlap a build.
         os.sync()
         m.ideal.append(run_ideal(spec))  # paired with the cold build
-        with (
-            local_ray(args.cores, niceness=args.worker_niceness) as init_s,
-            op_reservation(not args.no_op_reservation),
-        ):
+        with local_ray(args.cores, niceness=args.worker_niceness) as init_s:
             print(
                 f"ray.init: {init_s:.2f} s (not counted); Ray workers at nice "
-                f"{args.worker_niceness}; Ray Data op resource reservation "
-                f"{'off' if args.no_op_reservation else 'on (default)'}"
+                f"{args.worker_niceness}"
             )
             os.sync()
             m.builds.append(

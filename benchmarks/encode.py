@@ -5,7 +5,7 @@ by simulation (DESIGN §7).
                                 [--batch-size B] [--cores C] [--repeats R] [--concurrency A]
                                 [--latency-ms MS ...] [--pixels float32 uint8]
                                 [--encoder hf_image|clip]
-                                [--as-build] [--skip-cpu] [--skip-small] [--skip-sim]
+                                [--skip-cpu] [--skip-small] [--skip-sim]
 
 **(a) CPU, measured.** The full pipeline, ``pipelines.build.encode_only`` (``read_delta`` of
 ``samples`` -> ``Preprocess`` CPU tasks -> ``Encode`` in an ``ActorPoolStrategy`` actor ->
@@ -67,7 +67,6 @@ from benchmarks._common import (  # noqa: E402
     make_spec,
     map_workers,
     number,
-    op_reservation,
     print_table,
     read_trace,
     write_corpus,
@@ -110,18 +109,13 @@ class EncodeRun:
     emb: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def run_encode(
-    spec: PipelineSpec, name: str, label: str, *, keep: bool = False, as_build: bool = False
-) -> EncodeRun:
-    """``mmfp encode``'s path: one feature set, read back to count (and compare) its rows.
-
-    ``as_build``: with Ray Data's per-operator reservation off, as ``build`` runs its stages.
-    """
+def run_encode(spec: PipelineSpec, name: str, label: str, *, keep: bool = False) -> EncodeRun:
+    """``mmfp encode``'s path: one feature set, read back to count (and compare) its rows."""
     from features.store import FeatureStore
     from pipelines.build import encode_only
 
     before = map_workers()
-    with CpuMeter() as cpu, op_reservation(not as_build):
+    with CpuMeter() as cpu:
         started, t0 = time.time(), time.perf_counter()
         result = encode_only(spec, name)
         seconds = time.perf_counter() - t0
@@ -237,7 +231,7 @@ def bench_cpu(
                 forwards.append(run_forward(prepared)[0])
             name = f"{model}-{label}"  # every run: a new feature set of the one store
             spec = spec_with(corpus, store, name, config)
-            runs.append(run_encode(spec, name, label, keep=True, as_build=args.as_build))
+            runs.append(run_encode(spec, name, label, keep=True))
     diffs = [float(np.max(np.abs(r.emb[k] - reference[k]))) for r in runs for k in reference]
     return CpuResult(model, prepared, forwards, runs, max(diffs))
 
@@ -363,7 +357,7 @@ def bench_sim(model_dir: Path, corpus: Path, store: Path, work: Path, args: Any)
         px: preprocess_rate(base | {"params": {"pixels": px}}, str(store)) for px in args.pixels
     }
     first = args.pixels[0]
-    free = max(1, args.cores - 1)  # Ray Data reserves 1 CPU for a GPU actor unless told
+    free = args.cores  # the GPU actor holds no CPU: every CPU may preprocess
     fed_ms = round(1000 * batch / (0.25 * rates[first] * free), 1)  # 4x headroom
     plan = [("cold", first, args.latency_ms[0])]
     plan += [(f"{lat:g}ms", px, lat) for px in args.pixels for lat in args.latency_ms]
@@ -377,7 +371,7 @@ def bench_sim(model_dir: Path, corpus: Path, store: Path, work: Path, args: Any)
             params = {"latency_ms": latency, "trace_dir": str(trace), "pixels": pixels}
             name = f"sim-{i}"
             spec = spec_with(corpus, store, name, base | {"params": params})
-            run = run_encode(spec, name, label, as_build=args.as_build)
+            run = run_encode(spec, name, label)
             runs.append(SimRun(label, pixels, latency, run, read_trace(trace), batch))
     return report_sim(runs, rates, free, args)
 
@@ -393,7 +387,7 @@ def report_sim(runs: list[SimRun], rates: dict[str, float], free: int, args: Any
     print(
         "preprocess (JPEG decode + CLIP image processor), one process: "
         + ", ".join(f"{px} {rate:.0f} rows/s" for px, rate in rates.items())
-        + f"; CPUs left for Preprocess tasks next to the GPU actor (it reserves 1): {free}"
+        + f"; CPUs for Preprocess tasks (the GPU actor holds none): {free}"
     )
     print("-" * 110)
     header = ("run", "pixels", "lat ms", "fwd rows/s", f"ideal({free})", f"ideal({cores})",
@@ -464,11 +458,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--encoder", choices=("hf_image", "clip"), default="hf_image",
         help="hf_image: the B/32 image tower; clip: both towers (images + captions)",
     )  # fmt: skip
-    parser.add_argument(
-        "--as-build", action="store_true",
-        help="run encode_only with Ray Data's per-operator reservation off, as build() runs "
-        "its stages (default: as `mmfp encode` runs, Ray Data's default)",
-    )  # fmt: skip
     parser.add_argument("--skip-cpu", action="store_true", help="skip (a) for ViT-B/32")
     parser.add_argument("--skip-small", action="store_true", help="skip (a) for the tiny model")
     parser.add_argument("--skip-sim", action="store_true", help="skip (b)")
@@ -513,8 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{written:.1f} s, collected in {collect_s:.1f} s (not timed)"
             )
             stores[part] = (corpus, store)
-        mode = "off, as build() runs it" if args.as_build else "on (Ray Data's default)"
-        print(f"encode path: encode_only, Ray Data per-operator resource reservation {mode}")
+        print("encode path: encode_only (`mmfp encode`), as build() runs the stage")
         cpu_models = []
         if not args.skip_cpu:
             cpu_models.append(("b32", b32))

@@ -74,6 +74,8 @@ def _reason(row: dict) -> str:
         return "committing to Delta on the driver (writing the log, checking keys)"
     if stage == "plan":
         return "listing inputs and reading the ledger on the driver"
+    if stage == "start ray":
+        return "starting Ray (a local one's processes, or joining a cluster) for the first work"
     busy = cpu_busy(row)
     if busy is None:
         return "driver work: no Ray tasks ran in it"

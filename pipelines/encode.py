@@ -10,7 +10,7 @@ as Arrow fixed-size lists (zero-copy to NumPy), not Python objects.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,8 @@ KEY_COLUMNS = [f.name for f in FEATURE_KEY_FIELDS]
 MEDIA_COLUMNS = ["text", "image", "audio"]
 # field metadata of a model-input column between Preprocess and Encode
 ENCODER_KEY, INPUT_KEY, SHAPE_KEY = b"mmfp.encoder", b"mmfp.input", b"mmfp.shape"
+
+T = TypeVar("T")
 
 
 class FeatureSetSpec(BaseModel):
@@ -155,8 +157,8 @@ class Preprocess:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._encoders is None:
             self._encoders = [get_encoder(c) for c in self.configs]
-        failed = failing_rows(batch, self._preprocess)
-        if failed:
+        columns, failed = run_or_find_failures(batch, self._preprocess)
+        if columns is None:
             keep = pa.array([i not in failed for i in range(batch.num_rows)])
             for column in MEDIA_COLUMNS:  # the failing rows go on as rows without media
                 if column in batch.column_names:
@@ -165,8 +167,9 @@ class Preprocess:
                         keep, batch.column(column), pa.scalar(None, batch.schema.field(index).type)
                     )
                     batch = batch.set_column(index, column, media)
+            columns = self._preprocess(batch)
         out = batch.select(KEY_COLUMNS)
-        for field, values in self._preprocess(batch):
+        for field, values in columns:
             out = out.append_column(field, values)
         return _with_errors(out, failed)
 
@@ -179,11 +182,14 @@ class Preprocess:
         ]
 
 
-def failing_rows(batch: pa.Table, step: Callable[[pa.Table], object]) -> dict[int, EncodeFailed]:
-    """The rows ``step`` fails on, each with the reason; empty when the whole batch passes."""
+def run_or_find_failures(
+    batch: pa.Table, step: Callable[[pa.Table], T]
+) -> tuple[T | None, dict[int, EncodeFailed]]:
+    """``(step(batch), {})``; when the batch fails, ``(None, rows)``: the rows ``step``
+    fails on, each with the reason, found row by row. The batch runs once when it passes
+    (a model's forward is the costly part of encoding: never run it twice)."""
     try:
-        step(batch)
-        return {}
+        return step(batch), {}
     except Exception:  # one bad row: find it, and any others, row by row
         pass
     failed = {}
@@ -192,7 +198,7 @@ def failing_rows(batch: pa.Table, step: Callable[[pa.Table], object]) -> dict[in
             step(batch.slice(i, 1))
         except Exception as e:
             failed[i] = EncodeFailed(str(unreadable(e)))
-    return failed
+    return None, failed
 
 
 def _with_errors(out: pa.Table, failed: dict[int, EncodeFailed]) -> pa.Table:
@@ -241,12 +247,14 @@ class Encode:
         return self._encoders
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        failed = failing_rows(batch, self._encode)
-        batch = _masked(batch, failed, len(self.encoders))
+        columns, failed = run_or_find_failures(batch, self._encode)
+        if columns is None:
+            batch = _masked(batch, failed, len(self.encoders))
+            columns = self._encode(batch)
         out = batch.select(
             [*KEY_COLUMNS, *(f.name for f in ERROR_FIELDS if f.name in batch.column_names)]
         )
-        for column in self._encode(batch):
+        for column in columns:
             out = out.append_column(*column)
         return _with_errors(out, failed)
 

@@ -107,7 +107,8 @@ class StoreSpec(_Model):
 
 class ResourcesSpec(_Model):
     batch_size: int = Field(32, gt=0)  # samples per decode batch
-    blocks_per_cpu: int = Field(2, gt=0)  # input blocks per CPU: fewer, larger tasks
+    blocks_per_cpu: int = Field(2, gt=0)  # at least this many input blocks per CPU
+    rows_per_block: int = Field(512, gt=0)  # at most this many inputs per block (memory)
 
 
 class RefreshSpec(_Model):

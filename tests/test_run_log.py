@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ray.data import DataContext
 
+from features.store import FeatureStore
 from jobs.demo import corpus as synthetic
 from jobs.runtime import RAY_LOGGERS, current_log, prune_logs, route_ray_logs, run_log
 from pipelines.spec import write_spec
@@ -50,6 +51,9 @@ def test_ray_lines_go_to_the_run_log_and_verbose_shows_them(tmp_path):
     assert f"Ray's log lines: {log}" in printed
     assert log.stem in printed  # the file is named after the run id the summary prints
     assert "Starting execution of Dataset" in log.read_text()
+    # Ray started once collect had inputs; that start is a stage of its own (inside collect)
+    stages = FeatureStore(str(tmp_path / "store")).to_arrow("_stages").sort_by("started_at")
+    assert stages.column("stage").to_pylist()[:3] == ["plan", "collect", "start ray"]
 
     idle = _mmfp("refresh", str(spec_path), logs=tmp_path / "idle")
     assert idle.returncode == 0, idle.stderr[-2000:]

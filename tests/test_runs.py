@@ -110,6 +110,7 @@ def _stages(*rows: dict) -> pa.Table:
          "tasks (I/O or an accelerator): they were on a CPU 17% of their time"),
         ({"stage": "commit samples", "task_seconds": 0.0, "cpu_seconds": 0.0}, "committing"),
         ({"stage": "plan", "task_seconds": 0.0, "cpu_seconds": 0.0}, "listing inputs"),
+        ({"stage": "start ray", "task_seconds": 0.0, "cpu_seconds": 0.0}, "starting Ray"),
         ({"stage": "encode x", "task_seconds": 0.0, "cpu_seconds": 0.0}, "driver work"),
     ],
 )  # fmt: skip

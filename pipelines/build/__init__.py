@@ -11,7 +11,8 @@ commit per run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 import ray.data
@@ -59,20 +60,30 @@ def build(
         return run.result
     if spec.label:
         Labeller(spec.label).check()  # a bad function path fails here, before Ray work
-    # Ray Data's per-operator reservation idles one of few CPUs for ~1 s per stage start;
-    # a build's stages are short, so it runs with the reservation off (restored after)
+    try:
+        with _no_op_reservation(), Lease(run.store, run.result.run_id):
+            _run_stages(run, incremental=incremental)  # (vacuum leaves this run's files)
+            return run.finish()
+    except SlotCommitted:
+        run.result.already_done = True  # another run of this slot committed first
+        return run.result
+
+
+@contextmanager
+def _no_op_reservation() -> Iterator[None]:
+    """Ray Data's per-operator resource reservation off for a run (restored after).
+
+    It holds back a share of few CPUs per operator: a short stage idles a CPU for ~1 s
+    at its start, and encode's CPU preprocessing ran one task at a time beside the
+    model actor, which left the accelerator waiting (BENCHMARKS.md, encode).
+    """
     context = ray.data.DataContext.get_current()
     reserved, context.op_resource_reservation_enabled = (
         context.op_resource_reservation_enabled,
         False,
     )
     try:
-        with Lease(run.store, run.result.run_id):  # vacuum leaves this run's files alone
-            _run_stages(run, incremental=incremental)
-            return run.finish()
-    except SlotCommitted:
-        run.result.already_done = True  # another run of this slot committed first
-        return run.result
+        yield
     finally:
         context.op_resource_reservation_enabled = reserved
 
@@ -133,7 +144,7 @@ def encode_only(
     run = Run.start(spec, run_id=run_id, kind="encode", start_ray=start_ray)
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
-    with Lease(run.store, run.result.run_id):
+    with _no_op_reservation(), Lease(run.store, run.result.run_id):
         _encode(run, feature_set, reencode=reencode)
         run.commit_rest()
         return run.finish()

@@ -36,6 +36,7 @@ from pipelines.encode import (
 from pipelines.route import FeatureRouter
 
 FEATURE_KEYS = ["sample_id", "view"]
+BATCHES_PER_BLOCK = 4  # model batches per block fed to the GPU actors
 
 
 def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool = False) -> None:
@@ -80,11 +81,14 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     configs = feature_set.encoders
     batch_size = min(c.batch_size for c in configs)
+    resources = ray.cluster_resources()
+    gpus = wants_actors(encoders) and resources.get("GPU", 0) > 0
+    if gpus:
+        # whole batches per block: a 73-row block would reach the model as 32+32+9
+        ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK, strict=True)
     ds = ds.map_batches(Preprocess(configs), batch_format="pyarrow", batch_size=batch_size)
     if wants_actors(encoders):
         # the model loads once per actor; with GPUs in the cluster each actor gets its share
-        resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0) > 0
         actors = max(c.concurrency for c in configs)
         if not gpus:
             # without GPUs Ray fuses Preprocess into the actors: let the pool use every CPU
@@ -96,6 +100,9 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
             batch_size=batch_size,
             compute=ActorPoolStrategy(min_size=1, max_size=actors),
             num_gpus=max(c.num_gpus for c in configs) if gpus else 0,
+            # a GPU actor mostly waits on its device: it holds no CPU that preprocessing
+            # (CPU tasks feeding it) could use
+            **({"num_cpus": 0} if gpus else {}),
         )
     else:  # weight-free model inputs: plain CPU tasks, fused with preprocessing
         ds = ds.map_batches(Encode(configs), batch_format="pyarrow", batch_size=batch_size)

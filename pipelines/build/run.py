@@ -119,7 +119,8 @@ class Run:
         if not ray.is_initialized():
             if self.start_ray is None:
                 raise RuntimeError("Ray is not initialised: call ray.init() (jobs do it)")
-            self.start_ray()
+            with self.stage("start ray"):  # its own row: not the first stage's cost
+                self.start_ray()
 
     def slot_done(self) -> bool:
         """True when a finished run already committed this run's scheduled slot."""

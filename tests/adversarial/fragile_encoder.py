@@ -56,3 +56,17 @@ class FailsInForward(Encoder):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         emb = np.concatenate([lengths, np.ones_like(lengths)], axis=1)
         return {"text_emb": emb / np.linalg.norm(emb, axis=1, keepdims=True), "text_mask": mask}
+
+
+class CountsCalls(FailsInForward):
+    """``FailsInForward`` that counts, per process, the rows each step was given."""
+
+    rows = {"preprocess": 0, "encode": 0}
+
+    def preprocess(self, batch):
+        CountsCalls.rows["preprocess"] += batch.num_rows
+        return super().preprocess(batch)
+
+    def encode(self, inputs):
+        CountsCalls.rows["encode"] += len(inputs["text_mask"])
+        return super().encode(inputs)

@@ -3,13 +3,17 @@ stage ``encode`` and the rest of its batch lands; later builds do not fail on it
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
+from features.schema import SAMPLES, conform
 from features.store import FeatureStore
 from pipelines.build import build
+from pipelines.encode import Encode, Preprocess, as_feature_input
+from pipelines.encoders import EncoderConfig
+from tests.adversarial.fragile_encoder import CountsCalls
 from tests.helpers import make_spec
 
-pytestmark = pytest.mark.usefixtures("ray_session")
 CAPTIONS = {
     "plain": "a plain caption",
     "boom": "this one says boom",  # FailsInPreprocess raises on it
@@ -18,6 +22,7 @@ CAPTIONS = {
 }
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_failing_rows_are_quarantined_and_the_rest_encoded(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -53,3 +58,25 @@ def test_failing_rows_are_quarantined_and_the_rest_encoded(tmp_path):
     again = build(spec)  # the failing rows are tried again, and never quarantined twice
     assert again.counts["samples"] == 0
     assert store.to_arrow("quarantine").num_rows == 2
+
+
+def test_a_batch_that_passes_runs_each_step_once():
+    """The row-by-row search for a failing row runs only when the batch fails: a passing
+    batch is preprocessed once and goes through the model once (a GPU forward is costly)."""
+    config = EncoderConfig(name="tests.adversarial.fragile_encoder:CountsCalls", batch_size=8)
+    texts = ["a plain caption", "another caption", None]
+    samples = conform(pa.table({"sample_id": ["a", "b", "c"], "text": texts}), SAMPLES)
+    rows = as_feature_input(samples, is_view=False)
+    CountsCalls.rows.update(preprocess=0, encode=0)
+    out = Encode([config])(Preprocess([config])(rows))
+    assert CountsCalls.rows == {"preprocess": 3, "encode": 3}
+    assert out.column("error_type").null_count == 3
+
+    texts[1] = "13 characters"  # FailsInForward raises on length 13
+    samples = conform(pa.table({"sample_id": ["a", "b", "c"], "text": texts}), SAMPLES)
+    rows = as_feature_input(samples, is_view=False)
+    CountsCalls.rows.update(preprocess=0, encode=0)
+    out = Encode([config])(Preprocess([config])(rows))
+    # the batch failed in the model: once as a batch, once per row, once without the bad row
+    assert CountsCalls.rows == {"preprocess": 3, "encode": 3 + 3 + 3}
+    assert out.column("error_type").to_pylist() == [None, "EncodeFailed", None]
