@@ -102,35 +102,23 @@ def clean_env(work: Path) -> dict[str, str]:
 
 
 def time_mmfp(spec_path: Path, env: dict[str, str], command: str = "build") -> float:
-    os.sync()
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs", command, str(spec_path)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"mmfp {command} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds
+    return _timed([sys.executable, "-m", "jobs", command, str(spec_path)], env, f"mmfp {command}")
 
 
 def time_peer(spec_path: Path, out: Path, cores: int, env: dict[str, str]) -> float:
     """The peer in its own fresh process, like the CLI: interpreter, imports and all."""
+    command = [sys.executable, __file__, "--peer-run", str(spec_path), str(out), str(cores)]
+    return _timed(command, env, "peer")
+
+
+def _timed(command: list[str], env: dict[str, str], what: str) -> float:
+    """Wall seconds of ``command`` as a fresh process (dirty pages flushed first)."""
     os.sync()
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--peer-run", str(spec_path), str(out), str(cores)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"peer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return seconds
 
 

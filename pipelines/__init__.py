@@ -9,8 +9,9 @@ set's own recorded encoder.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from features.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from pipelines.build import BuildResult, build, encode_only
@@ -30,10 +31,7 @@ _PUBLIC = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
+__getattr__ = lazy_exports(__name__, _PUBLIC)
 
 
 __all__ = [

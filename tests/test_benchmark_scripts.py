@@ -1,0 +1,28 @@
+"""The CLI build benchmark runs end to end at a tiny size, so it keeps working (CI never
+times anything: the ratios it prints are not checked, only that it measured real builds)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_build_cli_benchmark_runs_at_a_tiny_size(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/build_cli.py", "--samples", "12", "--repeats", "1",
+         "--refresh", "--no-peer", "--corpus-dir", str(tmp_path / "corpora")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "correctness: every store holds all samples: OK" in out
+    assert "start ray" in out  # the run's own _stages rows
+    assert "    collect " in out
+    assert "n=12: mmfp/ideal " in out
+    assert "no-op refresh / build " in out
+    assert (tmp_path / "corpora" / "n12" / ".complete").exists()
