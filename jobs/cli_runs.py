@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,9 +34,18 @@ def runs_ls(
 def runs_show(
     run_id: Annotated[str, typer.Argument(help="A run id, as `mmfp runs ls` prints it.")],
     store: StoreOpt = DEFAULT_STORE,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Also write the stages as a timeline and their rows/s to this PNG."),
+    ] = None,
 ) -> None:
     """Each stage of a run (time, share, rows/s, CPU busy) and the bottleneck, with why."""
-    print_stages(run_id, run_stages(open_store(store), run_id))
+    stages = run_stages(open_store(store), run_id)
+    print_stages(run_id, stages)
+    if plot is not None:
+        from jobs.timeline import plot_timeline  # matplotlib only when asked
+
+        console.print(f"timeline: {plot_timeline(run_id, stages, plot)}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

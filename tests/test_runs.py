@@ -4,6 +4,7 @@ the bottleneck named with its reason."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pytest
@@ -14,6 +15,7 @@ from features.schema import STAGES
 from features.store import FeatureStore
 from jobs.cli import app
 from jobs.demo import corpus as synthetic
+from jobs.timeline import stage_spans
 from pipelines.build import build
 from pipelines.build.run import Run
 from tests.helpers import make_spec
@@ -123,3 +125,31 @@ def test_the_bottleneck_and_why(worst, reason):
     found = bottleneck(stages)
     assert (found.stage, round(found.share, 2)) == (worst["stage"], round(10 / 12, 2))
     assert found.reason.startswith(reason)
+
+
+def test_runs_show_writes_a_timeline(built, tmp_path):
+    _, result, store = built
+    out = tmp_path / "plots" / "timeline.png"
+    shown = runner.invoke(
+        app, ["runs", "show", result.run_id, "--store", store.uri, "--plot", str(out)]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"timeline: {out}" in shown.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_nested_stage_stays_inside_its_outer_span():
+    t0 = datetime(2026, 11, 28, tzinfo=UTC)
+    stages = _stages(
+        {"stage": "plan", "seconds": 1.0, "started_at": t0},
+        {"stage": "collect", "seconds": 10.0, "started_at": t0 + timedelta(seconds=1)},
+        {"stage": "start ray", "seconds": 2.0, "started_at": t0 + timedelta(seconds=1.1)},
+        {"stage": "commit samples", "seconds": 0.5, "started_at": t0 + timedelta(seconds=13)},
+    )
+    spans = stage_spans(stages.to_pylist())
+    assert [(n, round(a, 2), round(b, 2)) for n, a, b in spans] == [
+        ("plan", 0.0, 1.0),
+        ("collect", 1.0, 13.0),  # its own 10 s plus the 2 s of start ray inside it
+        ("start ray", 1.1, 3.1),
+        ("commit samples", 13.0, 13.5),
+    ]
