@@ -6,6 +6,7 @@ import typer
 
 from features.store import FeatureStore
 from jobs.errors import user_errors
+from jobs.live import live_progress
 from jobs.options import RayAddressOpt, SpecArg
 from jobs.report import print_build, print_log_file
 from jobs.runtime import new_job
@@ -16,7 +17,8 @@ from pipelines.spec import load_spec
 def run_build(spec_path: str, *, address: str | None = None) -> BuildResult:
     spec = load_spec(spec_path)  # validated before Ray starts
     job = new_job(address)
-    result = build(spec, run_id=job.run_id, start_ray=job.start_ray)
+    with live_progress() as progress:
+        result = build(spec, run_id=job.run_id, start_ray=job.start_ray, progress=progress)
     print_build(result, FeatureStore(spec.store.uri, storage_options=spec.store.storage_options))
     print_log_file(job.log_file)
     return result

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from jobs.errors import user_errors
+from jobs.live import live_progress
 from jobs.options import RayAddressOpt
 from jobs.report import console, print_log_file
 from jobs.runtime import new_job
@@ -23,9 +24,15 @@ def run_encode(
 ) -> BuildResult:
     spec = load_spec(spec_path)
     job = new_job(address)
-    result = encode_only(
-        spec, feature_set, reencode=reencode, run_id=job.run_id, start_ray=job.start_ray
-    )
+    with live_progress() as progress:
+        result = encode_only(
+            spec,
+            feature_set,
+            reencode=reencode,
+            run_id=job.run_id,
+            start_ray=job.start_ray,
+            progress=progress,
+        )
     rows = result.feature_counts.get(feature_set, 0)
     store = spec.store.uri
     if not result.changed:

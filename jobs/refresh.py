@@ -15,6 +15,7 @@ import typer
 
 from features.store import FeatureStore
 from jobs.errors import user_errors
+from jobs.live import live_progress
 from jobs.options import RayAddressOpt, SpecArg
 from jobs.report import console, print_build, print_log_file
 from jobs.runtime import new_job
@@ -45,14 +46,16 @@ def run_refresh(
     spec = load_spec(spec_path)
     slot_seconds = parse_slot(slot)
     job = new_job(address)
-    result = build(
-        spec,
-        run_id=job.run_id,
-        kind="refresh",
-        incremental=True,
-        slot=slot_seconds,
-        start_ray=job.start_ray,
-    )
+    with live_progress() as progress:
+        result = build(
+            spec,
+            run_id=job.run_id,
+            kind="refresh",
+            incremental=True,
+            slot=slot_seconds,
+            start_ray=job.start_ray,
+            progress=progress,
+        )
     if result.already_done:
         console.print(f"slot {slot} was already committed by an earlier attempt: nothing to do")
         return result

@@ -146,8 +146,9 @@ def route_ray_logs(log_file: Path) -> None:
     _routed_to[:] = [log_file]
     from ray.data import DataContext
 
-    # off the terminal, Ray Data would log its progress line by line: the file has it
-    DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    # mmfp's own live display (jobs.live) shows progress; Ray Data's bars would print
+    # between its lines on a terminal and line by line into a file
+    DataContext.get_current().enable_progress_bars = False
 
 
 def _file_handler(log_file: Path) -> logging.FileHandler:
@@ -162,4 +163,6 @@ def _file_handler(log_file: Path) -> logging.FileHandler:
 
 def _to_terminal(handler: logging.Handler) -> bool:
     stream = getattr(handler, "stream", None)
-    return not isinstance(handler, logging.FileHandler) and stream in (sys.stderr, sys.stdout)
+    # the real streams too: a live display (rich) swaps sys.stderr for a proxy meanwhile
+    terminals = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    return not isinstance(handler, logging.FileHandler) and stream in terminals

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,9 @@ def test_ray_lines_go_to_the_run_log_and_verbose_shows_them(tmp_path):
     printed = quiet.stdout + quiet.stderr
     assert "new samples" in printed
     assert not [line for line in RAY_LINES if line in printed], printed[-2000:]
+    # one plain line per stage (not a terminal): mmfp's display, not Ray's bars
+    assert "plan: started" in quiet.stdout
+    assert re.search(r"^collect: \d+ rows in [\d.]+ s", quiet.stdout, re.M), quiet.stdout
     (log,) = logs.glob("*.log")
     assert f"Ray's log lines: {log}" in printed
     assert log.stem in printed  # the file is named after the run id the summary prints

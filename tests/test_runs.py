@@ -16,6 +16,7 @@ from features.store import FeatureStore
 from jobs.cli import app
 from jobs.demo import corpus as synthetic
 from jobs.timeline import stage_spans
+from pipelines import progress
 from pipelines.build import build
 from pipelines.build.run import Run
 from tests.helpers import make_spec
@@ -153,3 +154,26 @@ def test_a_nested_stage_stays_inside_its_outer_span():
         ("start ray", 1.1, 3.1),
         ("commit samples", 13.0, 13.5),
     ]
+
+
+def test_a_build_reports_each_stage_as_it_goes(tmp_path, ray_session, monkeypatch):
+    monkeypatch.setattr(progress, "EVERY", 0.0)  # every scheduling step, not every 0.5 s
+    synthetic.write_directory_source(tmp_path / "data", n_per_class=3, seed=6)
+    synthetic.write_broken_inputs(tmp_path / "data" / "broken")
+    spec = make_spec(
+        tmp_path / "store",
+        [{"kind": "directory", "uri": str(tmp_path / "data"), "class_folders": True}],
+        resources={"batch_size": 2, "blocks_per_cpu": 4},  # several tasks: a share to report
+    )
+    events: list[tuple[str, bool, float | None, int, int]] = []
+    result = build(
+        spec,
+        progress=lambda p: events.append((p.stage, p.finished, p.done, p.rows, p.quarantined)),
+    )
+    finished = {stage: (rows, q) for stage, done, _, rows, q in events if done}
+    assert list(finished) == list(result.stages)  # every stage ends with one event
+    assert finished["collect"] == (result.inputs, result.counts["quarantined"])
+    assert result.counts["quarantined"] > 0  # the corpus has broken files
+    shares = [share for stage, done, share, *_ in events if stage == "collect" and not done]
+    assert shares[0] is None  # the start, before any task finished
+    assert any(s is not None and 0 < s <= 1 for s in shares)  # Ray Data's tasks, as they end

@@ -11,6 +11,7 @@ from features.store import FeatureStore
 from jobs.demo.corpus import write_demo_corpus
 from jobs.demo.preview import augment_preview
 from jobs.demo.tiny_models import tiny_clip, write_tokenizer
+from jobs.live import live_progress
 from jobs.report import console, print_build, print_log_file
 from jobs.runtime import start_job, verbose
 from pipelines.build import BuildResult, build
@@ -157,7 +158,8 @@ def run_demo(
     spec_path.write_text(DEMO_SPEC)
     spec = load_spec(spec_path)
     run_id, log_file = start_job(address)
-    result = build(spec, run_id=run_id)
+    with live_progress() as progress:
+        result = build(spec, run_id=run_id, progress=progress)
     store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
     print_build(result, store)
     print_log_file(log_file)

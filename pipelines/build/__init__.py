@@ -29,6 +29,7 @@ from pipelines.errors import SpecError
 from pipelines.label import Labeller
 from pipelines.ledger import plan_inputs, read_state
 from pipelines.listing import list_inputs
+from pipelines.progress import Listener
 from pipelines.spec import PipelineSpec
 
 __all__ = ["BuildResult", "build", "encode_only", "new_run_id"]
@@ -42,6 +43,7 @@ def build(
     incremental: bool = False,
     slot: int | None = None,
     start_ray: Callable[[], None] | None = None,
+    progress: Listener | None = None,
 ) -> BuildResult:
     """Collect, label, split, deduplicate, augment and encode the sources of ``spec``.
 
@@ -53,8 +55,11 @@ def build(
     received rows; nothing at all when there is nothing new. Ray must be
     initialised, or ``start_ray`` given: it is called when a stage first has work
     for Ray, so a run with nothing to do never starts it (jobs pass one).
+    ``progress`` is told when each stage starts, advances and ends (``jobs.live``).
     """
-    run = Run.start(spec, run_id=run_id, kind=kind, slot=slot, start_ray=start_ray)
+    run = Run.start(
+        spec, run_id=run_id, kind=kind, slot=slot, start_ray=start_ray, progress=progress
+    )
     if run.slot_done():
         run.result.already_done = True
         return run.result
@@ -136,12 +141,13 @@ def encode_only(
     reencode: bool = False,
     run_id: str | None = None,
     start_ray: Callable[[], None] | None = None,
+    progress: Listener | None = None,
 ) -> BuildResult:
     """Run one feature set of the spec's ``encode`` section alone (``mmfp encode``)."""
     if spec.encode is None:
         raise SpecError("the spec has no `encode` section to run")
     feature_set = spec.encode.get(name)
-    run = Run.start(spec, run_id=run_id, kind="encode", start_ray=start_ray)
+    run = Run.start(spec, run_id=run_id, kind="encode", start_ray=start_ray, progress=progress)
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
     with _no_op_reservation(), Lease(run.store, run.result.run_id):

@@ -28,6 +28,7 @@ from deltalake.transaction import Transaction
 from features.commit import RunCommits
 from features.schema import STAGES
 from features.tables import TableStore
+from pipelines.progress import Listener, StageProgress, watching
 from pipelines.spec import PipelineSpec
 
 OUTCOMES = ("samples", "quarantined", "duplicates", "already_stored", "already_quarantined")
@@ -93,6 +94,7 @@ class Run:
     # starts (or joins) Ray; called only once a stage has work for it, so a run with
     # nothing to do (a no-op refresh) never pays for starting a cluster
     start_ray: Callable[[], None] | None = None
+    progress: Listener | None = None  # told when a stage starts, advances and ends
     _open_stages: list[StageTiming] = field(default_factory=list)
 
     @classmethod
@@ -104,6 +106,7 @@ class Run:
         kind: str = "build",
         slot: int | None = None,
         start_ray: Callable[[], None] | None = None,
+        progress: Listener | None = None,
     ) -> Run:
         """Open the spec's store and pin the versions the run reads."""
         store = TableStore(spec.store.uri, storage_options=spec.store.storage_options)
@@ -112,7 +115,7 @@ class Run:
         commits.pin(*BASE_TABLES)
         known = store.column_values("quarantine", "quarantine_id", commits.base["quarantine"])
         known = pa.table({"quarantine_id": known})
-        return cls(spec, store, result, commits, known, kind, start_ray)
+        return cls(spec, store, result, commits, known, kind, start_ray, progress)
 
     def ensure_ray(self) -> None:
         """Make sure Ray is up before a stage hands it work (see ``start_ray``)."""
@@ -136,14 +139,28 @@ class Run:
         timing = self.result.stages.setdefault(name, StageTiming(name, datetime.now(UTC)))
         self._open_stages.append(timing)
         start = time.perf_counter()
+        progress = StageProgress(name, quarantined=self._quarantined())
         try:
-            yield timing
+            if self.progress is None:
+                yield timing
+            else:
+                self.progress(progress)
+                with watching(progress, self.progress):
+                    yield timing
         finally:
             seconds = time.perf_counter() - start
             self._open_stages.pop()
             timing.seconds += seconds
             if self._open_stages:
                 self._open_stages[-1].seconds -= seconds
+            if self.progress is not None:
+                progress.finished, progress.rows = True, timing.rows
+                progress.quarantined = self._quarantined()
+                self.progress(progress)
+
+    def _quarantined(self) -> int:
+        """Inputs and views this run sent to quarantine so far."""
+        return self.result.counts["quarantined"] + self.result.view_counts.get("quarantined", 0)
 
     def measure(self, ds: ray.data.Dataset) -> None:
         """Add the Ray tasks of an executed dataset to the stage that is running."""
