@@ -64,6 +64,10 @@ class StoreSink(Datasink):
 
     def on_write_complete(self, write_result: Any) -> None:
         for result in write_result.write_returns:
-            self.counts.update(result["counts"])
-            for name, action in result["actions"].items():
-                self.files[name].append(action)
+            self.record(result)
+
+    def record(self, result: dict[str, Any]) -> None:
+        """Take one ``write`` call's files and counts (Ray's tasks, or a run in process)."""
+        self.counts.update(result["counts"])
+        for name, action in result["actions"].items():
+            self.files[name].append(action)

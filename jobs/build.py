@@ -18,7 +18,13 @@ def run_build(spec_path: str, *, address: str | None = None) -> BuildResult:
     spec = load_spec(spec_path)  # validated before Ray starts
     job = new_job(address)
     with live_progress() as progress:
-        result = build(spec, run_id=job.run_id, start_ray=job.start_ray, progress=progress)
+        result = build(
+            spec,
+            run_id=job.run_id,
+            start_ray=job.start_ray,
+            progress=progress,
+            small_in_process=job.local,
+        )
     print_build(result, FeatureStore(spec.store.uri, storage_options=spec.store.storage_options))
     print_log_file(job.log_file)
     return result

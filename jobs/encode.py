@@ -32,6 +32,7 @@ def run_encode(
             run_id=job.run_id,
             start_ray=job.start_ray,
             progress=progress,
+            small_in_process=job.local,
         )
     rows = result.feature_counts.get(feature_set, 0)
     store = spec.store.uri

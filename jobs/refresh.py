@@ -55,6 +55,7 @@ def run_refresh(
             slot=slot_seconds,
             start_ray=job.start_ray,
             progress=progress,
+            small_in_process=job.local,
         )
     if result.already_done:
         console.print(f"slot {slot} was already committed by an earlier attempt: nothing to do")

@@ -51,6 +51,11 @@ class Job:
         """Start or join Ray with its log lines in the job's log file (idempotent)."""
         init_ray(self.address, log_file=self.log_file)
 
+    @property
+    def local(self) -> bool:
+        """No cluster named: Ray would be a private local one, so small stages may skip it."""
+        return not (self.address or os.environ.get("RAY_ADDRESS"))
+
 
 def new_job(address: str | None, *, prefix: str = "") -> Job:
     """A new run id and its log file; Ray starts when ``Job.start_ray`` is first called

@@ -21,8 +21,9 @@ from pipelines.quarantine import is_error, with_errors
 STORED = ""  # winner marker for ids committed before this run
 
 
-@ray.remote(num_cpus=0)
-class IdRegistry:
+class Ids:
+    """The registry's state and answers; ``IdRegistry`` is the same as a Ray actor."""
+
     def __init__(self, store: TableStore, version: int | None) -> None:
         # None: no samples table yet
         ids = store.column_values("samples", "sample_id", version) if version is not None else []
@@ -46,7 +47,10 @@ class IdRegistry:
         return candidates.filter(pa.array(key_mask(candidates, seen, ["sample_id"]))).column(0)
 
 
-def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle) -> pa.Table:
+IdRegistry = ray.remote(num_cpus=0)(Ids)
+
+
+def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle | Ids) -> pa.Table:
     """Add ``status``: ``new``, ``stored`` (already committed) or ``error``.
 
     A second input with the same content becomes a ``DuplicateSample`` error
@@ -57,7 +61,10 @@ def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle) -> pa.T
     idx = pc.indices_nonzero(ok).to_pylist()
     keys = good.column("source_uri").to_pylist()
     ids = good.column("sample_id").combine_chunks()
-    winners = ray.get(registry.claim.remote(ids, keys))
+    if isinstance(registry, Ids):  # a run small enough to stay in the CLI process
+        winners = registry.claim(ids, keys)
+    else:
+        winners = ray.get(registry.claim.remote(ids, keys))
     status = ["error"] * batch.num_rows
     duplicates = {}
     for i, key, sid, winner in zip(idx, keys, ids.to_pylist(), winners, strict=True):

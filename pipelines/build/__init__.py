@@ -44,6 +44,7 @@ def build(
     slot: int | None = None,
     start_ray: Callable[[], None] | None = None,
     progress: Listener | None = None,
+    small_in_process: bool = False,
 ) -> BuildResult:
     """Collect, label, split, deduplicate, augment and encode the sources of ``spec``.
 
@@ -56,9 +57,17 @@ def build(
     initialised, or ``start_ray`` given: it is called when a stage first has work
     for Ray, so a run with nothing to do never starts it (jobs pass one).
     ``progress`` is told when each stage starts, advances and ends (``jobs.live``).
+    ``small_in_process``: a stage with few rows runs in this process while Ray is not
+    started (``pipelines.build.in_process``; local CLI runs pass it).
     """
     run = Run.start(
-        spec, run_id=run_id, kind=kind, slot=slot, start_ray=start_ray, progress=progress
+        spec,
+        run_id=run_id,
+        kind=kind,
+        slot=slot,
+        start_ray=start_ray,
+        progress=progress,
+        small_in_process=small_in_process,
     )
     if run.slot_done():
         run.result.already_done = True
@@ -142,12 +151,20 @@ def encode_only(
     run_id: str | None = None,
     start_ray: Callable[[], None] | None = None,
     progress: Listener | None = None,
+    small_in_process: bool = False,
 ) -> BuildResult:
     """Run one feature set of the spec's ``encode`` section alone (``mmfp encode``)."""
     if spec.encode is None:
         raise SpecError("the spec has no `encode` section to run")
     feature_set = spec.encode.get(name)
-    run = Run.start(spec, run_id=run_id, kind="encode", start_ray=start_ray, progress=progress)
+    run = Run.start(
+        spec,
+        run_id=run_id,
+        kind="encode",
+        start_ray=start_ray,
+        progress=progress,
+        small_in_process=small_in_process,
+    )
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
     with _no_op_reservation(), Lease(run.store, run.result.run_id):

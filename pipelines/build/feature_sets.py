@@ -4,12 +4,14 @@ What is missing is decided on the driver from key columns only (an Arrow
 anti-join of samples and views keys against the feature set's); Ray runs
 ``Preprocess`` in CPU tasks and ``Encode`` in an actor pool (``num_gpus`` per
 actor where the cluster has GPUs), and the table gets one commit. ``mmfp
-encode`` runs this plan alone.
+encode`` runs this plan alone. A few rows are encoded in the CLI process instead
+(``pipelines.build.in_process``).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
@@ -18,6 +20,7 @@ from features.keys import anti_join
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import ORIGINAL_VIEW
 from features.sink import StoreSink
+from pipelines.build.in_process import run_steps
 from pipelines.build.run import Run
 from pipelines.encode import (
     KEY_COLUMNS,
@@ -33,6 +36,8 @@ from pipelines.encode import (
     table_schema,
     wants_actors,
 )
+from pipelines.encoders import EncoderConfig
+from pipelines.encoders.base import Encoder
 from pipelines.route import FeatureRouter
 
 FEATURE_KEYS = ["sample_id", "view"]
@@ -69,17 +74,53 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     todo = anti_join(wanted, existing, FEATURE_KEYS)
     if todo.num_rows == 0:
         return
+    schemas = {
+        name: run.commits.declare(name, table_schema(encoders), meta.to_properties()),
+        "quarantine": run.commits.declare("quarantine"),
+    }
+    router = FeatureRouter(name, result.run_id, run.known_quarantine)
+    sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
+    configs = feature_set.encoders
+    batch_size = min(c.batch_size for c in configs)
+    if run.in_process(todo.num_rows, model=wants_actors(encoders)):
+        ids = pc.field("sample_id").isin(pc.unique(todo.column("sample_id")))
+        tables = [
+            missing_rows(
+                as_feature_input(
+                    store.to_arrow(table, columns=_media_columns(is_view), filter=ids),
+                    is_view=is_view,
+                ),
+                todo=todo,
+            )
+            for table, is_view in sources
+        ]
+        run_steps(tables, [Preprocess(configs), Encode(configs)], sink, batch_size)
+    else:
+        _encode_on_ray(run, sources, todo, encoders, configs, sink)
+    run.commits.add(name, sink.files[name])
+    run.commits.add("quarantine", sink.files["quarantine"])
+    run.commit(name)
+    result.feature_counts[feature_set.name] = run.commits.rows.get(name, 0)
+
+
+def _encode_on_ray(
+    run: Run,
+    sources: list[tuple[str, bool]],
+    todo: pa.Table,
+    encoders: list[Encoder],
+    configs: list[EncoderConfig],
+    sink: StoreSink,
+) -> None:
+    """Preprocess in CPU tasks, the model in an actor pool (GPUs where the cluster has them)."""
     run.ensure_ray()
     parts = []
     for table, is_view in sources:
-        columns = [c for c in KEY_COLUMNS if c != "view" or is_view] + MEDIA_COLUMNS
-        ds = store.table(table, columns=columns)
+        ds = run.store.table(table, columns=_media_columns(is_view))
         ds = ds.map_batches(
             as_feature_input, batch_format="pyarrow", fn_kwargs={"is_view": is_view}
         )
         parts.append(ds.map_batches(missing_rows, batch_format="pyarrow", fn_kwargs={"todo": todo}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    configs = feature_set.encoders
     batch_size = min(c.batch_size for c in configs)
     resources = ray.cluster_resources()
     gpus = wants_actors(encoders) and resources.get("GPU", 0) > 0
@@ -106,18 +147,12 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
         )
     else:  # weight-free model inputs: plain CPU tasks, fused with preprocessing
         ds = ds.map_batches(Encode(configs), batch_format="pyarrow", batch_size=batch_size)
-    schemas = {
-        name: run.commits.declare(name, table_schema(encoders), meta.to_properties()),
-        "quarantine": run.commits.declare("quarantine"),
-    }
-    router = FeatureRouter(name, result.run_id, run.known_quarantine)
-    sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
     ds.write_datasink(sink)
     run.measure(ds)
-    run.commits.add(name, sink.files[name])
-    run.commits.add("quarantine", sink.files["quarantine"])
-    run.commit(name)
-    result.feature_counts[feature_set.name] = run.commits.rows.get(name, 0)
+
+
+def _media_columns(is_view: bool) -> list[str]:
+    return [c for c in KEY_COLUMNS if c != "view" or is_view] + MEDIA_COLUMNS
 
 
 def _key_columns(is_view: bool) -> list[str]:

@@ -28,6 +28,7 @@ from deltalake.transaction import Transaction
 from features.commit import RunCommits
 from features.schema import STAGES
 from features.tables import TableStore
+from pipelines.build.in_process import no_cuda
 from pipelines.progress import Listener, StageProgress, watching
 from pipelines.spec import PipelineSpec
 
@@ -95,6 +96,8 @@ class Run:
     # nothing to do (a no-op refresh) never pays for starting a cluster
     start_ray: Callable[[], None] | None = None
     progress: Listener | None = None  # told when a stage starts, advances and ends
+    # small stages may run in this process (pipelines.build.in_process) while no Ray runs
+    small_in_process: bool = False
     _open_stages: list[StageTiming] = field(default_factory=list)
 
     @classmethod
@@ -107,6 +110,7 @@ class Run:
         slot: int | None = None,
         start_ray: Callable[[], None] | None = None,
         progress: Listener | None = None,
+        small_in_process: bool = False,
     ) -> Run:
         """Open the spec's store and pin the versions the run reads."""
         store = TableStore(spec.store.uri, storage_options=spec.store.storage_options)
@@ -115,7 +119,16 @@ class Run:
         commits.pin(*BASE_TABLES)
         known = store.column_values("quarantine", "quarantine_id", commits.base["quarantine"])
         known = pa.table({"quarantine_id": known})
-        return cls(spec, store, result, commits, known, kind, start_ray, progress)
+        return cls(spec, store, result, commits, known, kind, start_ray, progress, small_in_process)
+
+    def in_process(self, rows: int, *, model: bool = False) -> bool:
+        """True when a stage of ``rows`` rows runs in this process rather than on Ray: small
+        runs allowed, Ray not started yet, few rows, and a model only on a CPU-only box."""
+        if not self.small_in_process or ray.is_initialized():
+            return False
+        if rows > self.spec.resources.in_process_rows:
+            return False
+        return not model or no_cuda()
 
     def ensure_ray(self) -> None:
         """Make sure Ray is up before a stage hands it work (see ``start_ray``)."""

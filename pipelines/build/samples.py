@@ -4,10 +4,13 @@ Listing and planning happen on the driver (metadata only); the references are
 cut into a few blocks per CPU so that each Ray task reads and decodes a good
 batch of inputs, and tar shards are one task each. ``samples`` is committed
 when the stage ends (views and feature sets read it); its quarantine and
-ledger rows stay pending for the run's last commits.
+ledger rows stay pending for the run's last commits. A small local run does the
+same in the CLI process, through the same functions (``pipelines.build.in_process``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import pyarrow as pa
 import ray
@@ -16,9 +19,10 @@ from ray.data import ActorPoolStrategy
 
 from features.metadata import vocabulary_properties
 from features.sink import StoreSink
+from pipelines.build.in_process import run_steps
 from pipelines.build.run import OUTCOMES, Run
 from pipelines.collect import COLLECTED, RefReader, ShardReader
-from pipelines.dedup import IdRegistry, mark_duplicates
+from pipelines.dedup import IdRegistry, Ids, mark_duplicates
 from pipelines.label import Labeller, label_vocabulary
 from pipelines.ledger import InputPlan
 from pipelines.route import SampleRouter
@@ -35,24 +39,8 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
     spec, store, result = run.spec, run.store, run.result
     if plan.todo.empty:
         return pa.array([], pa.string())
-    run.ensure_ray()
-    registry = IdRegistry.remote(store, run.commits.base["samples"])
-    ds = collected_dataset(spec, plan)
-    if spec.label and Labeller(spec.label).needs_model:  # zero-shot: the model loads once
-        ds = ds.map_batches(
-            Labeller,
-            fn_constructor_args=(spec.label,),
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=1),
-        )
-    elif spec.label:
-        ds = ds.map_batches(Labeller(spec.label), batch_format="pyarrow")
-    ds = ds.map_batches(
-        split_batch,
-        batch_format="pyarrow",
-        fn_kwargs={"seed": spec.split.seed, "ratios": spec.split.ratios, "by": spec.split.by},
-    )
-    ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry})
+    labeller = Labeller(spec.label) if spec.label else None
+    model = labeller is not None and labeller.needs_model
     vocabulary = vocabulary_properties(label_vocabulary(spec.label))
     schemas = {
         "samples": run.commits.declare("samples", properties=vocabulary),
@@ -65,10 +53,39 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         run_id=result.run_id,
         schemas=schemas,
     )
-    ds.write_datasink(sink)
-    run.measure(ds)
-    kept = ray.get(registry.produced.remote(plan.delete_ids))
-    ray.kill(registry)
+    splitting = {"seed": spec.split.seed, "ratios": spec.split.ratios, "by": spec.split.by}
+    shards = any(plan.todo.shards.values())  # members unknown until read: never "small"
+    if not shards and run.in_process(plan.todo.refs.num_rows, model=model):
+        ids = Ids(store, run.commits.base["samples"])
+        steps = [
+            _reader(spec),
+            *([labeller] if labeller else []),
+            functools.partial(split_batch, **splitting),
+            functools.partial(mark_duplicates, registry=ids),
+        ]
+        run_steps([plan.todo.refs], steps, sink, spec.resources.batch_size)
+        kept = ids.produced(plan.delete_ids)
+    else:
+        run.ensure_ray()
+        registry = IdRegistry.remote(store, run.commits.base["samples"])
+        ds = collected_dataset(spec, plan)
+        if model:  # zero-shot: the model loads once
+            ds = ds.map_batches(
+                Labeller,
+                fn_constructor_args=(spec.label,),
+                batch_format="pyarrow",
+                compute=ActorPoolStrategy(min_size=1, max_size=1),
+            )
+        elif labeller:
+            ds = ds.map_batches(labeller, batch_format="pyarrow")
+        ds = ds.map_batches(split_batch, batch_format="pyarrow", fn_kwargs=splitting)
+        ds = ds.map_batches(
+            mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry}
+        )
+        ds.write_datasink(sink)
+        run.measure(ds)
+        kept = ray.get(registry.produced.remote(plan.delete_ids))
+        ray.kill(registry)
     result.counts.update({k: sink.counts.get(k, 0) for k in OUTCOMES})
     for name, files in sink.files.items():
         run.commits.add(name, files)
@@ -80,9 +97,7 @@ def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
     datasets: list[ray.data.Dataset] = []
     refs = plan.todo.refs
     if refs.num_rows:
-        reader = RefReader(
-            {s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode
-        )
+        reader = _reader(spec)
         blocks = _split_rows(refs, _blocks(spec, refs.num_rows))
         datasets.append(
             # from_blocks builds block metadata locally: no remote round trip per build
@@ -104,6 +119,10 @@ def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
     if not datasets:
         return ray.data.from_arrow(COLLECTED.empty_table())
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def _reader(spec: PipelineSpec) -> RefReader:
+    return RefReader({s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode)
 
 
 def _blocks(spec: PipelineSpec, rows: int) -> int:

@@ -4,16 +4,20 @@ What is missing is decided on the driver from key columns only (an Arrow
 anti-join of train ids x view indices against the stored views); Ray tasks
 then read the samples, make just those views and write them. Reads
 ``samples`` at its committed version, so views also catch up on samples
-stored by earlier runs (e.g. after ``augment`` is added to a spec).
+stored by earlier runs (e.g. after ``augment`` is added to a spec). A few views
+are made in the CLI process instead (``pipelines.build.in_process``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import pyarrow.compute as pc
 
 from features.schema import VIEWS
 from features.sink import StoreSink
 from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views, missing_views
+from pipelines.build.in_process import run_steps
 from pipelines.build.run import Run
 from pipelines.route import ViewRouter
 
@@ -34,19 +38,28 @@ def augment_samples(run: Run) -> None:
     todo = missing_views(train_ids, existing, augment)
     if todo.num_rows == 0:
         return  # every train sample has all its views: skip reading media at all
-    run.ensure_ray()
-    ds = store.table("samples", columns=list(VIEW_INPUT_COLUMNS))
-    ds = ds.map_batches(
-        make_missing_views,
-        batch_format="pyarrow",
-        batch_size=spec.resources.batch_size,
-        fn_kwargs={"spec": augment, "run_id": result.run_id, "todo": todo},
-    )
     schemas = {name: run.commits.declare(name) for name in ("views", "quarantine")}
     router = ViewRouter(result.run_id, run.known_quarantine)
     sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
-    ds.write_datasink(sink)
-    run.measure(ds)
+    making = {"spec": augment, "run_id": result.run_id, "todo": todo}
+    if run.in_process(todo.num_rows):  # only the samples that lack views are read
+        ids = pc.unique(todo.column("sample_id"))
+        rows = store.to_arrow(
+            "samples", columns=list(VIEW_INPUT_COLUMNS), filter=pc.field("sample_id").isin(ids)
+        )
+        steps = [functools.partial(make_missing_views, **making)]
+        run_steps([rows], steps, sink, spec.resources.batch_size)
+    else:
+        run.ensure_ray()
+        ds = store.table("samples", columns=list(VIEW_INPUT_COLUMNS))
+        ds = ds.map_batches(
+            make_missing_views,
+            batch_format="pyarrow",
+            batch_size=spec.resources.batch_size,
+            fn_kwargs=making,
+        )
+        ds.write_datasink(sink)
+        run.measure(ds)
     result.view_counts = {"views": 0, **sink.counts}
     for name, files in sink.files.items():
         run.commits.add(name, files)
