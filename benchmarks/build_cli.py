@@ -181,7 +181,8 @@ def report(sizes: list[Size], args: argparse.Namespace, load: tuple[float, float
         staged = sum(s.stages.values())
         for name, seconds in s.stages.items():
             print(f"    {name:22}{seconds:8.2f} s")
-        print(f"    {'outside stages':22}{min(s.mmfp) - staged:8.2f} s  (imports, Ray up/down)")
+        outside = min(s.mmfp) - staged
+        print(f"    {'outside stages':22}{outside:8.2f} s  (imports, Ray exit, summary)")
         print(f"    bottleneck: {s.bottleneck}")
         if s.peer:
             print(f"  peer (datasets, CLI)   {min(s.peer):8.2f} s  all: {_seconds(s.peer)}")

@@ -109,8 +109,9 @@ class ResourcesSpec(_Model):
     batch_size: int = Field(32, gt=0)  # samples per decode batch
     blocks_per_cpu: int = Field(2, gt=0)  # at least this many input blocks per CPU
     rows_per_block: int = Field(512, gt=0)  # at most this many inputs per block (memory)
-    # a local CLI run keeps a stage of at most this many rows out of Ray (0: never)
-    in_process_rows: int = Field(256, ge=0)
+    # a local CLI run keeps a stage of at most this many rows out of Ray (0: never); a
+    # stage with a model at most 1/8 of it (one process is slow at model forwards)
+    in_process_rows: int = Field(2000, ge=0)
 
 
 class RefreshSpec(_Model):

@@ -34,6 +34,7 @@ from pipelines.spec import PipelineSpec
 
 OUTCOMES = ("samples", "quarantined", "duplicates", "already_stored", "already_quarantined")
 BASE_TABLES = ("samples", "quarantine", "views", "_inputs")
+MODEL_SHARE = 8  # a stage with a model stays in process up to in_process_rows / this
 
 
 @dataclass
@@ -123,10 +124,12 @@ class Run:
 
     def in_process(self, rows: int, *, model: bool = False) -> bool:
         """True when a stage of ``rows`` rows runs in this process rather than on Ray: small
-        runs allowed, Ray not started yet, few rows, and a model only on a CPU-only box."""
+        runs allowed, Ray not started yet, few rows (fewer with a model: one process runs
+        its forwards alone), and a model only on a CPU-only box."""
         if not self.small_in_process or ray.is_initialized():
             return False
-        if rows > self.spec.resources.in_process_rows:
+        limit = self.spec.resources.in_process_rows
+        if rows > (limit // MODEL_SHARE if model else limit):
             return False
         return not model or no_cuda()
 
