@@ -54,7 +54,7 @@ def watching(progress: StageProgress, listener: Listener) -> Iterator[None]:
     try:
         yield
     finally:
-        _watching.remove((progress, listener))
+        _watching.pop()  # stages nest: the innermost ends first
 
 
 def finished_share(executor: object) -> float | None:

@@ -19,6 +19,7 @@ from tests.helpers import make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
+    "resources": {"batch_size": 4, "rows_per_block": 8},  # several files per table
     "augment": {"views_per_sample": 1, "image": [{"name": "HorizontalFlip"}]},
     "encode": {
         "feature_sets": [
@@ -69,6 +70,9 @@ def test_a_small_cli_run_stays_in_process_and_stores_what_ray_stores(tmp_path):
         assert _rows(here, table).equals(_rows(there, table)), table
     assert here.to_arrow("quarantine").num_rows > 0
     assert here.to_arrow("views").num_rows > 0
+    samples = here.to_arrow("samples").num_rows
+    files = len(list((tmp_path / "here" / "samples").glob("*.parquet")))
+    assert files >= samples // 8  # a file per 8 inputs read: memory holds one block
     assert here.to_arrow("features/inputs").num_rows == on_ray.feature_counts["inputs"]
 
     stages = here.to_arrow("_stages").to_pylist()

@@ -94,7 +94,8 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
             )
             for table, is_view in sources
         ]
-        run_steps(tables, [Preprocess(configs), Encode(configs)], sink, batch_size)
+        steps = [Preprocess(configs), Encode(configs)]
+        run_steps(tables, steps, sink, batch_size, run.spec.resources.rows_per_block)
     else:
         _encode_on_ray(run, sources, todo, encoders, configs, sink)
     run.commits.add(name, sink.files[name])

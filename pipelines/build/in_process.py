@@ -22,17 +22,28 @@ Step = Callable[[pa.Table], pa.Table]
 
 
 def run_steps(
-    tables: Iterable[pa.Table], steps: Sequence[Step], sink: StoreSink, batch_size: int
+    tables: Iterable[pa.Table],
+    steps: Sequence[Step],
+    sink: StoreSink,
+    batch_size: int,
+    rows_per_file: int,
 ) -> None:
-    """Every ``batch_size`` rows of ``tables`` through ``steps``, then into ``sink``."""
-    outputs = []
+    """Every ``batch_size`` rows of ``tables`` through ``steps``, then into ``sink``: one
+    file per table for every ``rows_per_file`` input rows, as a Ray task per block would
+    (so memory holds one block's output, whatever ``in_process_rows`` is set to)."""
+    outputs, pending = [], 0
     for table in tables:
         for offset in range(0, table.num_rows, batch_size):
             batch = table.slice(offset, batch_size)
+            pending += batch.num_rows
             for step in steps:
                 batch = step(batch)
             outputs.append(batch)
-    sink.record(sink.write(outputs, None))
+            if pending >= rows_per_file:
+                sink.record(sink.write(outputs, None))
+                outputs, pending = [], 0
+    if outputs:
+        sink.record(sink.write(outputs, None))
 
 
 def no_cuda() -> bool:

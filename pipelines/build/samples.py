@@ -63,7 +63,13 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
             functools.partial(split_batch, **splitting),
             functools.partial(mark_duplicates, registry=ids),
         ]
-        run_steps([plan.todo.refs], steps, sink, spec.resources.batch_size)
+        run_steps(
+            [plan.todo.refs],
+            steps,
+            sink,
+            spec.resources.batch_size,
+            spec.resources.rows_per_block,
+        )
         kept = ids.produced(plan.delete_ids)
     else:
         run.ensure_ray()

@@ -48,7 +48,7 @@ def augment_samples(run: Run) -> None:
             "samples", columns=list(VIEW_INPUT_COLUMNS), filter=pc.field("sample_id").isin(ids)
         )
         steps = [functools.partial(make_missing_views, **making)]
-        run_steps([rows], steps, sink, spec.resources.batch_size)
+        run_steps([rows], steps, sink, spec.resources.batch_size, spec.resources.rows_per_block)
     else:
         run.ensure_ray()
         ds = store.table("samples", columns=list(VIEW_INPUT_COLUMNS))
