@@ -22,10 +22,15 @@ def embed(model: torch.nn.Module, modality: str, x: np.ndarray | torch.Tensor, *
 
 
 def recall_at_k(queries: torch.Tensor, items: torch.Tensor, ks: Sequence[int] = KS) -> dict:
-    """Fraction of queries whose own item (same row) ranks within the top k of all items."""
+    """Fraction of queries whose own item (same row) ranks within the top k of all items.
+
+    Ties count against the query: an item as similar as the true one ranks before it.
+    Two identical captions embed identically, and counting the tie as a hit would show
+    a model that cannot tell them apart as perfect on both.
+    """
     sims = queries.float() @ items.float().T
     own = sims.diagonal().unsqueeze(1)
-    rank = (sims > own).sum(dim=1)  # items strictly better than the true one
+    rank = (sims >= own).sum(dim=1) - 1  # other items at least as close as the true one
     return {f"r@{k}": float((rank < k).float().mean()) for k in ks}
 
 
