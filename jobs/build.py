@@ -21,9 +21,7 @@ def run_build(spec_path: str, *, address: str | None = None) -> BuildResult:
         result = build(
             spec,
             run_id=job.run_id,
-            start_ray=job.start_ray,
-            progress=progress,
-            small_in_process=job.local,
+            execution=job.execution(progress),
         )
     print_build(result, FeatureStore(spec.store.uri, storage_options=spec.store.storage_options))
     print_log_file(job.log_file)

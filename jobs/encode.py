@@ -30,9 +30,7 @@ def run_encode(
             feature_set,
             reencode=reencode,
             run_id=job.run_id,
-            start_ray=job.start_ray,
-            progress=progress,
-            small_in_process=job.local,
+            execution=job.execution(progress),
         )
     rows = result.feature_counts.get(feature_set, 0)
     store = spec.store.uri

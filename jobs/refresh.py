@@ -53,9 +53,7 @@ def run_refresh(
             kind="refresh",
             incremental=True,
             slot=slot_seconds,
-            start_ray=job.start_ray,
-            progress=progress,
-            small_in_process=job.local,
+            execution=job.execution(progress),
         )
     if result.already_done:
         console.print(f"slot {slot} was already committed by an earlier attempt: nothing to do")

@@ -14,6 +14,8 @@ from typing import Any
 import ray
 
 from jobs.options import env_flag
+from pipelines.build.run import Execution
+from pipelines.progress import Listener
 
 # the loggers whose lines are Ray's, not mmfp's: they go to the run's log file
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
@@ -51,10 +53,11 @@ class Job:
         """Start or join Ray with its log lines in the job's log file (idempotent)."""
         init_ray(self.address, log_file=self.log_file)
 
-    @property
-    def local(self) -> bool:
-        """No cluster named: Ray would be a private local one, so small stages may skip it."""
-        return not (self.address or os.environ.get("RAY_ADDRESS"))
+    def execution(self, progress: Listener | None = None) -> Execution:
+        """How the job's run reaches compute: Ray started on first need; without a cluster
+        address (a private local Ray) small stages stay in this process."""
+        local = not (self.address or os.environ.get("RAY_ADDRESS"))
+        return Execution(self.start_ray, progress, small_in_process=local)
 
 
 def new_job(address: str | None, *, prefix: str = "") -> Job:

@@ -17,7 +17,7 @@ from jobs.cli import app
 from jobs.demo import corpus as synthetic
 from jobs.timeline import stage_spans
 from pipelines import progress
-from pipelines.build import build
+from pipelines.build import Execution, build
 from pipelines.build.run import Run
 from tests.helpers import make_spec
 
@@ -166,10 +166,11 @@ def test_a_build_reports_each_stage_as_it_goes(tmp_path, ray_session, monkeypatc
         resources={"batch_size": 2, "blocks_per_cpu": 4},  # several tasks: a share to report
     )
     events: list[tuple[str, bool, float | None, int, int]] = []
-    result = build(
-        spec,
-        progress=lambda p: events.append((p.stage, p.finished, p.done, p.rows, p.quarantined)),
-    )
+
+    def listener(p: progress.StageProgress) -> None:
+        events.append((p.stage, p.finished, p.done, p.rows, p.quarantined))
+
+    result = build(spec, execution=Execution(progress=listener))
     finished = {stage: (rows, q) for stage, done, _, rows, q in events if done}
     assert list(finished) == list(result.stages)  # every stage ends with one event
     assert finished["collect"] == (result.inputs, result.counts["quarantined"])

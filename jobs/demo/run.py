@@ -14,7 +14,7 @@ from jobs.demo.tiny_models import tiny_clip, write_tokenizer
 from jobs.live import live_progress
 from jobs.report import console, print_build, print_log_file
 from jobs.runtime import start_job, verbose
-from pipelines.build import BuildResult, build
+from pipelines.build import BuildResult, Execution, build
 from pipelines.errors import SpecError
 from pipelines.spec import load_spec
 
@@ -159,7 +159,7 @@ def run_demo(
     spec = load_spec(spec_path)
     run_id, log_file = start_job(address)
     with live_progress() as progress:
-        result = build(spec, run_id=run_id, progress=progress)
+        result = build(spec, run_id=run_id, execution=Execution(progress=progress))
     store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
     print_build(result, store)
     print_log_file(log_file)

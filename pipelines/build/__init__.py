@@ -11,7 +11,7 @@ commit per run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pyarrow as pa
@@ -21,7 +21,7 @@ from features.commit import SlotCommitted
 from features.keys import anti_join
 from features.leases import Lease
 from pipelines.build.feature_sets import encode_feature_set
-from pipelines.build.run import BuildResult, Run, new_run_id
+from pipelines.build.run import BuildResult, Execution, Run, new_run_id
 from pipelines.build.samples import collect_samples
 from pipelines.build.views import augment_samples
 from pipelines.encode import FeatureSetSpec
@@ -29,10 +29,9 @@ from pipelines.errors import SpecError
 from pipelines.label import Labeller
 from pipelines.ledger import plan_inputs, read_state
 from pipelines.listing import list_inputs
-from pipelines.progress import Listener
 from pipelines.spec import PipelineSpec
 
-__all__ = ["BuildResult", "build", "encode_only", "new_run_id"]
+__all__ = ["BuildResult", "Execution", "build", "encode_only", "new_run_id"]
 
 
 def build(
@@ -42,9 +41,7 @@ def build(
     kind: str = "build",
     incremental: bool = False,
     slot: int | None = None,
-    start_ray: Callable[[], None] | None = None,
-    progress: Listener | None = None,
-    small_in_process: bool = False,
+    execution: Execution | None = None,
 ) -> BuildResult:
     """Collect, label, split, deduplicate, augment and encode the sources of ``spec``.
 
@@ -54,21 +51,11 @@ def build(
     the run exactly-once: every commit carries it, and a run that finds it
     already committed stops (``already_done``). One Delta commit per table that
     received rows; nothing at all when there is nothing new. Ray must be
-    initialised, or ``start_ray`` given: it is called when a stage first has work
-    for Ray, so a run with nothing to do never starts it (jobs pass one).
-    ``progress`` is told when each stage starts, advances and ends (``jobs.live``).
-    ``small_in_process``: a stage with few rows runs in this process while Ray is not
-    started (``pipelines.build.in_process``; local CLI runs pass it).
+    initialised, unless ``execution`` says how to start it (jobs pass one: Ray
+    starts when a stage first has work for it, progress goes to a live display,
+    and small stages may stay in this process).
     """
-    run = Run.start(
-        spec,
-        run_id=run_id,
-        kind=kind,
-        slot=slot,
-        start_ray=start_ray,
-        progress=progress,
-        small_in_process=small_in_process,
-    )
+    run = Run.start(spec, run_id=run_id, kind=kind, slot=slot, execution=execution)
     if run.slot_done():
         run.result.already_done = True
         return run.result
@@ -149,22 +136,13 @@ def encode_only(
     *,
     reencode: bool = False,
     run_id: str | None = None,
-    start_ray: Callable[[], None] | None = None,
-    progress: Listener | None = None,
-    small_in_process: bool = False,
+    execution: Execution | None = None,
 ) -> BuildResult:
     """Run one feature set of the spec's ``encode`` section alone (``mmfp encode``)."""
     if spec.encode is None:
         raise SpecError("the spec has no `encode` section to run")
     feature_set = spec.encode.get(name)
-    run = Run.start(
-        spec,
-        run_id=run_id,
-        kind="encode",
-        start_ray=start_ray,
-        progress=progress,
-        small_in_process=small_in_process,
-    )
+    run = Run.start(spec, run_id=run_id, kind="encode", execution=execution)
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
     with _no_op_reservation(), Lease(run.store, run.result.run_id):

@@ -52,6 +52,21 @@ class StageTiming:
     cpus: float = 0.0
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How a run reaches compute; jobs make one (``jobs.runtime.Job.execution``).
+
+    ``start_ray`` starts or joins Ray, called only once a stage has work for it, so a
+    run with nothing to do never pays for a cluster; ``progress`` is told when each
+    stage starts, advances and ends; with ``small_in_process`` a stage with few rows
+    runs in this process while Ray is not started (``pipelines.build.in_process``).
+    """
+
+    start_ray: Callable[[], None] | None = None
+    progress: Listener | None = None
+    small_in_process: bool = False
+
+
 @dataclass
 class BuildResult:
     """What one build did: counts per outcome and the table versions it committed."""
@@ -93,12 +108,7 @@ class Run:
     commits: RunCommits
     known_quarantine: pa.Table  # quarantine_id of every row stored before the run
     kind: str = "build"
-    # starts (or joins) Ray; called only once a stage has work for it, so a run with
-    # nothing to do (a no-op refresh) never pays for starting a cluster
-    start_ray: Callable[[], None] | None = None
-    progress: Listener | None = None  # told when a stage starts, advances and ends
-    # small stages may run in this process (pipelines.build.in_process) while no Ray runs
-    small_in_process: bool = False
+    execution: Execution = field(default_factory=lambda: Execution())
     _open_stages: list[StageTiming] = field(default_factory=list)
 
     @classmethod
@@ -109,9 +119,7 @@ class Run:
         run_id: str | None = None,
         kind: str = "build",
         slot: int | None = None,
-        start_ray: Callable[[], None] | None = None,
-        progress: Listener | None = None,
-        small_in_process: bool = False,
+        execution: Execution | None = None,
     ) -> Run:
         """Open the spec's store and pin the versions the run reads."""
         store = TableStore(spec.store.uri, storage_options=spec.store.storage_options)
@@ -120,13 +128,13 @@ class Run:
         commits.pin(*BASE_TABLES)
         known = store.column_values("quarantine", "quarantine_id", commits.base["quarantine"])
         known = pa.table({"quarantine_id": known})
-        return cls(spec, store, result, commits, known, kind, start_ray, progress, small_in_process)
+        return cls(spec, store, result, commits, known, kind, execution or Execution())
 
     def in_process(self, rows: int, *, model: bool = False) -> bool:
         """True when a stage of ``rows`` rows runs in this process rather than on Ray: small
         runs allowed, Ray not started yet, few rows (fewer with a model: one process runs
         its forwards alone), and a model only on a CPU-only box."""
-        if not self.small_in_process or ray.is_initialized():
+        if not self.execution.small_in_process or ray.is_initialized():
             return False
         limit = self.spec.resources.in_process_rows
         if rows > (limit // MODEL_SHARE if model else limit):
@@ -134,12 +142,12 @@ class Run:
         return not model or no_cuda()
 
     def ensure_ray(self) -> None:
-        """Make sure Ray is up before a stage hands it work (see ``start_ray``)."""
+        """Make sure Ray is up before a stage hands it work (``Execution.start_ray``)."""
         if not ray.is_initialized():
-            if self.start_ray is None:
+            if self.execution.start_ray is None:
                 raise RuntimeError("Ray is not initialised: call ray.init() (jobs do it)")
             with self.stage("start ray"):  # its own row: not the first stage's cost
-                self.start_ray()
+                self.execution.start_ray()
 
     def slot_done(self) -> bool:
         """True when a finished run already committed this run's scheduled slot."""
@@ -156,12 +164,13 @@ class Run:
         self._open_stages.append(timing)
         start = time.perf_counter()
         progress = StageProgress(name, quarantined=self._quarantined())
+        listener = self.execution.progress
         try:
-            if self.progress is None:
+            if listener is None:
                 yield timing
             else:
-                self.progress(progress)
-                with watching(progress, self.progress):
+                listener(progress)
+                with watching(progress, listener):
                     yield timing
         finally:
             seconds = time.perf_counter() - start
@@ -169,10 +178,10 @@ class Run:
             timing.seconds += seconds
             if self._open_stages:
                 self._open_stages[-1].seconds -= seconds
-            if self.progress is not None:
+            if listener is not None:
                 progress.finished, progress.rows = True, timing.rows
                 progress.quarantined = self._quarantined()
-                self.progress(progress)
+                listener(progress)
 
     def _quarantined(self) -> int:
         """Inputs and views this run sent to quarantine so far."""
