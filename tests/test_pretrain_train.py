@@ -121,11 +121,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(run_a, store, tmp_path):
         run_training(config)
     assert (tmp_path / "fault-c").exists()
     partial = ckpt.latest_run_checkpoint(str(Path(store.uri) / "_train" / "c"))
-    assert partial["step"] == 5
+    # step 5's checkpoint, unless Ray Train's controller had not recorded that report
+    # when the worker failed right after it (seen once on a loaded machine): then an
+    # earlier one, and the rerun repeats the steps since
+    assert 0 < partial["step"] <= 5
 
     result = run_training(config)  # same name: Ray Train restores the run's latest checkpoint
     history = _history(result.checkpoint.path)
-    assert [row["resumed_from_step"] for row in history] == [None, 5, None, None, None]
+    resumed = [row["resumed_from_step"] for row in history]
+    assert resumed == [None, partial["step"], None, None, None]
     assert history[-1]["step"] == 15
     baseline = _history(run_a.checkpoint.path)
     for got, want in zip(history, baseline, strict=True):
