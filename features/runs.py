@@ -77,6 +77,8 @@ def _reason(row: dict) -> str:
     if stage == "start ray":
         return "starting Ray (a local one's processes, or joining a cluster) for the first work"
     busy = cpu_busy(row)
+    if busy is None and row["rows"]:
+        return "in the CLI process, on one core: small enough to skip starting Ray"
     if busy is None:
         return "driver work: no Ray tasks ran in it"
     cpus = f"{row['cpus']:g} CPUs"

@@ -115,6 +115,8 @@ def _stages(*rows: dict) -> pa.Table:
         ({"stage": "plan", "task_seconds": 0.0, "cpu_seconds": 0.0}, "listing inputs"),
         ({"stage": "start ray", "task_seconds": 0.0, "cpu_seconds": 0.0}, "starting Ray"),
         ({"stage": "encode x", "task_seconds": 0.0, "cpu_seconds": 0.0}, "driver work"),
+        ({"stage": "collect", "rows": 20, "task_seconds": 0.0, "cpu_seconds": 0.0},
+         "in the CLI process"),
     ],
 )  # fmt: skip
 def test_the_bottleneck_and_why(worst, reason):
