@@ -21,8 +21,7 @@ def test_build_cli_benchmark_runs_at_a_tiny_size(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "correctness: every store holds all samples: OK" in out
-    assert "start ray" in out  # the run's own _stages rows
-    assert "    collect " in out
+    assert "    collect " in out  # the run's own _stages rows (in process at this size)
     assert "n=12: mmfp/ideal " in out
     assert "no-op refresh / build " in out
     assert (tmp_path / "corpora" / "n12" / ".complete").exists()

@@ -151,7 +151,9 @@ def test_a_killed_refresh_leaves_the_previous_version_and_the_next_run_completes
     slow = spec.model_copy(
         update={
             "label": LabelSpec.model_validate(slow_label),
-            "resources": spec.resources.model_copy(update={"batch_size": 4}),
+            # a file every 4 inputs: in the CLI process (small runs stay there) as on Ray,
+            # files land while later inputs are still labelled, and the kill comes first
+            "resources": spec.resources.model_copy(update={"batch_size": 4, "rows_per_block": 4}),
         }
     )
     spec_path = tmp_path / "slow.yaml"
