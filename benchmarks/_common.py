@@ -3,7 +3,6 @@
 - ``write_corpus``: a tri-modal directory corpus at any image size (``jobs.demo.corpus``'s
   generators; every sample complete unless a modality is turned off);
 - ``local_ray``: a private local Ray (``address="local"``), optionally with logical GPUs;
-  ``op_reservation``: Ray Data's per-operator reservation on/off (``build`` runs with it off);
 - ``build_samples``: one collect-only build of a corpus into a store, in its own Ray session,
   so the session that is measured afterwards starts cold;
 - ``clip_b32``: a CLIP ViT-B/32-sized checkpoint with random weights (no download);
@@ -162,24 +161,6 @@ def local_ray(cores: int, gpus: int = 0, *, niceness: int | None = None) -> Iter
 def _pythonpath() -> list[str]:
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return [str(ROOT), *[p for p in extra if p != str(ROOT)]]
-
-
-@contextlib.contextmanager
-def op_reservation(enabled: bool) -> Iterator[None]:
-    """Ray Data's per-operator resource reservation on or off for the block, restored after.
-
-    ``pipelines.build.build`` runs its stages with it off; ``encode_only`` (``mmfp encode``)
-    and the stage functions called alone leave Ray Data's default (on).
-    """
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    before = context.op_resource_reservation_enabled
-    context.op_resource_reservation_enabled = enabled
-    try:
-        yield
-    finally:
-        context.op_resource_reservation_enabled = before
 
 
 def build_samples(spec: PipelineSpec, cores: int) -> tuple[float, int]:

@@ -53,7 +53,6 @@ from benchmarks._common import (  # noqa: E402
     load_average,
     local_ray,
     make_spec,
-    op_reservation,
     print_table,
     write_corpus,
 )
@@ -135,13 +134,14 @@ class PipelineRun:
 
 def run_pipeline(spec: PipelineSpec, samples_store: Path, label: str) -> PipelineRun:
     """``augment_samples`` + the views/quarantine commits, as ``build`` runs them."""
+    from pipelines.build import no_op_reservation
     from pipelines.build.run import Run
     from pipelines.build.views import augment_samples
 
     store_dir = Path(spec.store.uri)
     shutil.copytree(samples_store, store_dir)  # not timed: a fresh store without views
     # as build() runs its stages: Ray Data's per-operator reservation off
-    with CpuMeter() as cpu, op_reservation(False):
+    with CpuMeter() as cpu, no_op_reservation():
         start = time.perf_counter()
         run = Run.start(spec)
         augment_samples(run)

@@ -59,10 +59,6 @@ TARGET = 0.85
 # ---- the per-batch work, shared by ideal and peer -------------------------------
 
 
-def make_reader(spec: PipelineSpec) -> RefReader:
-    return RefReader({s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode)
-
-
 def collect_stages(refs: pa.Table, spec: PipelineSpec, reader: RefReader) -> pa.Table:
     """RefReader then split_batch on one batch of refs: the per-batch work of a build."""
     rows = reader(refs)
@@ -82,7 +78,7 @@ class Ideal:
 
 def run_ideal(spec: PipelineSpec) -> Ideal:
     """Listing + read/decode/validate/hash + split of every sample in this process."""
-    reader = make_reader(spec)
+    reader = RefReader.for_spec(spec)
     batch = spec.resources.batch_size
     source = spec.sources[0]
     # Warm-up outside the clock: imports (cv2, soundfile, PIL) and first-call costs.
@@ -98,7 +94,7 @@ def run_ideal(spec: PipelineSpec) -> Ideal:
 
 def _loop_share(args: tuple[PipelineSpec, pa.Table]) -> int:
     spec, refs = args
-    reader, batch = make_reader(spec), spec.resources.batch_size
+    reader, batch = RefReader.for_spec(spec), spec.resources.batch_size
     return sum(
         collect_stages(refs.slice(o, batch), spec, reader).num_rows
         for o in range(0, refs.num_rows, batch)
@@ -153,7 +149,7 @@ class PeerMap:
 
     def __init__(self, spec: PipelineSpec) -> None:
         self.spec = spec
-        self.reader = make_reader(spec)
+        self.reader = RefReader.for_spec(spec)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return collect_stages(batch.cast(REFS), self.spec, self.reader)

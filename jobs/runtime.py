@@ -56,7 +56,7 @@ class Job:
     def execution(self, progress: Listener | None = None) -> Execution:
         """How the job's run reaches compute: Ray started on first need; without a cluster
         address (a private local Ray) small stages stay in this process."""
-        local = not (self.address or os.environ.get("RAY_ADDRESS"))
+        local = cluster_address(self.address) is None
         return Execution(self.start_ray, progress, small_in_process=local)
 
 
@@ -90,6 +90,11 @@ def prune_logs(folder: Path, keep: int = KEEP_LOGS) -> None:
         old.unlink(missing_ok=True)
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The cluster a job joins: ``--address``, else ``RAY_ADDRESS``; None: a private local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(
     address: str | None = None,
     *,
@@ -109,7 +114,7 @@ def init_ray(
         if routed:
             route_ray_logs(log_file)
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
         options: dict[str, Any] = {"address": address}
     else:

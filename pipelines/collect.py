@@ -24,7 +24,7 @@ from pipelines.decode import decode_audio, decode_image, decode_text, modality_o
 from pipelines.identity import sample_id
 from pipelines.listing import is_hidden
 from pipelines.quarantine import ERROR_COLUMNS, ERROR_FIELDS, error_columns, row_or_error
-from pipelines.spec import DecodeLimits, WebDatasetSource
+from pipelines.spec import DecodeLimits, PipelineSpec, WebDatasetSource
 
 MODALITIES = ("text", "image", "audio")
 
@@ -108,6 +108,11 @@ class RefReader:
         self.sources = sources  # source name -> (uri, storage options)
         self.limits = limits
         self._fs: dict[str, pafs.FileSystem] = {}
+
+    @classmethod
+    def for_spec(cls, spec: PipelineSpec) -> RefReader:
+        """A reader for every source of ``spec``, with its decode limits."""
+        return cls({s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [

@@ -31,7 +31,7 @@ from pipelines.ledger import plan_inputs, read_state
 from pipelines.listing import list_inputs
 from pipelines.spec import PipelineSpec
 
-__all__ = ["BuildResult", "Execution", "build", "encode_only", "new_run_id"]
+__all__ = ["BuildResult", "Execution", "build", "encode_only", "new_run_id", "no_op_reservation"]
 
 
 def build(
@@ -62,7 +62,7 @@ def build(
     if spec.label:
         Labeller(spec.label).check()  # a bad function path fails here, before Ray work
     try:
-        with _no_op_reservation(), Lease(run.store, run.result.run_id):
+        with no_op_reservation(), Lease(run.store, run.result.run_id):
             _run_stages(run, incremental=incremental)  # (vacuum leaves this run's files)
             return run.finish()
     except SlotCommitted:
@@ -71,7 +71,7 @@ def build(
 
 
 @contextmanager
-def _no_op_reservation() -> Iterator[None]:
+def no_op_reservation() -> Iterator[None]:
     """Ray Data's per-operator resource reservation off for a run (restored after).
 
     It holds back a share of few CPUs per operator: a short stage idles a CPU for ~1 s
@@ -145,7 +145,7 @@ def encode_only(
     run = Run.start(spec, run_id=run_id, kind="encode", execution=execution)
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
-    with _no_op_reservation(), Lease(run.store, run.result.run_id):
+    with no_op_reservation(), Lease(run.store, run.result.run_id):
         _encode(run, feature_set, reencode=reencode)
         run.commit_rest()
         return run.finish()

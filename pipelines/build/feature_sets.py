@@ -11,7 +11,6 @@ encode`` runs this plan alone. A few rows are encoded in the CLI process instead
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
@@ -20,7 +19,7 @@ from features.keys import anti_join
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import ORIGINAL_VIEW
 from features.sink import StoreSink
-from pipelines.build.in_process import run_steps
+from pipelines.build.in_process import rows_of, run_steps
 from pipelines.build.run import Run
 from pipelines.encode import (
     KEY_COLUMNS,
@@ -83,12 +82,10 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     configs = feature_set.encoders
     batch_size = min(c.batch_size for c in configs)
     if run.in_process(todo.num_rows, model=wants_actors(encoders)):
-        ids = pc.field("sample_id").isin(pc.unique(todo.column("sample_id")))
         tables = [
             missing_rows(
                 as_feature_input(
-                    store.to_arrow(table, columns=_media_columns(is_view), filter=ids),
-                    is_view=is_view,
+                    rows_of(store, table, _media_columns(is_view), todo), is_view=is_view
                 ),
                 todo=todo,
             )
@@ -97,7 +94,7 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
         steps = [Preprocess(configs), Encode(configs)]
         run_steps(tables, steps, sink, batch_size, run.spec.resources.rows_per_block)
     else:
-        _encode_on_ray(run, sources, todo, encoders, configs, sink)
+        _encode_on_ray(run, sources, todo, encoders, configs, batch_size, sink)
     run.commits.add(name, sink.files[name])
     run.commits.add("quarantine", sink.files["quarantine"])
     run.commit(name)
@@ -110,6 +107,7 @@ def _encode_on_ray(
     todo: pa.Table,
     encoders: list[Encoder],
     configs: list[EncoderConfig],
+    batch_size: int,
     sink: StoreSink,
 ) -> None:
     """Preprocess in CPU tasks, the model in an actor pool (GPUs where the cluster has them)."""
@@ -122,7 +120,6 @@ def _encode_on_ray(
         )
         parts.append(ds.map_batches(missing_rows, batch_format="pyarrow", fn_kwargs={"todo": todo}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    batch_size = min(c.batch_size for c in configs)
     resources = ray.cluster_resources()
     gpus = wants_actors(encoders) and resources.get("GPU", 0) > 0
     if gpus:

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from features.sink import StoreSink
+from features.tables import TableStore
 
 Step = Callable[[pa.Table], pa.Table]
 
@@ -44,6 +46,13 @@ def run_steps(
                 outputs, pending = [], 0
     if outputs:
         sink.record(sink.write(outputs, None))
+
+
+def rows_of(store: TableStore, table: str, columns: list[str], todo: pa.Table) -> pa.Table:
+    """The rows of ``table`` whose ``sample_id`` the stage's ``todo`` names: a small run
+    reads just those, where Ray's tasks read the whole table and filter in the stream."""
+    wanted = pc.field("sample_id").isin(pc.unique(todo.column("sample_id")))
+    return store.to_arrow(table, columns=columns, filter=wanted)
 
 
 def no_cuda() -> bool:

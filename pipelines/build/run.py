@@ -108,7 +108,7 @@ class Run:
     commits: RunCommits
     known_quarantine: pa.Table  # quarantine_id of every row stored before the run
     kind: str = "build"
-    execution: Execution = field(default_factory=lambda: Execution())
+    execution: Execution = field(default_factory=Execution)
     _open_stages: list[StageTiming] = field(default_factory=list)
 
     @classmethod

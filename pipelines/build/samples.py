@@ -58,7 +58,7 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
     if not shards and run.in_process(plan.todo.refs.num_rows, model=model):
         ids = Ids(store, run.commits.base["samples"])
         steps = [
-            _reader(spec),
+            RefReader.for_spec(spec),
             *([labeller] if labeller else []),
             functools.partial(split_batch, **splitting),
             functools.partial(mark_duplicates, registry=ids),
@@ -103,7 +103,7 @@ def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
     datasets: list[ray.data.Dataset] = []
     refs = plan.todo.refs
     if refs.num_rows:
-        reader = _reader(spec)
+        reader = RefReader.for_spec(spec)
         blocks = _split_rows(refs, _blocks(spec, refs.num_rows))
         datasets.append(
             # from_blocks builds block metadata locally: no remote round trip per build
@@ -125,10 +125,6 @@ def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
     if not datasets:
         return ray.data.from_arrow(COLLECTED.empty_table())
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-
-
-def _reader(spec: PipelineSpec) -> RefReader:
-    return RefReader({s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode)
 
 
 def _blocks(spec: PipelineSpec, rows: int) -> int:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from features.schema import VIEWS
 from features.sink import StoreSink
 from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views, missing_views
-from pipelines.build.in_process import run_steps
+from pipelines.build.in_process import rows_of, run_steps
 from pipelines.build.run import Run
 from pipelines.route import ViewRouter
 
@@ -43,10 +43,7 @@ def augment_samples(run: Run) -> None:
     sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
     making = {"spec": augment, "run_id": result.run_id, "todo": todo}
     if run.in_process(todo.num_rows):  # only the samples that lack views are read
-        ids = pc.unique(todo.column("sample_id"))
-        rows = store.to_arrow(
-            "samples", columns=list(VIEW_INPUT_COLUMNS), filter=pc.field("sample_id").isin(ids)
-        )
+        rows = rows_of(store, "samples", list(VIEW_INPUT_COLUMNS), todo)
         steps = [functools.partial(make_missing_views, **making)]
         run_steps([rows], steps, sink, spec.resources.batch_size, spec.resources.rows_per_block)
     else:
