@@ -62,6 +62,9 @@ TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _ENV_LOCK = threading.Lock()  # guards the brief RAY_ADDRESS pinning in connect()
+# the Job API's answer while the head has no job agent yet (Ray's job_head.py)
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 30.0  # a cluster that just started gets its job agent within seconds
 
 
 class ClusterError(MmfpError):
@@ -304,7 +307,8 @@ def submit(
     sid = submission_id or new_submission_id(kind)
     client = connect(address)
     with _cluster_errors(client.get_address(), sid):
-        sid = client.submit_job(
+        sid = submit_when_agent_ready(
+            client,
             entrypoint=command,
             submission_id=sid,
             runtime_env=env,
@@ -322,6 +326,20 @@ def submit(
                 status=str(details.status),
             )
     return sid
+
+
+def submit_when_agent_ready(client: JobSubmissionClient, **job: object) -> str:
+    """``client.submit_job(**job)``, again while the head answers that it has no job agent
+    yet (a cluster that just started, or an agent restarting): that request created no
+    job, so trying again cannot submit one twice. Gives up after ``AGENT_WAIT_S``."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if NO_AGENT not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 def follow(

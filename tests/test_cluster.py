@@ -377,3 +377,34 @@ def test_the_cli_module_registers_on_an_app():
     register(app)
     names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     assert names == {"submit", "jobs", "schedule"}
+
+
+class _AgentStartingClient:
+    """Answers the way a head that just started does, ``refusals`` times, then accepts.
+    (A real head has no job agent only for a moment after it starts: not reproducible on
+    demand, so this stands in for it.)"""
+
+    def __init__(self, refusals: int, message: str = jobsubmit.NO_AGENT) -> None:
+        self.refusals, self.message, self.calls = refusals, message, 0
+
+    def submit_job(self, **job: object) -> str:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise RuntimeError(f"Request failed with status code 500: {self.message}.")
+        return str(job["submission_id"])
+
+
+def test_submit_waits_for_the_job_agent_and_nothing_else(monkeypatch):
+    monkeypatch.setattr(jobsubmit.time, "sleep", lambda s: None)
+    client = _AgentStartingClient(refusals=2)
+    assert jobsubmit.submit_when_agent_ready(client, submission_id="a") == "a"
+    assert client.calls == 3
+    other = _AgentStartingClient(refusals=1, message="Job with submission_id a already exists")
+    with pytest.raises(RuntimeError, match="already exists"):
+        jobsubmit.submit_when_agent_ready(other, submission_id="a")
+    assert other.calls == 1  # any other refusal is not retried
+    monkeypatch.setattr(jobsubmit, "AGENT_WAIT_S", 0.0)
+    never = _AgentStartingClient(refusals=99)
+    with pytest.raises(RuntimeError, match=jobsubmit.NO_AGENT):
+        jobsubmit.submit_when_agent_ready(never, submission_id="a")
+    assert never.calls == 1
