@@ -129,6 +129,14 @@ STAGES = pa.schema(
         pa.field("task_seconds", pa.float64()),  # Ray tasks' wall time, summed over tasks
         pa.field("cpu_seconds", pa.float64()),  # Ray tasks' CPU time, summed over tasks
         pa.field("cpus", pa.float64()),  # CPUs the cluster had
+        # the longest any of its Ray Data operators could not launch a task (memory budget,
+        # a full queue downstream, or every CPU taken)
+        pa.field("backpressure_seconds", pa.float64()),
+        pa.field("peak_task_bytes", pa.int64()),  # the largest memory (USS) one task reached
+        pa.field("spilled_bytes", pa.int64()),  # object store bytes spilled to disk
+        pa.field("driver_peak_bytes", pa.int64()),  # the driver's peak RSS, at the stage's end
+        pa.field("gpus", pa.float64()),  # GPUs the cluster had, where the stage used them
+        pa.field("accelerator_seconds", pa.float64()),  # its GPU actors' time in the model
     ]
 )
 

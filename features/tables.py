@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
+from deltalake import Field as DeltaField
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from features.errors import StoreError
 from features.schema import TABLE_SCHEMAS
@@ -206,11 +207,14 @@ class TableStore:
         """Open ``name``, creating it empty with its explicit schema when it does not exist.
 
         ``properties`` (table metadata such as a label vocabulary) go into the
-        create commit; on an existing table they are set only when they changed.
+        create commit; on an existing table they are set only when they changed. A
+        store's own table made by an older mmfp gets the columns added since.
         """
         if self.exists(name):
             if properties:
                 self.set_properties(name, properties)
+            if name in TABLE_SCHEMAS:
+                self._add_new_columns(name, TABLE_SCHEMAS[name])
             return self.delta(name)
         return DeltaTable.create(
             self.table_uri(name),
@@ -221,6 +225,19 @@ class TableStore:
             raise_if_key_not_exists=False,
             storage_options=self.storage_options,
         )
+
+    def _add_new_columns(self, name: str, schema: pa.Schema) -> None:
+        """Add ``schema``'s nullable columns the table lacks (older rows read as null)."""
+        dt = self.delta(name)
+        have = set(dt.schema().to_arrow().names)
+        new = [f for f in schema if f.name not in have and f.nullable]
+        if not new:
+            return
+        try:
+            dt.alter.add_columns([DeltaField.from_arrow(f) for f in new])
+        except DeltaError:  # a second writer added them first: fine when they are there now
+            if not set(f.name for f in new) <= set(self.delta(name).schema().to_arrow().names):
+                raise
 
     def set_properties(self, name: str, properties: dict[str, str]) -> None:
         """Record table-level metadata (e.g. a label vocabulary); commits only on change."""

@@ -243,25 +243,36 @@ def print_runs(found: pa.Table) -> None:
 
 
 def print_stages(run_id: str, stages: pa.Table) -> None:
-    """Each stage's time, share, throughput and CPU use, then the bottleneck and why."""
+    """Each stage's time, share, throughput, CPU and accelerator use, how long Ray Data
+    held it back and the memory its tasks reached; then the bottleneck and why."""
     rows = stages.to_pylist()
     total = runs.staged_seconds(rows) or 1.0
+    with_gpus = any(r.get("gpus") for r in rows)
     out = []
     for r in rows:
-        busy = runs.cpu_busy(r)
-        out.append(
-            [
-                r["stage"],
-                f"{r['seconds']:.2f}",
-                f"{max(0.0, r['seconds']) / total:.0%}",
-                r["rows"],
-                f"{r['rows'] / r['seconds']:.0f}" if r["seconds"] > 0 and r["rows"] else "",
-                human_bytes(r["bytes"]) if r["bytes"] else "",
-                "" if busy is None else f"{busy:.0%} of {r['cpus']:g}",
-            ]
-        )
+        busy, held = runs.cpu_busy(r), runs.held_back(r)
+        gpu = runs.accelerator_busy(r)
+        line = [
+            r["stage"],
+            f"{r['seconds']:.2f}",
+            f"{max(0.0, r['seconds']) / total:.0%}",
+            r["rows"],
+            f"{r['rows'] / r['seconds']:.0f}" if r["seconds"] > 0 and r["rows"] else "",
+            human_bytes(r["bytes"]) if r["bytes"] else "",
+            "" if busy is None else f"{busy:.0%} of {r['cpus']:g}",
+            "" if held is None else f"{held:.0%}",
+            human_bytes(r["peak_task_bytes"]) if r.get("peak_task_bytes") else "",
+        ]
+        if with_gpus:
+            line.append("" if gpu is None else f"{gpu:.0%} of {r['gpus']:g}")
+        out.append(line)
     headers = ["stage", "seconds", "share", "rows", "rows/s", "written", "CPU busy"]
-    console.print(table(f"run {run_id}: {total:.1f} s in stages", headers, out, right=headers[1:]))
+    headers += ["held back", "task peak"] + (["GPU actors busy"] if with_gpus else [])
+    title = f"run {run_id}: {total:.1f} s in stages"
+    console.print(table(title, headers, out, no_wrap=["stage"], right=headers[1:]))
+    peak = max((r.get("driver_peak_bytes") or 0 for r in rows), default=0)
+    if peak:
+        console.print(f"driver peak memory: {human_bytes(peak)}")
     worst = runs.bottleneck(stages)
     if worst:
         console.print(f"bottleneck: {worst.stage} ({worst.share:.0%} of the run): {worst.reason}")

@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pytest
+import ray
+import ray.data
 from typer.testing import CliRunner
 
 from features.runs import bottleneck, run_stages
@@ -18,7 +20,7 @@ from jobs.demo import corpus as synthetic
 from jobs.timeline import stage_spans
 from pipelines import progress
 from pipelines.build import Execution, build
-from pipelines.build.run import Run
+from pipelines.build.run import Run, task_stats
 from tests.helpers import make_spec
 
 runner = CliRunner()
@@ -53,6 +55,11 @@ def test_every_stage_of_a_build_has_a_row(built):
     assert by_name["collect"]["rows"] == result.inputs
     assert by_name["collect"]["task_seconds"] > 0  # Ray Data's task stats reached the row
     assert by_name["collect"]["cpus"] == 2
+    assert by_name["collect"]["peak_task_bytes"] > 2**20  # a decode task's memory (USS)
+    assert 0 <= by_name["collect"]["backpressure_seconds"] <= by_name["collect"]["seconds"]
+    assert by_name["collect"]["spilled_bytes"] == 0
+    assert by_name["collect"]["gpus"] == 0  # no accelerator in this cluster
+    assert all(s["driver_peak_bytes"] > 2**20 for s in stages)
     assert by_name["commit samples"]["rows"] == result.counts["samples"]
     assert by_name["commit samples"]["bytes"] > 0
     assert by_name["encode inputs"]["rows"] == result.feature_counts["inputs"]
@@ -117,6 +124,19 @@ def _stages(*rows: dict) -> pa.Table:
         ({"stage": "encode x", "task_seconds": 0.0, "cpu_seconds": 0.0}, "driver work"),
         ({"stage": "collect", "rows": 20, "task_seconds": 0.0, "cpu_seconds": 0.0},
          "in the CLI process"),
+        ({"stage": "collect", "task_seconds": 8.0, "cpu_seconds": 8.0,
+          "backpressure_seconds": 7.0}, "held back: an operator could not launch tasks for 70%"),
+        ({"stage": "collect", "task_seconds": 19.0, "cpu_seconds": 18.0,
+          "spilled_bytes": 3 * 2**20}, "CPU-bound: its Ray tasks kept 95% of 2 CPUs busy; it "
+         "spilled 3 MiB of blocks to disk"),
+        ({"stage": "encode clip", "task_seconds": 12.0, "cpu_seconds": 4.0, "gpus": 1.0,
+          "accelerator_seconds": 9.5}, "accelerator-bound: its GPU actors (1 GPU) were busy 95%"),
+        ({"stage": "encode clip", "task_seconds": 19.0, "cpu_seconds": 18.0, "gpus": 2.0,
+          "accelerator_seconds": 6.0}, "the accelerator waited on preprocessing: its GPU actors "
+         "(2 GPUs) were busy 30%"),
+        ({"stage": "encode clip", "task_seconds": 6.0, "cpu_seconds": 4.0, "gpus": 1.0,
+          "accelerator_seconds": 3.0}, "waiting for work: its GPU actors (1 GPU) were busy "
+         "only 30%"),
     ],
 )  # fmt: skip
 def test_the_bottleneck_and_why(worst, reason):
@@ -128,6 +148,26 @@ def test_the_bottleneck_and_why(worst, reason):
     found = bottleneck(stages)
     assert (found.stage, round(found.share, 2)) == (worst["stage"], round(10 / 12, 2))
     assert found.reason.startswith(reason)
+
+
+def test_task_stats_read_ray_datas_operator_metrics(ray_session):
+    """Time in the named (accelerator) operator's function, its tasks' memory, and
+    backpressure come from Ray Data's own metrics of the executed dataset."""
+
+    class Model:
+        def __call__(self, batch: dict) -> dict:
+            time.sleep(0.05)
+            return batch
+
+    ds = ray.data.range(64, override_num_blocks=8).map_batches(
+        Model, batch_size=8, compute=ray.data.ActorPoolStrategy(size=1)
+    )
+    ds = ds.materialize()
+    stats = task_stats(ds, accelerator="Model")
+    assert 8 * 0.05 <= stats.accelerator_seconds < 8 * 0.05 + 2.0  # 8 batches of 50 ms
+    assert stats.peak_task_bytes > 2**20
+    assert stats.task_seconds >= stats.accelerator_seconds
+    assert task_stats(ds).accelerator_seconds == 0.0  # no operator named: no accelerator
 
 
 def test_runs_show_writes_a_timeline(built, tmp_path):
@@ -180,3 +220,32 @@ def test_a_build_reports_each_stage_as_it_goes(tmp_path, ray_session, monkeypatc
     shares = [share for stage, done, share, *_ in events if stage == "collect" and not done]
     assert shares[0] is None  # the start, before any task finished
     assert any(s is not None and 0 < s <= 1 for s in shares)  # Ray Data's tasks, as they end
+
+
+def test_a_store_from_an_older_mmfp_gets_the_new_stage_columns(tmp_path, ray_session):
+    """``_stages`` made before the memory and backpressure columns: the next run adds them
+    (older rows read as null) instead of committing files the table's schema lacks."""
+    from deltalake import write_deltalake
+
+    old_schema = pa.schema([f for f in STAGES if f.name not in NEW_STAGE_COLUMNS])
+    old_row = {"run_id": "old", "stage": "collect", "seconds": 2.0, "rows": 4, "bytes": 10,
+               "task_seconds": 3.8, "cpu_seconds": 3.7, "cpus": 2.0}  # fmt: skip
+    store_dir = tmp_path / "store"
+    write_deltalake(str(store_dir / "_stages"), pa.Table.from_pylist([old_row], schema=old_schema))
+    synthetic.write_directory_source(tmp_path / "data", n_per_class=1, seed=7)
+    spec = make_spec(
+        store_dir, [{"kind": "directory", "uri": str(tmp_path / "data"), "class_folders": True}]
+    )
+    result = build(spec)
+    stages = FeatureStore(str(store_dir)).to_arrow("_stages")
+    assert stages.schema.names == STAGES.names
+    by_run = {r["run_id"]: r for r in stages.to_pylist() if r["stage"] == "collect"}
+    assert by_run["old"]["peak_task_bytes"] is None  # older rows: not measured
+    assert by_run[result.run_id]["peak_task_bytes"] > 0
+    shown = runner.invoke(app, ["runs", "show", "old", "--store", str(store_dir)])
+    assert shown.exit_code == 0, shown.output
+    assert "CPU-bound" in shown.output
+
+
+NEW_STAGE_COLUMNS = {"backpressure_seconds", "peak_task_bytes", "spilled_bytes",
+                     "driver_peak_bytes", "gpus", "accelerator_seconds"}  # fmt: skip

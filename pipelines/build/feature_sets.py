@@ -146,7 +146,7 @@ def _encode_on_ray(
     else:  # weight-free model inputs: plain CPU tasks, fused with preprocessing
         ds = ds.map_batches(Encode(configs), batch_format="pyarrow", batch_size=batch_size)
     ds.write_datasink(sink)
-    run.measure(ds)
+    run.measure(ds, accelerator="Encode" if gpus else None)
 
 
 def _media_columns(is_view: bool) -> list[str]:

@@ -9,7 +9,9 @@ Its row in ``_runs`` is its first commit and, completed, its last.
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,9 +40,22 @@ MODEL_SHARE = 8  # a stage with a model stays in process up to in_process_rows /
 
 
 @dataclass
+class TaskStats:
+    """What one Ray Data execution's tasks did, from Ray Data's own execution stats."""
+
+    task_seconds: float = 0.0  # wall time, summed over tasks and operators
+    cpu_seconds: float = 0.0  # CPU time, summed likewise
+    backpressure_seconds: float = 0.0  # the longest any operator could not launch a task
+    peak_task_bytes: int = 0  # the largest memory (USS) one task reached
+    spilled_bytes: int = 0  # object store bytes spilled to disk
+    accelerator_seconds: float = 0.0  # the accelerator operator's time in its function
+
+
+@dataclass
 class StageTiming:
     """Where one stage's time went: its wall time (without the stages nested in it), what
-    it produced, and how busy the Ray tasks it ran kept the cluster's CPUs."""
+    it produced, how busy its Ray tasks kept the cluster's CPUs and accelerators, how long
+    Ray Data held them back, and the memory they and the driver reached."""
 
     stage: str
     started_at: datetime
@@ -50,6 +65,12 @@ class StageTiming:
     task_seconds: float = 0.0
     cpu_seconds: float = 0.0
     cpus: float = 0.0
+    backpressure_seconds: float = 0.0
+    peak_task_bytes: int = 0
+    spilled_bytes: int = 0
+    driver_peak_bytes: int = 0
+    gpus: float = 0.0
+    accelerator_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +197,7 @@ class Run:
             seconds = time.perf_counter() - start
             self._open_stages.pop()
             timing.seconds += seconds
+            timing.driver_peak_bytes = driver_peak_bytes()
             if self._open_stages:
                 self._open_stages[-1].seconds -= seconds
             if listener is not None:
@@ -187,14 +209,23 @@ class Run:
         """Inputs and views this run sent to quarantine so far."""
         return self.result.counts["quarantined"] + self.result.view_counts.get("quarantined", 0)
 
-    def measure(self, ds: ray.data.Dataset) -> None:
-        """Add the Ray tasks of an executed dataset to the stage that is running."""
-        if self._open_stages:
-            task_seconds, cpu_seconds = task_times(ds)
-            timing = self._open_stages[-1]
-            timing.task_seconds += task_seconds
-            timing.cpu_seconds += cpu_seconds
-            timing.cpus = float(ray.cluster_resources().get("CPU", 0))
+    def measure(self, ds: ray.data.Dataset, accelerator: str | None = None) -> None:
+        """Add the Ray tasks of an executed dataset to the stage that is running;
+        ``accelerator`` names the operator that holds the cluster's GPUs, if one does."""
+        if not self._open_stages:
+            return
+        stats = task_stats(ds, accelerator)
+        timing = self._open_stages[-1]
+        timing.task_seconds += stats.task_seconds
+        timing.cpu_seconds += stats.cpu_seconds
+        timing.backpressure_seconds += stats.backpressure_seconds
+        timing.peak_task_bytes = max(timing.peak_task_bytes, stats.peak_task_bytes)
+        timing.spilled_bytes += stats.spilled_bytes
+        timing.accelerator_seconds += stats.accelerator_seconds
+        resources = ray.cluster_resources()
+        timing.cpus = float(resources.get("CPU", 0))
+        if accelerator:
+            timing.gpus = float(resources.get("GPU", 0))
 
     def commit(self, name: str) -> None:
         """Commit what the run has for ``name`` and record the version it made."""
@@ -242,22 +273,37 @@ def stage_rows(result: BuildResult) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STAGES)
 
 
-def task_times(ds: ray.data.Dataset) -> tuple[float, float]:
-    """(wall, CPU) seconds the dataset's Ray tasks ran, summed over tasks and operators,
-    from Ray Data's execution stats; zeros where a Ray version does not report them."""
+def task_stats(ds: ray.data.Dataset, accelerator: str | None = None) -> TaskStats:
+    """What the dataset's Ray tasks did, from Ray Data's execution stats and each
+    operator's runtime metrics; zeros where a Ray version does not report them."""
+    stats = TaskStats()
     try:
         summary = ds.get_stats_summary()  # Ray Data's stats as data (``ds.stats()`` is text)
     except Exception:  # noqa: BLE001 - the stats are a report, never a reason to fail a run
-        return 0.0, 0.0
-    wall = cpu = 0.0
+        return stats
     pending = [summary]
     while pending:
         node = pending.pop()
         pending.extend(node.parents)
         for op in node.operators_stats:
-            wall += op.wall_time.sum if op.wall_time else 0.0
-            cpu += op.cpu_time.sum if op.cpu_time else 0.0
-    return wall, cpu
+            stats.task_seconds += op.wall_time.sum if op.wall_time else 0.0
+            stats.cpu_seconds += op.cpu_time.sum if op.cpu_time else 0.0
+        metrics = node.extra_metrics or {}  # the operator's runtime metrics, at its end
+        held = metrics.get("task_submission_backpressure_time") or 0.0
+        stats.backpressure_seconds = max(stats.backpressure_seconds, held)
+        uss = (metrics.get("max_uss_bytes") or {}).get("max") or 0
+        stats.peak_task_bytes = max(stats.peak_task_bytes, int(uss))
+        stats.spilled_bytes += int(metrics.get("obj_store_mem_spilled") or 0)
+        names = [op.operator_name for op in node.operators_stats]
+        if accelerator and any(n.endswith(f"({accelerator})") for n in names):
+            stats.accelerator_seconds += metrics.get("function_body_time_s") or 0.0
+    return stats
+
+
+def driver_peak_bytes() -> int:
+    """The peak resident memory of this (the driver's) process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def new_run_id() -> str:
