@@ -291,29 +291,8 @@ class CpuMeter:
     def _snapshot() -> dict[tuple[int, float], float]:
         """(pid, start time) -> user + system CPU seconds of this process and its
         descendants, read from ``/proc`` (Linux; empty elsewhere)."""
-        tick = os.sysconf("SC_CLK_TCK")
-        procs: dict[int, tuple[int, float, float]] = {}  # pid -> (ppid, cpu s, start)
-        with contextlib.suppress(OSError):
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    stat = Path(f"/proc/{entry.name}/stat").read_text()
-                except OSError:
-                    continue  # exited meanwhile
-                fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
-                cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-                procs[int(entry.name)] = (int(fields[1]), cpu, float(fields[19]))
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in procs.items():
-            children.setdefault(ppid, []).append(pid)
-        out, todo = {}, [os.getpid()]
-        while todo:
-            pid = todo.pop()
-            if pid in procs:
-                out[(pid, procs[pid][2])] = procs[pid][1]
-                todo.extend(children.get(pid, []))
-        return out
+        procs = _processes()
+        return {(pid, procs[pid][2]): procs[pid][1] for pid in _tree(procs, os.getpid())}
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
@@ -330,6 +309,42 @@ class CpuMeter:
         self._thread.join()
         self._last |= self._snapshot()
         self.seconds = sum(v - self._base.get(k, 0.0) for k, v in self._last.items())
+
+
+def _processes() -> dict[int, tuple[int, float, float]]:
+    """pid -> (parent pid, user + system CPU seconds, start time) of every process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, float, float]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
+            cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            procs[int(entry.name)] = (int(fields[1]), cpu, float(fields[19]))
+    return procs
+
+
+def _tree(procs: dict[int, tuple[int, float, float]], root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs:
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+    return out
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process it started, still running (Linux; empty elsewhere)."""
+    return _tree(_processes(), root)
 
 
 def map_workers() -> dict[str, str]:

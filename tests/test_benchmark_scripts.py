@@ -1,5 +1,6 @@
-"""The CLI build benchmark runs end to end at a tiny size, so it keeps working (CI never
-times anything: the ratios it prints are not checked, only that it measured real builds)."""
+"""The CLI build and memory benchmarks run end to end at a tiny size, so they keep working
+(CI never times anything: the ratios they print are not checked, only that they measured
+real runs)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,18 @@ def test_build_cli_benchmark_runs_at_a_tiny_size(tmp_path):
     assert "n=12: mmfp/ideal " in out
     assert "no-op refresh / build " in out
     assert (tmp_path / "corpora" / "n12" / ".complete").exists()
+
+
+def test_memory_benchmark_runs_at_a_tiny_size(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--samples", "12", "--skip-train",
+         "--corpus-dir", str(tmp_path / "corpora")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for command in ("build", "encode", "search"):  # each measured a real process tree
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{command}: peak"))
+        assert float(line.split("= ")[1].split()[0]) > 0
+    rows = [x.split() for x in proc.stdout.splitlines() if x.startswith(("build ", "search "))]
+    assert all(float(r[1]) > 50 for r in rows)  # MiB: at least an interpreter with pyarrow
