@@ -12,7 +12,8 @@ would, on ``--samples`` and 4x as many samples (256 px JPEG + 1 s WAV + caption 
 Peak memory is the largest sum, over the command's process and every process it
 started (a local Ray's GCS, raylet, workers and actors), of each process's PSS (its
 private pages plus its share of pages it shares, so the object store's shared memory
-counts once), polled every 0.1 s from ``/proc`` (Linux). Each command's last lines
+counts once), polled every 0.25 s from ``/proc`` (Linux), or the command process's own
+peak RSS when that is larger (a short command can peak between two polls). Each command's last lines
 print peak(4x) / peak(1x) (target <= 1.2). Nothing touches the network.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,7 +40,7 @@ from jobs.demo.tiny_models import tiny_clip  # noqa: E402
 
 COMMANDS = ("build", "encode", "train", "search")
 TARGET = 1.2
-POLL_S = 0.1
+POLL_S = 0.25
 
 
 def pss_bytes(pid: int) -> int:
@@ -53,7 +55,11 @@ def pss_bytes(pid: int) -> int:
 
 
 def peak_memory(command: list[str], env: dict[str, str], cwd: Path) -> tuple[int, float]:
-    """(peak PSS of the command's process tree, wall seconds); fails loudly on an error."""
+    """(peak memory of the command's process tree, wall seconds); fails loudly on an error.
+
+    The peak is the larger of the polled PSS sum and the command process's own peak RSS
+    (``wait4``'s ``ru_maxrss``): a short command without Ray can peak between two polls.
+    """
     proc = subprocess.Popen(
         command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -68,14 +74,17 @@ def peak_memory(command: list[str], env: dict[str, str], cwd: Path) -> tuple[int
     watcher = threading.Thread(target=poll, daemon=True)
     t0 = time.perf_counter()
     watcher.start()
-    output, _ = proc.communicate()
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for its rusage
     seconds = time.perf_counter() - t0
     done.set()
     watcher.join()
     if proc.returncode != 0:
         what = " ".join(command[2:4])
         raise RuntimeError(f"{what} failed ({proc.returncode}):\n{output[-3000:]}")
-    return peak, seconds
+    return max(peak, usage.ru_maxrss * 1024), seconds  # ru_maxrss: KiB on Linux
 
 
 def write_configs(work: Path, source: Path, samples: int) -> tuple[Path, Path, Path]:

@@ -37,6 +37,7 @@ class ColumnMeta(BaseModel):
     kind: Literal["embedding", "input"] = "embedding"  # input: pixels, log-mel, token ids
     normalized: bool = False  # L2-normalised rows: a dot product is a cosine
     pad_id: int | None = None  # token ids: the id a model masks out
+    vocab_size: int | None = None  # token ids: every id is below this
 
     @property
     def dim(self) -> int:

@@ -51,6 +51,10 @@ def evaluate(
     storage_option: Annotated[
         list[str] | None, typer.Option(help="KEY=VALUE for the store (repeatable).")
     ] = None,
+    export_embeddings: Annotated[
+        bool,
+        typer.Option(help="Also write each split's embeddings as embeddings_<split>.parquet."),
+    ] = False,
 ) -> None:
     """Recall@1/5/10 per modality pair and zero-shot accuracy of a checkpoint; writes a plot."""
     from jobs.evaluate import evaluate as run_evaluate
@@ -58,7 +62,10 @@ def evaluate(
     if split not in ("val", "test"):
         raise MmfpError(f"--split must be val or test, got {split!r}")
     result = run_evaluate(
-        checkpoint, split=split, storage_options=key_values(storage_option, "--storage-option")
+        checkpoint,
+        split=split,
+        storage_options=key_values(storage_option, "--storage-option"),
+        export_embeddings=export_embeddings,
     )
     print_eval_summary(result)
 
@@ -73,9 +80,29 @@ def print_train_summary(name: str, result: Any) -> None:
     ]
     title = f"run {name}: epoch {metrics.get('epoch')} (step {metrics.get('step')})"
     console.print(table(title, ["metric", "value"], shown, right=["value"], centered=True))
-    if result.checkpoint is not None:
-        console.print(f"checkpoint: {result.checkpoint.path}", soft_wrap=True)
-        console.print(f"evaluate:   mmfp evaluate {result.checkpoint.path}", soft_wrap=True)
+    if metrics.get("stopped_early"):
+        console.print(f"stopped early: {metrics['stale']} validations without a gain")
+    best = best_checkpoint(result)
+    if best is not None and best.path != getattr(result.checkpoint, "path", None):
+        console.print(
+            f"best: step {metrics.get('best_step')}, {metrics.get('best_value'):.4g}",
+            soft_wrap=True,
+        )
+    shown = best or result.checkpoint
+    if shown is not None:
+        console.print(f"checkpoint: {shown.path}", soft_wrap=True)
+        console.print(f"evaluate:   mmfp evaluate {shown.path}", soft_wrap=True)
+
+
+def best_checkpoint(result: Any) -> Any:
+    """The kept checkpoint with the best selection metric (None without ``select``)."""
+    metrics = result.metrics or {}
+    if metrics.get("best_step") is None:
+        return None
+    for checkpoint, reported in result.best_checkpoints or []:
+        if reported.get("step") == metrics["best_step"]:
+            return checkpoint
+    return None  # the best was not kept (keep_checkpoints) or the run never validated
 
 
 def print_eval_summary(result: Any) -> None:
@@ -84,6 +111,7 @@ def print_eval_summary(result: Any) -> None:
         f"{result.feature_set} v{result.version} {result.split}: {result.rows} rows, "
         f"step {result.step}"
     )
+    by_class = any("class_r@1" in row for row in result.table())
     rows = [
         [
             row["direction"],
@@ -91,10 +119,12 @@ def print_eval_summary(result: Any) -> None:
             *(f"{row[k]:.3f}" if k in row else "-" for k in ("r@1", "r@5", "r@10")),
             # chance r@1 is 1/n: one right answer among n candidates
             f"{row['r@1'] * row['n']:.1f}x" if "r@1" in row else "-",
+            *([f"{row['class_r@1']:.3f}" if "class_r@1" in row else "-"] if by_class else []),
         ]
         for row in result.table()
     ]
     columns = ["direction", "n", "r@1", "r@5", "r@10", "r@1 / chance"]
+    columns += ["class r@1"] if by_class else []
     console.print(table(title, columns, rows, right=columns[1:], centered=True))
     if result.zero_shot:
         accs = ", ".join(f"{m} {a:.3f}" for m, a in result.zero_shot.items())
@@ -104,11 +134,75 @@ def print_eval_summary(result: Any) -> None:
         console.print(f"{kind}: {path}", soft_wrap=True)
 
 
+@user_errors
+def tune(
+    config: Annotated[Path, typer.Argument(help="Train config (YAML).")],
+    num_samples: Annotated[int, typer.Option(min=1, help="Trials to run.")] = 8,
+    search: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=KIND:ARGS, repeatable, e.g. optimizer.lr=loguniform:1e-4:1e-2, "
+            "batch_size=choice:32,64 (default: lr and weight decay, log-uniform)."
+        ),
+    ] = None,
+    concurrent: Annotated[int, typer.Option(min=1, help="Trials at a time.")] = 1,
+    address: RayAddressOpt = None,
+) -> None:
+    """A Ray Tune sweep with the same trainer; prints the trials and writes the best config."""
+    import yaml
+
+    from jobs.pretrain.config import load_config
+    from jobs.pretrain.tune import (
+        DEFAULT_SPACE,
+        best_trial,
+        parse_space,
+        run_tune,
+        selection_metric,
+        with_values,
+    )
+    from jobs.report import print_log_file
+    from jobs.runtime import start_job
+
+    cfg = load_config(config)
+    dims = parse_space(search or DEFAULT_SPACE)
+    _, log_file = start_job(address, prefix=f"tune-{cfg.name}-")
+    results = run_tune(cfg, dims, num_samples=num_samples, concurrent=concurrent)
+    metric, mode = selection_metric(cfg)
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        values = frame[metric].dropna() if frame is not None and metric in frame else None
+        best = None if values is None or values.empty else (
+            values.max() if mode == "max" else values.min()
+        )  # fmt: skip
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(result.config.items()))
+        status = "error" if result.error else "done"
+        score = "-" if best is None else f"{best:.4f}"
+        rows.append([Path(result.path).name, params, score, status])
+    headers = ["trial", "values", metric, "status"]
+    console.print(table(f"trials by {metric} ({mode})", headers, rows))
+    best = best_trial(results, cfg)
+    if best is None:
+        raise MmfpError("no trial reported a validation; see the log for their errors")
+    raw = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    out = Path(config).with_suffix(".best.yaml")
+    out.write_text(yaml.safe_dump(with_values(raw, best.config), sort_keys=False))
+    chosen = ", ".join(f"{k}={_short(v)}" for k, v in sorted(best.config.items()))
+    console.print(f"best trial: {Path(best.path).name} ({chosen})")
+    console.print(f"its config: {out}  (mmfp train {out})", soft_wrap=True)
+    print_log_file(log_file)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 app = typer.Typer(
     help="Contrastive pretraining.", no_args_is_help=True, pretty_exceptions_enable=False
 )
 app.command("train")(train)
 app.command("evaluate")(evaluate)
+app.command("tune")(tune)
 
 
 def main() -> None:

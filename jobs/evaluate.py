@@ -52,14 +52,15 @@ class EvalResult:
     split: str
     step: int
     rows: int
-    recall: dict[str, float]  # "image->text/r@1" -> value
+    recall: dict[str, float]  # "image->text/r@1", "image->text/class_r@1" -> value
     pair_rows: dict[str, int]  # "image-text" -> rows having both modalities
+    means: dict[str, float] = field(default_factory=dict)  # "mean_r@1", "mean_class_r@1"
     zero_shot: dict[str, float] = field(default_factory=dict)  # modality -> accuracy
     zero_shot_note: str = ""
     files: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per direction: ``direction, n, r@1, r@5, r@10``."""
+        """One row per direction: ``direction, n, r@1, r@5, r@10`` (and ``class_r@1``)."""
         rows: dict[str, dict[str, Any]] = {}
         for key, value in self.recall.items():
             direction, k = key.split("/")
@@ -89,8 +90,11 @@ def evaluate(
     out_dir: str | Path | None = None,
     ks: tuple[int, ...] = KS,
     prototype_rows: int = 100_000,
+    export_embeddings: bool = False,
 ) -> EvalResult:
-    """Evaluate the checkpoint in ``checkpoint_dir`` (a local directory) on ``split``."""
+    """Evaluate the checkpoint in ``checkpoint_dir`` (a local directory) on ``split``;
+    with ``export_embeddings`` also write every split's embeddings (``embeddings_<split>
+    .parquet``: sample_id, split, label and one ``<modality>_emb`` column per tower)."""
     directory = Path(checkpoint_dir)
     state = ckpt.load_state(directory)
     meta = state["meta"]
@@ -110,12 +114,14 @@ def evaluate(
             f"feature set {info.name!r} v{info.version} has {rows.num_rows} {split!r} rows "
             "(original samples): nothing to evaluate; try the other split"
         )
-    arrays = to_tensors(rows, inputs=inputs, split=split, include_views=False)
+    arrays = to_tensors(rows, inputs=inputs, split=split, include_views=False, labels=True)
     feats = {m: embed(model, m, arrays[f"x_{m}"]) for m in model.towers}
     present = {m: arrays[f"has_{m}"] for m in model.towers}
-    scores = pair_recalls(feats, present, list(combinations(sorted(model.towers), 2)), ks)
-    recall = {k: v for k, v in scores.items() if not k.endswith("/n")}
+    pairs = list(combinations(sorted(model.towers), 2))
+    scores = pair_recalls(feats, present, pairs, ks, labels=arrays["label"])
+    recall = {k: v for k, v in scores.items() if "->" in k}
     pair_rows = {k[: -len("/n")]: int(v) for k, v in scores.items() if k.endswith("/n")}
+    means = {k: v for k, v in scores.items() if k.startswith("mean_")}
 
     labels = rows.column("label").to_pylist()
     zero_shot, note = _zero_shot(store, info, model, inputs, feats, present, labels, prototype_rows)
@@ -128,11 +134,50 @@ def evaluate(
         rows=rows.num_rows,
         recall=recall,
         pair_rows=pair_rows,
+        means=means,
         zero_shot=zero_shot,
         zero_shot_note=note,
     )
-    _write(result, Path(out_dir) if out_dir else directory, ckpt.read_metrics(directory))
+    out = Path(out_dir) if out_dir else directory
+    if export_embeddings:
+        for name in ("train", "val", "test"):
+            path = write_embeddings(store, info, model, inputs, name, out)
+            if path is not None:
+                result.files[f"embeddings {name}"] = str(path)
+    _write(result, out, ckpt.read_metrics(directory))
     return result
+
+
+def write_embeddings(
+    store: FeatureStore,
+    info: FeatureSetInfo,
+    model: ContrastiveModel,
+    inputs: dict[str, tuple[str, list[int], str]],
+    split: str,
+    out: Path,
+) -> Path | None:
+    """One split's original rows through every tower, as Parquet (None: no such rows)."""
+    import pyarrow.parquet as pq
+
+    columns = sorted({"sample_id", "label", "split", "view", *(c for c, _, _ in inputs.values())})
+    rows = store.to_arrow(
+        info.table, info.version, columns=columns, filter=row_filter(split, include_views=False)
+    )
+    if rows.num_rows == 0:
+        return None
+    arrays = to_tensors(rows, inputs=inputs, split=split, include_views=False)
+    table = rows.select(["sample_id", "split", "label"])
+    for m in sorted(model.towers):
+        values = embed(model, m, arrays[f"x_{m}"]).numpy()
+        present = np.asarray(arrays[f"has_{m}"], dtype=bool)
+        flat = pa.array(values.ravel(), pa.float32())
+        offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * values.shape[1])
+        emb = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(~present))
+        table = table.append_column(f"{m}_emb", emb)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"embeddings_{split}.parquet"
+    pq.write_table(table, path)
+    return path
 
 
 def _zero_shot(
@@ -179,7 +224,7 @@ def _zero_shot(
 def _write(result: EvalResult, out: Path, history: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"eval_{result.split}"
-    result.files = {"json": f"{stem}.json", "parquet": f"{stem}.parquet"}
+    result.files = {"json": f"{stem}.json", "parquet": f"{stem}.parquet", **result.files}
     import pyarrow.parquet as pq
 
     table = result.table()

@@ -89,6 +89,8 @@ class SplitSpec(_Model):
     )
     # "group": samples sharing a group_id share a split (sample_id when there is none).
     by: Literal["group", "sample"] = "group"
+    # group ids pinned to a split (held-out speakers, a test site); the rest by `ratios`
+    groups: dict[Literal["train", "val", "test"], list[str]] = Field(default_factory=dict)
 
     @field_validator("ratios")
     @classmethod
@@ -98,6 +100,18 @@ class SplitSpec(_Model):
         if abs(sum(ratios.values()) - 1.0) > 1e-6:
             raise ValueError(f"ratios must sum to 1, got {sum(ratios.values()):.4f}")
         return ratios
+
+    @model_validator(mode="after")
+    def _pinned_groups(self) -> SplitSpec:
+        seen: dict[str, str] = {}
+        for name, groups in self.groups.items():
+            for group in groups:
+                if group in seen and seen[group] != name:
+                    raise ValueError(f"group {group!r} is pinned to both {seen[group]} and {name}")
+                seen[group] = name
+        if self.groups and self.by != "group":
+            raise ValueError("split.groups needs `by: group`")
+        return self
 
 
 class StoreSpec(_Model):

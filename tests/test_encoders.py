@@ -300,6 +300,8 @@ def test_text_ids_match_the_tokenizer(models):
 
 
 def test_describe_matches_the_feature_set_contract(encoded):
+    from transformers import AutoTokenizer
+
     encoder, columns = encoded("clip")[0].describe()
     assert encoder.name == "clip"
     assert encoder.config_hash == encoded("clip")[0].config_hash()
@@ -311,6 +313,26 @@ def test_describe_matches_the_feature_set_contract(encoded):
     assert ids.kind == "input"
     assert ids.dtype == "int32"
     assert ids.pad_id == tiny_models.PAD_ID
+    assert ids.vocab_size == len(AutoTokenizer.from_pretrained(encoded("text_ids")[0].config.model))
+
+
+def test_text_ids_without_a_tokenizer_are_utf8_bytes():
+    """No tokenizer directory to make by hand: byte + 1, 0 pads, 257 ids, recorded."""
+    encoder = get_encoder(EncoderConfig(name="text_ids", params={"max_length": 8}))
+    texts = pa.table({"text": ["Seven", "naïve number nine", None]})
+    out = encoder.preprocess(texts)
+    ids = out["text_ids"]
+    assert (ids.dtype, ids.shape) == (np.int32, (3, 8))
+    assert ids[0].tolist() == [ord(c) + 1 for c in "Seven"] + [0, 0, 0]
+    assert ids[1].tolist() == [b + 1 for b in "naïve number nine".encode()[:8]]  # truncated
+    assert out["text_mask"].tolist() == [True, True, False]
+    folded = get_encoder(
+        EncoderConfig(name="text_ids", params={"max_length": 8, "lowercase": True})
+    ).preprocess(texts)["text_ids"]
+    assert folded[0].tolist()[:5] == [ord(c) + 1 for c in "seven"]
+    column = encoder.describe()[1]["text_ids"]
+    assert (column.pad_id, column.vocab_size, column.kind) == (0, 257, "input")
+    assert int(ids.max()) < column.vocab_size
 
 
 # -- model details ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -93,7 +94,10 @@ def test_recall_zero_shot_and_files(checkpoint):
     assert result.rows == 40
     assert set(result.pair_rows) == {"audio-image", "audio-text", "image-text"}
     assert all(n < 40 for n in result.pair_rows.values())  # rows missing a modality drop out
-    assert len(result.recall) == 3 * 2 * 3  # pairs x directions x k
+    assert len(result.recall) == 3 * 2 * 4  # pairs x directions x (3 k + class-match)
+    assert set(result.means) == {"mean_r@1", "mean_class_r@1"}
+    # the synthetic classes are easy: a nearest item of the other modality shares its class
+    assert result.means["mean_class_r@1"] >= result.means["mean_r@1"]
     for direction, value in result.recall.items():
         if direction.endswith("r@1"):
             assert value > 0.15, direction  # chance is ~1/35
@@ -145,3 +149,30 @@ def test_cli_prints_a_recall_table_and_exits_2_on_user_errors(checkpoint, tmp_pa
     bad = runner.invoke(app, ["train", str(config)])
     assert bad.exit_code == 2
     assert "modalities.image" in bad.output
+
+
+def test_export_embeddings_writes_every_split_through_every_tower(checkpoint, store, tmp_path):
+    from jobs.cli_train import app
+
+    out = CliRunner().invoke(
+        app, ["evaluate", str(checkpoint), "--split", "val", "--export-embeddings"]
+    )
+    assert out.exit_code == 0, out.output
+    state = ckpt.load_state(checkpoint)
+    meta = state["meta"]
+    info = feature_set_info(store, meta["feature_set"], meta["version"])
+    for split in ("train", "val", "test"):
+        assert f"embeddings {split}: " in out.output
+        table = pq.read_table(checkpoint / f"embeddings_{split}.parquet")
+        originals = store.to_arrow(
+            info.table, info.version, columns=["sample_id", "split", "view"]
+        ).to_pylist()
+        want = sorted(r["sample_id"] for r in originals if r["split"] == split and r["view"] == -1)
+        assert sorted(table.column("sample_id").to_pylist()) == want
+        assert set(table.column("split").to_pylist()) == {split}
+        for m in ("audio", "image", "text"):
+            emb = table.column(f"{m}_emb")
+            present = [v for v in emb.to_pylist() if v is not None]
+            assert 0 < len(present) <= table.num_rows  # rows missing the modality are null
+            norms = np.linalg.norm(np.array(present, dtype=np.float32), axis=1)
+            np.testing.assert_allclose(norms, 1.0, atol=1e-5)  # the towers' normalised output

@@ -90,3 +90,35 @@ def test_ratios_hold_on_large_n(train, val_share, seed):
 def test_zero_ratio_split_gets_nothing():
     ratios = {"train": 0.5, "val": 0.0, "test": 0.5}
     assert {assign_split(str(i), seed=0, ratios=ratios) for i in range(2000)} == {"train", "test"}
+
+
+def test_pinned_groups_go_to_their_split_and_the_rest_do_not_move():
+    speakers = ["jackson", "lucas", "nicolas", "theo", "yweweler"]
+    batch = pa.table(
+        {
+            "sample_id": [f"s{i}" for i in range(50)],
+            "group_id": [speakers[i % 5] for i in range(50)],
+            "split": pa.nulls(50, pa.string()),
+        }
+    )
+    ratios = {"train": 1.0}
+    pinned = split_batch(
+        batch, seed=0, ratios=ratios, groups={"test": ["theo"], "val": ["lucas"]}
+    ).to_pylist()
+    free = split_batch(batch, seed=0, ratios=ratios).to_pylist()
+    for row, before in zip(pinned, free, strict=True):
+        expected = {"theo": "test", "lucas": "val"}.get(row["group_id"], before["split"])
+        assert row["split"] == expected
+    assert {r["split"] for r in pinned} == {"train", "val", "test"}
+
+
+def test_a_group_pinned_to_two_splits_is_a_spec_error():
+    import pytest
+    from pydantic import ValidationError
+
+    from pipelines.spec import SplitSpec
+
+    with pytest.raises(ValidationError, match="'theo' is pinned to both test and val"):
+        SplitSpec(groups={"test": ["theo"], "val": ["theo"]})
+    with pytest.raises(ValidationError, match="needs `by: group`"):
+        SplitSpec(by="sample", groups={"test": ["theo"]})

@@ -17,7 +17,13 @@ from features.store import FeatureStore
 from jobs.demo.synthetic_features import write_synthetic_feature_set
 from jobs.pretrain.arrays import dense, to_tensors
 from jobs.pretrain.config import load_config, parse_config
-from jobs.pretrain.data import check_compatible, check_towers, feature_set_info, tower_inputs
+from jobs.pretrain.data import (
+    check_compatible,
+    check_towers,
+    feature_set_info,
+    tower_inputs,
+    with_recorded_vocabulary,
+)
 from pipelines.errors import SpecError
 
 EXAMPLE = """
@@ -209,6 +215,24 @@ def test_towers_are_checked_against_the_feature_set(syn_store):
     )
     with pytest.raises(SpecError, match="modalities.image.input: feature set 'syn'.*no column"):
         check_towers(info, bad)
+
+
+def test_text_towers_take_the_recorded_vocabulary(syn_store):
+    """vocab_size and pad_id come from what the feature set records; a smaller vocabulary
+    than recorded is refused before a worker's embedding would crash on an id."""
+    info = feature_set_info(syn_store, "syn", None)
+    text = {"kind": "transformer", "width": 16, "heads": 2}
+    cfg = parse_config(_raw(modalities={"image": {"kind": "cnn", "input": "image_pixels"},
+                                        "text": text}))  # fmt: skip
+    resolved = with_recorded_vocabulary(info, cfg).modalities["text"]
+    assert (resolved.vocab_size, resolved.pad_id) == (64, 0)
+    bigger = parse_config(_raw(modalities={"image": {"kind": "cnn", "input": "image_pixels"},
+                                           "text": {**text, "vocab_size": 100}}))  # fmt: skip
+    assert with_recorded_vocabulary(info, bigger).modalities["text"].vocab_size == 100
+    small = parse_config(_raw(modalities={"image": {"kind": "cnn", "input": "image_pixels"},
+                                          "text": {**text, "vocab_size": 10}}))  # fmt: skip
+    with pytest.raises(SpecError, match="vocab_size: 10 is smaller than the 64 ids"):
+        with_recorded_vocabulary(info, small)
 
 
 def test_a_table_without_feature_set_metadata_is_refused(tmp_path):

@@ -5,11 +5,20 @@ from __future__ import annotations
 import socket
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs.pretrain.loss import contrastive_loss, gather_with_local_grad, infonce, siglip
+from jobs.pretrain.arrays import label_codes
+from jobs.pretrain.loss import (
+    contrastive_loss,
+    gather_with_local_grad,
+    infonce,
+    input_keys,
+    same_key,
+    siglip,
+)
 
 
 def _normed(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -49,6 +58,75 @@ def test_siglip_matches_numpy(n):
     a, b = _normed(rng, n, 6), _normed(rng, n, 6)
     got = siglip(torch.tensor(a), torch.tensor(b), torch.tensor(10.0), torch.tensor(-3.0))
     assert float(got) == pytest.approx(np_siglip(a, b, 10.0, -3.0), rel=1e-6)
+
+
+def np_multi_positive(a: np.ndarray, b: np.ndarray, scale: float, p: np.ndarray) -> float:
+    """Soft-target InfoNCE: each row's target spread evenly over its positives."""
+    logits = scale * a @ b.T
+    rows = -np.mean(np.sum(p / p.sum(1, keepdims=True) * _log_softmax(logits, 1), axis=1))
+    cols = -np.mean(np.sum(p.T / p.T.sum(1, keepdims=True) * _log_softmax(logits.T, 1), axis=1))
+    return (rows + cols) / 2
+
+
+def test_multi_positive_infonce_matches_numpy_and_reduces_to_infonce():
+    rng = np.random.default_rng(3)
+    a, b = _normed(rng, 6, 5), _normed(rng, 6, 5)
+    p = np.eye(6, dtype=bool)
+    p[0, 3] = p[3, 0] = True  # rows 0 and 3 carry the same caption
+    got = infonce(torch.tensor(a), torch.tensor(b), torch.tensor(9.0), torch.tensor(p))
+    assert float(got) == pytest.approx(np_multi_positive(a, b, 9.0, p), rel=1e-6)
+    eye = infonce(torch.tensor(a), torch.tensor(b), torch.tensor(9.0), torch.eye(6).bool())
+    assert float(eye) == pytest.approx(np_infonce(a, b, 9.0), rel=1e-6)
+
+
+def test_identical_captions_are_not_pushed_apart():
+    """Rows 0 and 1 share a caption: with input keys the loss is the multi-positive one
+    (image 0 - caption 1 and image 1 - caption 0 are positives), without it is CLIP's."""
+    text = torch.tensor([[5, 6, 0], [5, 6, 0], [7, 8, 9], [1, 2, 3]], dtype=torch.int32)
+    keys = {"text": input_keys(text), "image": input_keys(torch.eye(4))}
+    rng = np.random.default_rng(4)
+    img, cap = _normed(rng, 4, 8), _normed(rng, 4, 8)
+    cap[1] = cap[0]  # the same caption, the same features
+    features = {"image": torch.tensor(img), "text": torch.tensor(cap)}
+    present = {m: torch.ones(4, dtype=torch.bool) for m in features}
+    pairs, scale = [("image", "text")], torch.tensor(10.0)
+    plain, _ = contrastive_loss(features, present, pairs, kind="infonce", scale=scale)
+    multi, _ = contrastive_loss(features, present, pairs, kind="infonce", scale=scale, keys=keys)
+    p = np.eye(4, dtype=bool)
+    p[0, 1] = p[1, 0] = True
+    assert float(plain) == pytest.approx(np_infonce(img, cap, 10.0), rel=1e-6)
+    assert float(multi) == pytest.approx(np_multi_positive(img, cap, 10.0, p), rel=1e-6)
+
+
+def test_input_keys_match_identical_rows_only():
+    x = torch.rand(5, 3, 8, 8)
+    x[3] = x[1]
+    x[4] = x[1]
+    x[4, 0, 0, 0] += 1e-6  # almost the same image is another image
+    same = same_key(input_keys(x))
+    assert bool(same[1, 3])
+    assert bool(same[3, 1])
+    assert not same[1, 4]
+    assert int(same.sum()) == 5 + 2
+
+
+def test_the_supervised_term_makes_same_label_rows_positives():
+    rng = np.random.default_rng(5)
+    img, cap = _normed(rng, 4, 6), _normed(rng, 4, 6)
+    features = {"image": torch.tensor(img), "text": torch.tensor(cap)}
+    present = {m: torch.ones(4, dtype=torch.bool) for m in features}
+    labels = torch.tensor(label_codes(pa.array(["seven", "two", "seven", None])))
+    assert labels.tolist()[0] == labels.tolist()[2] != labels.tolist()[1]
+    assert labels.tolist()[3] == -1
+    total, stats = contrastive_loss(
+        features, present, [("image", "text")], kind="infonce", scale=torch.tensor(10.0),
+        labels=labels, supervised_weight=0.5,
+    )  # fmt: skip
+    p = np.eye(4, dtype=bool)
+    p[0, 2] = p[2, 0] = True  # the unlabelled row is only its own positive
+    expected = np_infonce(img, cap, 10.0) + 0.5 * np_multi_positive(img, cap, 10.0, p)
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    assert stats["supcon_image_text"] == pytest.approx(np_multi_positive(img, cap, 10.0, p))
 
 
 def test_perfect_pairs_have_low_infonce():

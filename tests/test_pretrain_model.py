@@ -158,3 +158,52 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(12) == pytest.approx(0.5)
     assert f(20) == pytest.approx(0.0)
+
+
+def test_training_augmentations_are_seeded_and_change_only_training_inputs():
+    from jobs.pretrain.augment import augment_batch
+    from jobs.pretrain.config import TrainAugment
+
+    x_audio = torch.full((4, 16, 40), -100.0)
+    x_audio[:, :, :20] = torch.randn(4, 16, 20) * 10 - 40  # speech, then silence
+    batch = {"x_audio": x_audio, "x_image": torch.randn(4, 3, 8, 8), "x_text": torch.ones(4, 5)}
+    cfg = TrainAugment.model_validate({"audio": {}, "image": {"shift": 2}})
+    a = augment_batch(batch, cfg, seed=1, step=7, rank=0)
+    again = augment_batch(batch, cfg, seed=1, step=7, rank=0)
+    other = augment_batch(batch, cfg, seed=1, step=8, rank=0)
+    for key in ("x_audio", "x_image"):
+        assert torch.equal(a[key], again[key])  # a resumed run draws the same variants
+        assert not torch.equal(a[key], other[key])
+        assert not torch.equal(a[key], batch[key])
+        assert a[key].shape == batch[key].shape
+    assert a["x_text"] is batch["x_text"]  # text is left alone
+    assert float(a["x_audio"].min()) >= -100.0  # never below the silence floor
+    none = TrainAugment.model_validate({"audio": {"time_masks": 0, "freq_masks": 0,
+                                                  "shift": 0, "gain_db": 0}})  # fmt: skip
+    assert torch.equal(augment_batch(batch, none, seed=1, step=7, rank=0)["x_audio"], x_audio)
+
+
+def test_cmvn_standardises_each_mel_bin_over_voiced_frames():
+    from jobs.pretrain.model import _cmvn
+
+    x = torch.full((2, 8, 30), -100.0)
+    x[:, :, :12] = torch.randn(2, 8, 12) * 7 - 30 + torch.arange(8).view(1, 8, 1) * 5  # a tilt
+    out = _cmvn(x)
+    voiced = out[:, :, :12]
+    assert voiced.mean(dim=2).abs().max() < 1e-4  # every bin centred: the tilt is gone
+    assert (voiced.std(dim=2, unbiased=False) - 1).abs().max() < 1e-3
+    assert out[:, :, 12:].abs().max() == 0  # padding carries nothing
+    loud = _cmvn(torch.where(x > -100, x + 20, x))  # a louder recording of the same speech
+    assert torch.allclose(loud, out, atol=1e-4)
+
+
+def test_spec_masks_leave_the_padding_silent():
+    from jobs.pretrain.augment import augment_logmel
+    from jobs.pretrain.config import AudioAugment
+
+    x = torch.full((8, 16, 40), -100.0)
+    x[:, :, :20] = torch.randn(8, 16, 20) * 10 - 40
+    masks = AudioAugment(time_masks=2, freq_masks=3, freq_width=8, shift=0, gain_db=0)
+    out = augment_logmel(x, masks, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :, 20:], x[:, :, 20:])  # silence stays silence
+    assert not torch.equal(out[:, :, :20], x[:, :, :20])

@@ -98,7 +98,7 @@ def test_a_run_learns_and_exports(run_a, store):
 
     result = evaluate(directory, split="test")
     chance = 1 / result.rows  # 48 test rows
-    recall1 = [v for k, v in result.recall.items() if k.endswith("r@1")]
+    recall1 = [v for k, v in result.recall.items() if k.endswith("/r@1")]  # not class_r@1
     assert len(recall1) == 6
     assert min(recall1) > 5 * chance, result.recall
     assert all(acc > 0.3 for acc in result.zero_shot.values()), result.zero_shot  # chance 0.1
@@ -205,3 +205,78 @@ def test_too_few_rows_for_one_batch_is_a_spec_error(store):
 
     with pytest.raises(SpecError, match="not one full batch"):
         run_training(parse_config(_config(store, "tiny", batch_size=500)))
+
+
+def test_select_keeps_the_best_checkpoint_and_stops_early(store, tmp_path):
+    """Validation every 2 steps, selection by class-match recall with a gain no run can
+    make (min_delta 1): the first validation stays the best, two more without a gain stop
+    the run at step 4 of 15; the best checkpoint is kept and exported, with labels used by
+    the supervised term."""
+    from jobs.cli_train import best_checkpoint
+    from jobs.pretrain.train import run_training
+
+    select = {"metric": "val/mean_class_r@1", "patience": 2, "min_delta": 1.0}
+    cfg = parse_config(
+        _config(store, "sel", storage_path=str(tmp_path), val_every_steps=2, select=select,
+                keep_checkpoints=1, checkpoint_every_steps=None,
+                loss={"supervised_weight": 0.5})
+    )  # fmt: skip
+    result = run_training(cfg)
+    assert result.error is None
+    assert result.metrics["step"] == 4
+    assert result.metrics["stopped_early"] is True
+    assert result.metrics["best_step"] == 2
+    best = best_checkpoint(result)
+    assert best is not None
+    assert best.path != result.checkpoint.path
+    with best.as_directory() as d:
+        assert ckpt.read_meta(d)["step"] == 2
+        assert (Path(d) / ckpt.EXPORT_DIR).is_dir()  # the best one is usable as is
+    history = _history(result.checkpoint.path)
+    assert [row["step"] for row in history] == [2, 3, 4]  # every validation, in order
+    assert all("val/mean_class_r@1" in row for row in history)
+    assert all("train_supcon_audio_image" in row or "supcon_audio_image" in row
+               for row in history)  # fmt: skip
+    kept = sorted(Path(tmp_path, "sel").glob("checkpoint_step*"))
+    assert [p.name for p in kept] == ["checkpoint_step0000002", "checkpoint_step0000004"]
+
+
+def test_an_unknown_select_metric_is_a_spec_error(store):
+    raw = _config(store, "bad-select", select={"metric": "val/image->video/r@1"})
+    with pytest.raises(SpecError, match="not a validation metric of this run; known: val/mean"):
+        parse_config(raw)
+
+
+def test_mmfp_tune_runs_trials_with_the_same_trainer_and_writes_the_best_config(store, tmp_path):
+    from jobs.cli_train import app
+
+    raw = _config(store, "tuned", epochs=1, storage_path=str(tmp_path / "runs"),
+                  checkpoint_every_steps=None, select={"metric": "val/mean_r@1"})  # fmt: skip
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = CliRunner().invoke(
+        app, ["tune", str(path), "--num-samples", "2", "--search", "optimizer.lr=choice:0.001,0.02",
+              "--search", "loss.duplicates=choice:positive,negative"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert out.output.count(" done ") == 2  # two trials, each a full `mmfp train` run
+    best = yaml.safe_load((tmp_path / "tuned.best.yaml").read_text())
+    assert best["optimizer"]["lr"] in (0.001, 0.02)
+    assert best["loss"]["duplicates"] in ("positive", "negative")
+    assert best["name"] == "tuned"  # the user's config, with the best values only
+    trial_runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if "-tune-" in p.name)
+    assert len(trial_runs) == 2  # each trial is its own Ray Train run, with checkpoints
+    assert all(any((tmp_path / "runs" / r).glob("checkpoint_step*")) for r in trial_runs)
+
+
+def test_a_bad_search_space_is_refused_before_any_trial(store, tmp_path):
+    from jobs.cli_train import app
+
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(_config(store, "t")))
+    for bad, message in (("optimizer.lr=normal:0:1", "KIND one of loguniform, uniform, choice"),
+                         ("optimizer.lr=uniform:0.1", "takes two numbers"),
+                         ("optimizer.lrr=choice:0.1", "optimizer.lrr")):  # fmt: skip
+        out = CliRunner().invoke(app, ["tune", str(path), "--search", bad])
+        assert out.exit_code == 2, out.output
+        assert message in out.output

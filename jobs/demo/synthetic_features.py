@@ -125,7 +125,10 @@ def write_synthetic_feature_set(
         ]:
             modality = col.split("_")[0]
             columns[col] = _list_column(arr.astype(vt.to_pandas_dtype()), has[modality][idx], vt)
-            meta_cols[col] = ColumnMeta(shape=shape, dtype=str(vt), encoder=enc, kind="input")
+            tokens = {"pad_id": 0, "vocab_size": vocab} if col == "text_ids" else {}
+            meta_cols[col] = ColumnMeta(
+                shape=shape, dtype=str(vt), encoder=enc, kind="input", **tokens
+            )
             encoders.append(EncoderMeta(name=enc, config_hash=_hash({"c": col})))
 
     sample_ids = np.array([f"s{i:05d}" for i in range(n)], dtype=object)

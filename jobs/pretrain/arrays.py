@@ -10,6 +10,7 @@ process imports this module (torch would cost it seconds).
 
 from __future__ import annotations
 
+from hashlib import blake2b
 from typing import Any
 
 import numpy as np
@@ -45,14 +46,26 @@ def row_filter(split: str, *, include_views: bool) -> pc.Expression:
     return expr
 
 
+def label_codes(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each label as a stable int64 (the same string, the same code, on every worker and
+    every run); -1 where the row has no label."""
+    return np.array(
+        [-1 if v is None else int.from_bytes(blake2b(v.encode(), digest_size=7).digest())
+         for v in column.to_pylist()],
+        dtype=np.int64,
+    )  # fmt: skip
+
+
 def to_tensors(
     batch: pa.Table,
     *,
     inputs: dict[str, tuple[str, list[int], str]],
     split: str,
     include_views: bool,
+    labels: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Rows of ``split`` as ``x_<modality>`` arrays and ``has_<modality>`` masks.
+    """Rows of ``split`` as ``x_<modality>`` arrays and ``has_<modality>`` masks, plus
+    ``label`` codes (``label_codes``) with ``labels``.
 
     ``inputs`` maps modality -> (column, per-row shape, dtype name). A pure
     function of the batch, so it runs in Ray Data tasks and in unit tests alike.
@@ -63,4 +76,6 @@ def to_tensors(
         x, present = dense(batch.column(column), shape, np.dtype(dtype))
         out[f"x_{modality}"] = x
         out[f"has_{modality}"] = present
+    if labels:
+        out["label"] = label_codes(batch.column("label"))
     return out

@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
@@ -25,6 +23,8 @@ FORMAT = 1
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (must contain ``meta`` and ``history``) into ``directory``."""
+    import torch  # here, not above: readers of meta.json and metrics.jsonl need no torch
+
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / STATE_FILE)
     meta = {**state["meta"], "step": state["step"], "format": FORMAT}
@@ -34,6 +34,8 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> None:
 
 def load_state(directory: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
     """The ``state.pt`` of a checkpoint directory, loaded without unpickling code."""
+    import torch
+
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         from pipelines.errors import SpecError

@@ -50,6 +50,40 @@ class CnnTower(_Model):
     input: Literal["image_pixels", "audio_logmel"]
     channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
     out_dim: int = Field(128, gt=0)
+    # sample: standardise each input as a whole; cmvn (log-mels): each mel bin over the
+    # utterance's non-silent frames (per-utterance cepstral mean and variance
+    # normalisation), which takes out a microphone's or a voice's spectral tilt
+    normalize: Literal["sample", "cmvn"] = "sample"
+
+    @model_validator(mode="after")
+    def _cmvn_for_logmel(self) -> CnnTower:
+        if self.normalize == "cmvn" and self.input != "audio_logmel":
+            raise ValueError("normalize: cmvn is for audio_logmel inputs")
+        return self
+
+
+class AudioAugment(_Model):
+    """Training-time log-mel augmentation (SpecAugment + shift + gain)."""
+
+    time_masks: int = Field(2, ge=0)
+    time_width: int = Field(10, ge=0)  # frames, at most, per mask
+    freq_masks: int = Field(2, ge=0)
+    freq_width: int = Field(6, ge=0)  # mel bins, at most, per mask
+    shift: int = Field(10, ge=0)  # frames, at most, the utterance moves right
+    gain_db: float = Field(6.0, ge=0)  # uniform in +-gain_db
+
+
+class ImageAugment(_Model):
+    """Training-time pixel augmentation."""
+
+    shift: int = Field(2, ge=0)  # pixels, at most, each way
+
+
+class TrainAugment(_Model):
+    """Augment training batches on the device (never validation or evaluation)."""
+
+    audio: AudioAugment | None = None
+    image: ImageAugment | None = None
 
 
 class TransformerTower(_Model):
@@ -57,11 +91,12 @@ class TransformerTower(_Model):
 
     kind: Literal["transformer"]
     input: Literal["text_ids"] = "text_ids"
-    vocab_size: int = Field(gt=0)  # must cover every id the tokenizer wrote
+    # None: the vocabulary the feature set records for its input (text_ids writes it)
+    vocab_size: int | None = Field(None, gt=0)
     width: int = Field(128, gt=0)
     layers: int = Field(2, gt=0)
     heads: int = Field(4, gt=0)
-    pad_id: int = 0
+    pad_id: int | None = None  # None: the pad id the feature set records (else 0)
     dropout: float = Field(0.0, ge=0, lt=1)
     out_dim: int = Field(128, gt=0)
 
@@ -80,7 +115,7 @@ class HfTower(_Model):
     # AutoConfig.for_model(**config): needs `model_type` (bert, vit, audio-spectrogram-transformer)
     config: dict[str, Any] | None = None
     path: str | None = None  # local directory with config.json + model.safetensors
-    pad_id: int = 0  # text: attention mask is ids != pad_id
+    pad_id: int | None = None  # text: attention mask is ids != pad_id; None: as recorded
     out_dim: int = Field(128, gt=0)
 
     @model_validator(mode="after")
@@ -109,6 +144,13 @@ class LossConfig(_Model):
     init_temperature: float | None = Field(None, gt=0)
     max_logit_scale: float = Field(100.0, gt=0)  # the learnable scale is clamped to this
     init_bias: float = -10.0  # SigLIP only: starts every pair as "probably negative"
+    # positive: rows with an identical input (caption, ids, image) in either modality of a
+    # pair are positives of each other, not negatives (multi-positive InfoNCE / SigLIP);
+    # negative: every other row is a negative, as CLIP's loss has it
+    duplicates: Literal["positive", "negative"] = "positive"
+    # > 0: add this weight of a supervised term where same-label rows are positives (needs
+    # the feature set's `label` column; rows without a label only count as themselves)
+    supervised_weight: float = Field(0.0, ge=0)
 
 
 class OptimizerConfig(_Model):
@@ -132,6 +174,28 @@ class FaultInjection(_Model):
     mode: Literal["raise", "exit"] = "raise"
     rank: int = Field(0, ge=0)
     marker: str
+
+
+RECALL_KS = (1, 5, 10)  # recall@k that validation and evaluation report
+
+
+class SelectConfig(_Model):
+    """Keep the best checkpoint by a validation metric; optionally stop early."""
+
+    # a validation metric: val/mean_r@1 (instance recall@1 averaged over directions),
+    # val/mean_class_r@1 (is the nearest item of the other modality the same label?),
+    # or one direction, e.g. val/image->audio/r@1, val/image->audio/class_r@1
+    metric: str = "val/mean_r@1"
+    mode: Literal["max", "min"] = "max"
+    patience: int | None = Field(None, gt=0)  # stop after this many validations without gain
+    min_delta: float = Field(0.0, ge=0)  # a gain smaller than this does not count
+
+    @field_validator("metric")
+    @classmethod
+    def _a_val_metric(cls, value: str) -> str:
+        if not value.startswith("val/"):
+            raise ValueError(f"select.metric must be a validation metric (val/...), got {value!r}")
+        return value
 
 
 class TrainConfig(_Model):
@@ -163,6 +227,9 @@ class TrainConfig(_Model):
     storage_path: str | None = None  # None: <store>/_train
     seed: int = 0
     val_max_rows: int = Field(2048, ge=0)  # val recall after each epoch on this many rows; 0: off
+    val_every_steps: int | None = Field(None, gt=0)  # also validate (and checkpoint) this often
+    select: SelectConfig | None = None  # keep the best checkpoint by a val metric, stop early
+    augment: TrainAugment | None = None  # on training batches only
     fault: FaultInjection | None = None  # test hook, see FaultInjection
 
     @field_validator("loss", mode="before")
@@ -182,6 +249,13 @@ class TrainConfig(_Model):
         dims = {m: t.out_dim for m, t in self.modalities.items()}
         if len(set(dims.values())) > 1:
             raise ValueError(f"every tower needs the same out_dim (one shared space), got {dims}")
+        if (self.select or self.val_every_steps) and not self.val_max_rows:
+            raise ValueError("select and val_every_steps need validation: val_max_rows > 0")
+        if self.select and self.select.metric not in self.val_metrics():
+            raise ValueError(
+                f"select.metric {self.select.metric!r} is not a validation metric of this run; "
+                f"known: {', '.join(self.val_metrics())}"
+            )
         if isinstance(self.pairs, AnchorPairs) and self.pairs.anchor not in self.modalities:
             raise ValueError(
                 f"pairs.anchor {self.pairs.anchor!r} has no tower; modalities: "
@@ -197,6 +271,15 @@ class TrainConfig(_Model):
             return list(combinations(names, 2))
         anchor = self.pairs.anchor
         return [(anchor, m) for m in names if m != anchor]
+
+    def val_metrics(self) -> list[str]:
+        """The names validation reports (``jobs.pretrain.metrics.pair_recalls``)."""
+        names = ["val/mean_r@1", "val/mean_class_r@1"]
+        for a, b in self.modality_pairs:
+            for src, dst in ((a, b), (b, a)):
+                names += [f"val/{src}->{dst}/r@{k}" for k in RECALL_KS]
+                names.append(f"val/{src}->{dst}/class_r@1")
+        return names
 
     @property
     def embed_dim(self) -> int:

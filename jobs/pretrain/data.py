@@ -95,6 +95,37 @@ def check_towers(info: FeatureSetInfo, config: TrainConfig) -> None:
             raise SpecError(f"modalities.{modality}: {col!r} has shape {shape}, expected (dim,)")
 
 
+def with_recorded_vocabulary(info: FeatureSetInfo, config: TrainConfig) -> TrainConfig:
+    """``config`` with each text tower's ``vocab_size`` and ``pad_id`` taken from what the
+    feature set records for its token ids where the config leaves them out; a vocabulary
+    smaller than the recorded one is refused (an id past it would crash the embedding)."""
+    towers = dict(config.modalities)
+    for modality, tower in config.modalities.items():
+        if tower.kind not in ("transformer", "hf") or tower.input != "text_ids":
+            continue
+        meta = info.columns[tower.input]
+        update: dict[str, Any] = {}
+        if tower.pad_id is None and meta.pad_id is not None:
+            update["pad_id"] = meta.pad_id
+        if tower.kind == "transformer":
+            recorded, vocab = meta.vocab_size, tower.vocab_size
+            if vocab is None and recorded is None:
+                raise SpecError(
+                    f"modalities.{modality}.vocab_size: feature set {info.name!r} v"
+                    f"{info.version} does not record its vocabulary size (encoded by an older "
+                    "mmfp): set it, or re-encode the feature set"
+                )
+            if vocab is not None and recorded is not None and vocab < recorded:
+                raise SpecError(
+                    f"modalities.{modality}.vocab_size: {vocab} is smaller than the "
+                    f"{recorded} ids feature set {info.name!r} v{info.version} records for "
+                    f"{tower.input!r}; leave it out to use the recorded size"
+                )
+            update["vocab_size"] = vocab or recorded
+        towers[modality] = tower.model_copy(update=update)
+    return config.model_copy(update={"modalities": towers})
+
+
 def check_compatible(previous: dict[str, Any], info: FeatureSetInfo, columns: list[str]) -> None:
     """Refuse to resume a checkpoint trained on other dimensions or other encoders."""
     where = previous.get("checkpoint", "the checkpoint")
@@ -137,20 +168,35 @@ def tower_inputs(
     return result
 
 
-def count_rows(store: TableStore, info: FeatureSetInfo, split: str, *, include_views: bool) -> int:
+def count_rows(
+    store: TableStore,
+    info: FeatureSetInfo,
+    split: str,
+    *,
+    include_views: bool,
+    labelled: bool = False,
+) -> int:
+    """Rows of ``split`` (only those with a label, with ``labelled``)."""
     table = store.to_arrow(
         info.table,
         info.version,
-        columns=["split", "view"],
+        columns=["split", "view", "label"],
         filter=row_filter(split, include_views=include_views),
     )
-    return table.num_rows
+    return table.num_rows - (table.column("label").null_count if labelled else 0)
 
 
 def split_dataset(
-    store: TableStore, info: FeatureSetInfo, config: TrainConfig, split: str, *, views: bool
+    store: TableStore,
+    info: FeatureSetInfo,
+    config: TrainConfig,
+    split: str,
+    *,
+    views: bool,
+    labels: bool = False,
 ) -> ray.data.Dataset:
-    """A Ray Dataset of dense tensor batches for one split, read at the pinned version.
+    """A Ray Dataset of dense tensor batches for one split, read at the pinned version
+    (with ``labels``, each row's ``label`` code too).
 
     One read block per Parquet file (more only for files over ``BLOCK_BYTES``): Ray
     Data's default would cut small tables into hundreds of tiny blocks, each its own
@@ -160,6 +206,7 @@ def split_dataset(
 
     inputs = tower_inputs(info, config)
     columns = sorted({"split", "view", *(c for c, _, _ in inputs.values())})
+    columns += ["label"] if labels else []
     dt = store.delta(info.table, info.version)
     ds = ray.data.read_delta(
         store.table_uri(info.table),
@@ -168,7 +215,7 @@ def split_dataset(
         columns=columns,
         override_num_blocks=read_blocks(dt),
     )
-    kwargs = {"inputs": inputs, "split": split, "include_views": views}
+    kwargs = {"inputs": inputs, "split": split, "include_views": views, "labels": labels}
     return ds.map_batches(to_tensors, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
 
 

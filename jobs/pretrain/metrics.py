@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-KS = (1, 5, 10)
+from jobs.pretrain.config import RECALL_KS as KS
 
 
 @torch.no_grad()
@@ -34,27 +34,50 @@ def recall_at_k(queries: torch.Tensor, items: torch.Tensor, ks: Sequence[int] = 
     return {f"r@{k}": float((rank < k).float().mean()) for k in ks}
 
 
+def class_match_at_1(
+    queries: torch.Tensor, items: torch.Tensor, q_labels: np.ndarray, i_labels: np.ndarray
+) -> float:
+    """Fraction of labelled queries whose nearest item carries the same label: what counts
+    when the pairing is by class only (a random image of the spoken digit)."""
+    known = torch.as_tensor(np.asarray(q_labels) >= 0)
+    if not bool(known.any()):
+        return float("nan")
+    nearest = (queries.float()[known] @ items.float().T).argmax(dim=1).numpy()
+    return float(np.mean(np.asarray(i_labels)[nearest] == np.asarray(q_labels)[known.numpy()]))
+
+
 def pair_recalls(
     feats: dict[str, torch.Tensor],
     present: dict[str, np.ndarray],
     pairs: Sequence[tuple[str, str]],
     ks: Sequence[int] = KS,
+    labels: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """recall@k both ways for each pair, over the rows that have both modalities.
+    """recall@k both ways for each pair, over the rows that have both modalities; with
+    ``labels`` (codes, -1 unknown) also class-match recall@1.
 
-    Keys look like ``image->text/r@1``; ``<a>-<b>/n`` is the number of rows used.
+    Keys look like ``image->text/r@1`` and ``image->text/class_r@1``; ``<a>-<b>/n`` is
+    the number of rows used; ``mean_r@1`` and ``mean_class_r@1`` average the directions.
     """
     out: dict[str, float] = {}
     for a, b in pairs:
-        rows = torch.as_tensor(np.asarray(present[a]) & np.asarray(present[b]))
+        rows = np.asarray(present[a]) & np.asarray(present[b])
         n = int(rows.sum())
         out[f"{a}-{b}/n"] = float(n)
         if n < 2:
             continue
-        fa, fb = feats[a][rows], feats[b][rows]
+        mask = torch.as_tensor(rows)
+        fa, fb = feats[a][mask], feats[b][mask]
         for src, dst, q, i in ((a, b, fa, fb), (b, a, fb, fa)):
             for key, value in recall_at_k(q, i, ks).items():
                 out[f"{src}->{dst}/{key}"] = value
+            if labels is not None:
+                kept = np.asarray(labels)[rows]
+                out[f"{src}->{dst}/class_r@1"] = class_match_at_1(q, i, kept, kept)
+    for name in ("r@1", "class_r@1"):
+        values = [v for k, v in out.items() if k.endswith(f"/{name}") and not np.isnan(v)]
+        if values:
+            out[f"mean_{name}"] = float(np.mean(values))
     return out
 
 

@@ -55,11 +55,23 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
+def _cmvn(x: torch.Tensor) -> torch.Tensor:
+    """Each mel bin of each (B, M, T) log-mel standardised over its non-silent frames (a
+    frame at the row's floor level is padding); padding becomes 0, the new mean."""
+    floor = x.amin(dim=(1, 2), keepdim=True)
+    voiced = (x > floor + 1e-3).any(dim=1, keepdim=True).to(x.dtype)  # (B, 1, T)
+    frames = voiced.sum(dim=2, keepdim=True).clamp(min=1.0)
+    mean = (x * voiced).sum(dim=2, keepdim=True) / frames
+    var = ((x - mean) ** 2 * voiced).sum(dim=2, keepdim=True) / frames
+    return (x - mean) / (var.sqrt() + 1e-5) * voiced
+
+
 class ConvTower(nn.Module):
     """Stride-2 conv blocks then global average pooling: images (3xSxS) or log-mels (MxT)."""
 
     def __init__(self, cfg: CnnTower, shape: list[int]) -> None:
         super().__init__()
+        self.normalize = _cmvn if cfg.normalize == "cmvn" else _standardize
         self.add_channel = len(shape) == 2  # a spectrogram is a 1-channel image
         in_ch = 1 if self.add_channel else shape[0]
         layers: list[nn.Module] = []
@@ -70,9 +82,10 @@ class ConvTower(nn.Module):
         self.proj = nn.Linear(in_ch, cfg.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
         if self.add_channel:
             x = x.unsqueeze(1)
-        h = self.convs(_standardize(x))
+        h = self.convs(x)
         return self.proj(h.mean(dim=(2, 3)))
 
 
@@ -82,7 +95,9 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TransformerTower, shape: list[int]) -> None:
         super().__init__()
         (length,) = shape
-        self.pad_id = cfg.pad_id
+        if cfg.vocab_size is None:
+            raise ValueError("vocab_size is not set: run_training reads it from the feature set")
+        self.pad_id = cfg.pad_id or 0
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positions = nn.Parameter(torch.randn(length, cfg.width) * 0.02)
         layer = nn.TransformerEncoderLayer(
@@ -117,7 +132,7 @@ class HfEncoder(nn.Module):
             config = dict(cfg.config or {})
             self.backbone = AutoModel.from_config(AutoConfig.for_model(**config))
         self.input = cfg.input
-        self.pad_id = cfg.pad_id
+        self.pad_id = cfg.pad_id or 0
         hidden = getattr(self.backbone.config, "hidden_size", None)
         if hidden is None:
             raise ValueError(f"HF model {type(self.backbone).__name__} has no hidden_size")

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from jobs.pretrain.augment import augment_batch
 from jobs.pretrain.config import TrainConfig
-from jobs.pretrain.loss import contrastive_loss
+from jobs.pretrain.loss import contrastive_loss, input_keys
 from jobs.pretrain.model import ContrastiveModel, param_groups
 
 
@@ -41,6 +42,7 @@ class Stepper:
         total_steps: int,
         device: torch.device,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        rank: int = 0,
     ) -> None:
         self.cfg, self.device = cfg, device
         cuda = device.type == "cuda"
@@ -59,25 +61,34 @@ class Stepper:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.step = 0
+        self.rank = rank  # augmentations differ per worker
         self.running: dict[str, float] = {}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Forward, contrastive loss over the configured pairs, clipped backward, step."""
         self.ddp.train()
+        if self.cfg.augment is not None:
+            batch = augment_batch(
+                batch, self.cfg.augment, seed=self.cfg.seed, step=self.step, rank=self.rank
+            )
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(
             self.device.type, dtype=self.amp or torch.float32, enabled=bool(self.amp)
         ):
             out = self.ddp(batch)
         towers = list(self.model.towers)
-        siglip = self.cfg.loss.kind == "siglip"
+        loss_cfg = self.cfg.loss
+        duplicates = loss_cfg.duplicates == "positive"
         loss, stats = contrastive_loss(
             {m: out[m] for m in towers},
             {m: batch[f"has_{m}"] for m in towers},
             self.cfg.modality_pairs,
-            kind=self.cfg.loss.kind,
+            kind=loss_cfg.kind,
             scale=out["scale"],
-            bias=out["bias"] if siglip else None,
+            bias=out["bias"] if loss_cfg.kind == "siglip" else None,
+            keys={m: input_keys(batch[f"x_{m}"]) for m in towers} if duplicates else None,
+            labels=batch.get("label"),
+            supervised_weight=loss_cfg.supervised_weight,
         )
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)

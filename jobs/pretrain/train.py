@@ -31,9 +31,11 @@ from jobs.pretrain.data import (
     count_rows,
     feature_set_info,
     split_dataset,
+    with_recorded_vocabulary,
 )
 from jobs.pretrain.metrics import embed, pair_recalls
 from jobs.pretrain.model import export_towers
+from jobs.pretrain.selection import SELECTED, Selection
 from jobs.pretrain.step import Stepper
 from pipelines.errors import SpecError
 
@@ -61,10 +63,12 @@ class _Worker(Stepper):
             total_steps=cfg.epochs * self.spe,
             device=ray.train.torch.get_device(),
             wrap=ray.train.torch.prepare_model,
+            rank=self.rank,
         )
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self.val_cache: dict[str, np.ndarray] | None = None
+        self.selection = Selection(cfg.select) if cfg.select else None
 
     def restore(self) -> None:
         import ray.train
@@ -80,6 +84,8 @@ class _Worker(Stepper):
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = int(state["step"]), list(state["history"])
         self.running = dict(state["running"])
+        if self.selection is not None and state.get("selection"):
+            self.selection.load(state["selection"])
         self.resumed_from = self.step
 
     @torch.no_grad()
@@ -108,8 +114,38 @@ class _Worker(Stepper):
             m: embed(self.model, m, data[f"x_{m}"], device=self.device) for m in self.model.towers
         }
         present = {m: data[f"has_{m}"] for m in self.model.towers}
-        recalls = pair_recalls(feats, present, self.cfg.modality_pairs)
+        recalls = pair_recalls(feats, present, self.cfg.modality_pairs, labels=data.get("label"))
         return {f"val/{k}": v for k, v in recalls.items() if not k.endswith("/n")}
+
+    def select(self, metrics: dict[str, Any]) -> tuple[bool, bool]:
+        """(is this the best checkpoint so far, should every worker stop now), the same
+        answer on every rank: rank 0 validated and decides."""
+        if self.selection is None:
+            return False, False
+        best = self.rank == 0 and self.selection.update(metrics, self.step)
+        stop = self.rank == 0 and self.selection.should_stop
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flags = torch.tensor([int(best), int(stop)], device=self.device)
+            dist.broadcast(flags, src=0)
+            best, stop = bool(flags[0]), bool(flags[1])
+        return best, stop
+
+    def validated_report(self, metrics: dict[str, Any], *, final: bool) -> bool:
+        """Validate, select, report with a checkpoint (towers exported when it is the best
+        so far or the last); True when training should stop early."""
+        metrics = {**metrics, **self.validate()}
+        best, stop = self.select(metrics)
+        if self.selection is not None:
+            # Ray Train keeps checkpoints by this score: the latest best (a gain beyond
+            # min_delta) ranks first, one without a gain last
+            metrics = {**metrics, SELECTED: self.step if best else -1}
+            if self.rank == 0:
+                metrics = {**metrics, **self.selection.summary(), "stopped_early": stop}
+        self.history.append(metrics)
+        self.report(metrics, export=best or final or stop)
+        return stop
 
     def state(self) -> dict[str, Any]:
         meta = {**self.info, "config": self.cfg.public_dict(), "world_size": self.world}
@@ -118,11 +154,13 @@ class _Worker(Stepper):
             "step": self.step,
             "running": dict(self.running),
             "history": list(self.history),
+            "selection": self.selection.state() if self.selection else None,
             "meta": meta,
         }
 
-    def report(self, metrics: dict[str, Any], *, final: bool = False) -> None:
-        """Report on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+    def report(self, metrics: dict[str, Any], *, export: bool = False) -> None:
+        """Report on every rank (it is a barrier); rank 0 attaches the checkpoint, with the
+        towers exported for use outside training when ``export``."""
         import ray.train
 
         if self.rank != 0:
@@ -132,7 +170,7 @@ class _Worker(Stepper):
             directory = Path(tmp)
             state = self.state()
             ckpt.save_checkpoint(directory, state)
-            if final:
+            if export:
                 export_towers(self.model, directory / ckpt.EXPORT_DIR, state["meta"])
             ray.train.report(
                 metrics,
@@ -186,8 +224,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             compute += time.perf_counter() - tick
             if seen >= spe:
                 continue  # the epoch's last step reports (and checkpoints) below
-            if cfg.checkpoint_every_steps and w.step % cfg.checkpoint_every_steps == 0:
-                w.report({"epoch": epoch, "step": w.step, **w.running_means()})
+            progress = {"epoch": round(epoch + seen / spe, 4), "step": w.step, **w.running_means()}
+            if cfg.val_every_steps and w.step % cfg.val_every_steps == 0:
+                if w.validated_report(progress, final=False):
+                    return  # stopped early: every worker got the same answer
+            elif cfg.checkpoint_every_steps and w.step % cfg.checkpoint_every_steps == 0:
+                w.report(progress)
             w.maybe_fail()
         if seen != spe:
             raise RuntimeError(
@@ -203,12 +245,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "step_time_s": compute,
             "resumed_from_step": w.resumed_from,
             **{f"train_{k}": v for k, v in w.running_means().items()},
-            **w.validate(),
         }
-        w.history.append(metrics)
         w.running = {}
-        w.report(metrics, final=epoch + 1 == cfg.epochs)
+        stop = w.validated_report(metrics, final=epoch + 1 == cfg.epochs)
         w.resumed_from = None
+        if stop:
+            return
         w.maybe_fail()
 
 
@@ -242,7 +284,10 @@ def run_meta(
 
 
 def run_training(
-    config: TrainConfig, *, train_loop: Callable[[dict[str, Any]], None] | None = None
+    config: TrainConfig,
+    *,
+    train_loop: Callable[[dict[str, Any]], None] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Result:
     """Train ``config`` with Ray Train and return its ``ray.train.Result``.
 
@@ -251,6 +296,7 @@ def run_training(
     ``SpecError`` when the feature set's dimensions or encoders changed since.
     ``train_loop`` replaces ``train_loop_per_worker`` with the same data and
     trainer wiring (the ingest benchmark uses it); it gets ``{"config", "info"}``.
+    ``callbacks`` go to the run config (``mmfp tune`` passes Tune's report callback).
     """
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -272,6 +318,7 @@ def run_training(
         version = previous["version"]  # a resumed run keeps the data it started on
     info = feature_set_info(store, config.feature_set, version)
     check_towers(info, config)
+    config = with_recorded_vocabulary(info, config)
     columns = sorted({t.input for t in config.modalities.values()})
     if previous is not None:
         check_compatible(previous, info, columns)
@@ -284,10 +331,27 @@ def run_training(
             f"batch of {config.batch_size} per worker for {config.num_workers} workers "
             "(lower batch_size or num_workers)"
         )
+    if config.loss.supervised_weight > 0 and not count_rows(
+        store, info, "train", include_views=config.include_views, labelled=True
+    ):
+        raise SpecError(
+            f"loss.supervised_weight: feature set {info.name!r} v{info.version} has no "
+            "labelled train rows; label the samples (the spec's `label` section) or set it to 0"
+        )
     val_rows = count_rows(store, info, "val", include_views=False) if config.val_max_rows else 0
-    datasets = {"train": split_dataset(store, info, config, "train", views=config.include_views)}
+    supervised = config.loss.supervised_weight > 0
+    datasets = {
+        "train": split_dataset(
+            store, info, config, "train", views=config.include_views, labels=supervised
+        )
+    }
     if val_rows:
-        datasets["val"] = split_dataset(store, info, config, "val", views=False)
+        datasets["val"] = split_dataset(store, info, config, "val", views=False, labels=True)
+    elif config.select:
+        raise SpecError(
+            f"select: feature set {info.name!r} v{info.version} has no val rows to select by "
+            "(the spec's split ratios give val nothing)"
+        )
 
     loop_info = run_meta(
         store,
@@ -309,7 +373,12 @@ def run_training(
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints,
+                # with `select`, the best checkpoints so far are the ones kept
+                checkpoint_score_attribute=SELECTED if config.select else None,
+            ),
         ),
         datasets=datasets,
         dataset_config=DataConfig(

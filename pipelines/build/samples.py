@@ -53,7 +53,8 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         run_id=result.run_id,
         schemas=schemas,
     )
-    splitting = {"seed": spec.split.seed, "ratios": spec.split.ratios, "by": spec.split.by}
+    split = spec.split
+    splitting = {"seed": split.seed, "ratios": split.ratios, "by": split.by, "groups": split.groups}
     shards = any(plan.todo.shards.values())  # members unknown until read: never "small"
     if not shards and run.in_process(plan.todo.refs.num_rows, model=model):
         ids = Ids(store, run.commits.base["samples"])

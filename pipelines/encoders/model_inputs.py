@@ -16,8 +16,7 @@ from pydantic import Field
 from features.metadata import ColumnMeta, EncoderMeta
 from features.schema import list_of
 from pipelines.encoders import media
-from pipelines.encoders.base import Encoder, EncoderConfig, EncoderParams
-from pipelines.errors import SpecError
+from pipelines.encoders.base import Encoder, EncoderParams
 
 # OpenAI CLIP's RGB statistics: the usual choice for contrastive image towers.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -129,33 +128,37 @@ class AudioLogMel(Featurizer):
 
 class TextIdsParams(EncoderParams):
     max_length: int = Field(32, gt=0)  # padded / truncated to this many tokens
+    lowercase: bool = False  # byte-level only: fold case before encoding
+
+
+BYTE_PAD = 0  # byte-level ids: 0 pads, byte b is id b + 1
+BYTE_VOCAB = 257
 
 
 class TextIds(Featurizer):
-    """Token ids from the tokenizer in ``model`` (a local directory), fixed length, int32."""
+    """Token ids, fixed length, int32: from the tokenizer in ``model`` (a local
+    directory), or without ``model`` byte-level (UTF-8 byte + 1, 0 pads; 257 ids), which
+    needs no vocabulary at all. The vocabulary size and pad id are recorded in the feature
+    set's metadata, where the trainer reads them."""
 
     modality = "text"
     Params = TextIdsParams
     params: TextIdsParams
 
-    def __init__(self, config: EncoderConfig) -> None:
-        super().__init__(config)
-        if not config.model:
-            raise SpecError(
-                f"encoder {config.name!r} needs `model`: a directory holding a tokenizer"
-            )
-
     def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
         return {"text_ids": (list_of(pa.int32()), (self.params.max_length,))}
 
     def describe(self) -> tuple[EncoderMeta, dict[str, ColumnMeta]]:
-        """Adds the pad id: a model reading ``text_ids`` masks tokens equal to it."""
+        """Adds the pad id and the vocabulary size: a model reading ``text_ids`` masks
+        tokens equal to the pad id and needs an embedding row for every id."""
         encoder, columns = super().describe()
-        pad_id = self._tokenizer().pad_token_id
-        return encoder, {
-            **columns,
-            "text_ids": columns["text_ids"].model_copy(update={"pad_id": pad_id}),
-        }
+        if self.config.model is None:
+            pad_id, vocab = BYTE_PAD, BYTE_VOCAB
+        else:
+            tokenizer = self._tokenizer()
+            pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
+        update = {"pad_id": pad_id, "vocab_size": vocab}
+        return encoder, {**columns, "text_ids": columns["text_ids"].model_copy(update=update)}
 
     def _tokenizer(self) -> Any:
         from pipelines.encoders.hub import load_tokenizer
@@ -163,10 +166,19 @@ class TextIds(Featurizer):
         return self.cached("tokenizer", lambda: load_tokenizer(self.config.model))
 
     def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        tokenizer = self._tokenizer()
         values, mask = media.texts(media.column(batch, "text"))
-        ids = tokenizer(
+        if self.config.model is None:
+            return {"text_ids": self._bytes(values), "text_mask": mask}
+        ids = self._tokenizer()(
             values or [""], padding="max_length", truncation=True,
             max_length=self.params.max_length, return_tensors="np",
         )["input_ids"]  # fmt: skip
         return {"text_ids": ids[: len(values)].astype(np.int32), "text_mask": mask}
+
+    def _bytes(self, values: list[str]) -> np.ndarray:
+        out = np.full((len(values), self.params.max_length), BYTE_PAD, dtype=np.int32)
+        for i, text in enumerate(values):
+            text = text.lower() if self.params.lowercase else text
+            raw = np.frombuffer(text.encode("utf-8")[: self.params.max_length], np.uint8)
+            out[i, : len(raw)] = raw.astype(np.int32) + 1
+        return out

@@ -25,13 +25,18 @@ ENCODERS: dict[str, type[Encoder]] = {
     "clip": Clip,
     "clap": Clap,
 }
+# Built-in encoders that live above the library (they need the trainer's towers):
+# resolved by import path on first use, like a user encoder, so the library never
+# imports jobs/ and a Ray worker finds them from the name alone.
+ENCODER_PATHS: dict[str, str] = {"checkpoint": "jobs.pretrain.encoder:Trained"}
 
 
 def encoder_class(name: str) -> type[Encoder]:
     """The class for a registry name or a ``module:Class`` dotted path."""
     if name in ENCODERS:
         return ENCODERS[name]
-    known = ", ".join(sorted(ENCODERS))
+    name = ENCODER_PATHS.get(name, name)
+    known = ", ".join(sorted([*ENCODERS, *ENCODER_PATHS]))
     if ":" not in name:
         raise SpecError(
             f"unknown encoder {name!r}; known encoders: {known}. "
