@@ -180,7 +180,8 @@ RECALL_KS = (1, 5, 10)  # recall@k that validation and evaluation report
 
 
 class SelectConfig(_Model):
-    """Keep the best checkpoint by a validation metric; optionally stop early."""
+    """Keep the best checkpoint by a validation metric (``TrainConfig`` checks the name
+    against the metrics its validation reports); optionally stop early."""
 
     # a validation metric: val/mean_r@1 (instance recall@1 averaged over directions),
     # val/mean_class_r@1 (is the nearest item of the other modality the same label?),
@@ -189,13 +190,6 @@ class SelectConfig(_Model):
     mode: Literal["max", "min"] = "max"
     patience: int | None = Field(None, gt=0)  # stop after this many validations without gain
     min_delta: float = Field(0.0, ge=0)  # a gain smaller than this does not count
-
-    @field_validator("metric")
-    @classmethod
-    def _a_val_metric(cls, value: str) -> str:
-        if not value.startswith("val/"):
-            raise ValueError(f"select.metric must be a validation metric (val/...), got {value!r}")
-        return value
 
 
 class TrainConfig(_Model):

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -51,26 +51,28 @@ class TaskStats:
     accelerator_seconds: float = 0.0  # the accelerator operator's time in its function
 
 
-@dataclass
-class StageTiming:
+@dataclass(kw_only=True)
+class StageTiming(TaskStats):
     """Where one stage's time went: its wall time (without the stages nested in it), what
-    it produced, how busy its Ray tasks kept the cluster's CPUs and accelerators, how long
-    Ray Data held them back, and the memory they and the driver reached."""
+    it produced, what its Ray tasks did (``TaskStats``, summed over its executions) with
+    the cluster's CPUs and GPUs then, and the driver's peak memory at its end."""
 
     stage: str
     started_at: datetime
     seconds: float = 0.0
     rows: int = 0
     bytes: int = 0
-    task_seconds: float = 0.0
-    cpu_seconds: float = 0.0
     cpus: float = 0.0
-    backpressure_seconds: float = 0.0
-    peak_task_bytes: int = 0
-    spilled_bytes: int = 0
-    driver_peak_bytes: int = 0
     gpus: float = 0.0
-    accelerator_seconds: float = 0.0
+    driver_peak_bytes: int = 0
+
+    def add(self, stats: TaskStats) -> None:
+        """Add one execution's task stats (peak memory is a maximum, the rest sums)."""
+        for f in fields(TaskStats):
+            mine, theirs = getattr(self, f.name), getattr(stats, f.name)
+            setattr(
+                self, f.name, max(mine, theirs) if f.name == "peak_task_bytes" else mine + theirs
+            )
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,9 @@ class Run:
     @contextmanager
     def stage(self, name: str) -> Iterator[StageTiming]:
         """Time a stage of the run; a stage inside another is taken out of the outer's time."""
-        timing = self.result.stages.setdefault(name, StageTiming(name, datetime.now(UTC)))
+        timing = self.result.stages.setdefault(
+            name, StageTiming(stage=name, started_at=datetime.now(UTC))
+        )
         self._open_stages.append(timing)
         start = time.perf_counter()
         progress = StageProgress(name, quarantined=self._quarantined())
@@ -214,14 +218,8 @@ class Run:
         ``accelerator`` names the operator that holds the cluster's GPUs, if one does."""
         if not self._open_stages:
             return
-        stats = task_stats(ds, accelerator)
         timing = self._open_stages[-1]
-        timing.task_seconds += stats.task_seconds
-        timing.cpu_seconds += stats.cpu_seconds
-        timing.backpressure_seconds += stats.backpressure_seconds
-        timing.peak_task_bytes = max(timing.peak_task_bytes, stats.peak_task_bytes)
-        timing.spilled_bytes += stats.spilled_bytes
-        timing.accelerator_seconds += stats.accelerator_seconds
+        timing.add(task_stats(ds, accelerator))
         resources = ray.cluster_resources()
         timing.cpus = float(resources.get("CPU", 0))
         if accelerator:
