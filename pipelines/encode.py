@@ -22,7 +22,7 @@ from features.keys import semi_join
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import FEATURE_KEY_FIELDS, ORIGINAL_VIEW, feature_schema
 from features.tables import TableStore
-from pipelines.encoders import ENCODERS, EncoderConfig, encoder_class, get_encoder
+from pipelines.encoders import EncoderConfig, encoder_class, get_encoder, is_builtin
 from pipelines.encoders.base import Encoder, device_for_actor
 from pipelines.errors import EncodeFailed, SpecError
 from pipelines.quarantine import ERROR_FIELDS, unreadable, with_errors
@@ -316,7 +316,7 @@ def embed_query(
     for entry in meta.encoders:
         if entry.config is None:
             continue
-        if entry.name not in ENCODERS and not trust_store_code:
+        if not is_builtin(entry.name) and not trust_store_code:
             raise StoreError(
                 f"{name} was encoded by {entry.name!r}, code named only by the store's "
                 "metadata: importing it runs that code. Pass --trust-store-code (Python: "

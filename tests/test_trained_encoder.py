@@ -90,11 +90,17 @@ def test_a_run_directory_resolves_to_its_best_exported_checkpoint(trained):
         export_dir(root / "data")
 
 
-def test_mmfp_encode_with_the_towers_gives_the_models_embeddings(trained):
-    root, store, model = trained
+@pytest.fixture(scope="module")
+def encoded(trained):
+    """``mmfp encode``'s path with the run as the encoder of a feature set ``trained``."""
+    root, _, _ = trained
     checkpoint = {"name": "checkpoint", "model": str(root / "run")}
-    spec = _spec(root, {"name": "trained", "encoders": [checkpoint]})
-    result = encode_only(spec, "trained")
+    return encode_only(_spec(root, {"name": "trained", "encoders": [checkpoint]}), "trained")
+
+
+def test_mmfp_encode_with_the_towers_gives_the_models_embeddings(trained, encoded):
+    root, store, model = trained
+    result = encoded
     rows = store.to_arrow("features/trained").sort_by("sample_id")
     inputs = store.to_arrow("features/inputs").sort_by("sample_id")
     assert result.feature_counts["trained"] == rows.num_rows == inputs.num_rows
@@ -129,3 +135,23 @@ def test_the_towers_embed_free_text_and_refuse_a_missing_tower(trained):
         )  # fmt: skip
     with pytest.raises(SpecError, match="needs `model`"):
         get_encoder(EncoderConfig(name="checkpoint"))
+
+
+def test_mmfp_search_embeds_a_text_query_with_the_trained_towers(trained, encoded):
+    """A built-in encoder, so no --trust-store-code: text -> audio in the trained space."""
+    from typer.testing import CliRunner
+
+    from features.search import search
+    from jobs.cli import app
+
+    root, store, _ = trained
+    out = CliRunner().invoke(
+        app, ["search", "trained", "--text", "a red circle", "--column", "audio_emb",
+              "--store", store.uri],
+        env={"COLUMNS": "250"},  # wide enough for whole sample ids
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    encoder = get_encoder(EncoderConfig(name="checkpoint", model=str(root / "run")))
+    query = encoder.embed_texts(["a red circle"])[0]
+    top = search(store, "trained", column="audio_emb", vector=query, k=1)
+    assert top.column("sample_id")[0].as_py()[:12] in out.output  # the same nearest audio

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from pipelines.encoders.base import Encoder, EncoderConfig, EncoderParams, device_for_actor
-from pipelines.encoders.registry import ENCODERS, encoder_class, get_encoder
+from pipelines.encoders.registry import ENCODERS, encoder_class, get_encoder, is_builtin
 
 __all__ = [
     "ENCODERS",
@@ -18,4 +18,5 @@ __all__ = [
     "device_for_actor",
     "encoder_class",
     "get_encoder",
+    "is_builtin",
 ]

@@ -31,6 +31,11 @@ ENCODERS: dict[str, type[Encoder]] = {
 ENCODER_PATHS: dict[str, str] = {"checkpoint": "jobs.pretrain.encoder:Trained"}
 
 
+def is_builtin(name: str) -> bool:
+    """True for mmfp's own encoders: a store naming one needs no trust to import it."""
+    return name in ENCODERS or name in ENCODER_PATHS
+
+
 def encoder_class(name: str) -> type[Encoder]:
     """The class for a registry name or a ``module:Class`` dotted path."""
     if name in ENCODERS:
