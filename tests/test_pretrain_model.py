@@ -207,3 +207,36 @@ def test_spec_masks_leave_the_padding_silent():
     out = augment_logmel(x, masks, torch.Generator().manual_seed(0))
     assert torch.equal(out[:, :, 20:], x[:, :, 20:])  # silence stays silence
     assert not torch.equal(out[:, :, :20], x[:, :, :20])
+
+
+def test_image_affine_moves_rotates_and_zooms_the_pixels():
+    """A blob's centre of mass: a rotation keeps its distance from the image centre and
+    turns it, a zoom scales that distance within 1 +- scale, a shift moves it whole."""
+    from jobs.pretrain.augment import affine_images
+    from jobs.pretrain.config import ImageAugment
+
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = torch.exp(-((ys - 4) ** 2 + (xs - 11) ** 2) / 2).view(1, 1, 16, 16).repeat(6, 1, 1, 1)
+
+    def offsets(img: torch.Tensor) -> torch.Tensor:  # centre of mass - image centre, per image
+        mass = img.sum(dim=(1, 2, 3))
+        cy = (img[:, 0] * ys).sum(dim=(1, 2)) / mass - 7.5
+        cx = (img[:, 0] * xs).sum(dim=(1, 2)) / mass - 7.5
+        return torch.stack([cy, cx], 1)
+
+    before = offsets(blob)
+    turned = offsets(affine_images(blob, ImageAugment(shift=0, rotate=60.0),
+                                   torch.Generator().manual_seed(0)))  # fmt: skip
+    assert torch.allclose(turned.norm(dim=1), before.norm(dim=1), atol=0.1)
+    assert (turned - before).norm(dim=1).max() > 0.5  # it did turn
+    zoomed = offsets(affine_images(blob, ImageAugment(shift=0, scale=0.3),
+                                   torch.Generator().manual_seed(1)))  # fmt: skip
+    ratio = zoomed.norm(dim=1) / before.norm(dim=1)
+    assert bool(((ratio > 0.68) & (ratio < 1.32)).all())
+    assert float(ratio.std()) > 0.01  # each image its own zoom
+    moved = offsets(affine_images(blob, ImageAugment(shift=2), torch.Generator().manual_seed(3)))
+    steps = moved - before
+    assert torch.allclose(steps, steps.round(), atol=0.05)  # whole pixels
+    assert float(steps.abs().max()) <= 2.05
+    nothing = ImageAugment(shift=0)
+    assert torch.equal(affine_images(blob, nothing, torch.Generator().manual_seed(0)), blob)

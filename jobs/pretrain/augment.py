@@ -2,17 +2,20 @@
 
 What small-footprint speech and small image models use so a model does not learn
 one speaker's voice or one writer's stroke: SpecAugment (time and frequency masks)
-plus a random time shift and gain on log-mel spectrograms, and a random
-translation on pixels. They run on the dense tensors the store already holds,
-after ingest, so every epoch sees new variants of the same stored rows; the
-generator is seeded from (seed, step, rank), so a resumed run draws the same ones.
+plus a random time shift and gain on log-mel spectrograms, and a random affine
+transform (rotation, zoom, translation) on pixels. They run on the dense tensors
+the store already holds, after ingest, so every epoch sees new variants of the
+same stored rows; the generator is seeded from (seed, step, rank), so a resumed
+run draws the same ones.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from jobs.pretrain.config import AudioAugment, TrainAugment
+from jobs.pretrain.config import AudioAugment, ImageAugment, TrainAugment
 
 
 def augment_batch(
@@ -24,7 +27,7 @@ def augment_batch(
     if config.audio is not None and "x_audio" in batch and batch["x_audio"].dim() == 3:
         out["x_audio"] = augment_logmel(batch["x_audio"], config.audio, generator)
     if config.image is not None and "x_image" in batch and batch["x_image"].dim() == 4:
-        out["x_image"] = shift_images(batch["x_image"], config.image.shift, generator)
+        out["x_image"] = affine_images(batch["x_image"], config.image, generator)
     return out
 
 
@@ -61,15 +64,21 @@ def augment_logmel(x: torch.Tensor, cfg: AudioAugment, generator: torch.Generato
     return x
 
 
-def shift_images(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``shift`` pixels each way, zeros (the mean) in."""
-    if not shift:
+def affine_images(x: torch.Tensor, cfg: ImageAugment, generator: torch.Generator) -> torch.Tensor:
+    """A random rotation (up to ``rotate`` degrees), zoom (``1 +- scale``) and translation
+    (up to ``shift`` pixels) per image, bilinear, zeros (the normalised mean) outside."""
+    if not (cfg.shift or cfg.rotate or cfg.scale):
         return x
+    import torch.nn.functional as F
+
     n, _, h, w = x.shape
-    dy, dx = (_ints(generator, 2 * shift, n) - shift for _ in range(2))
-    ys = (torch.arange(h).view(1, h) - dy.view(n, 1)).to(x.device)
-    xs = (torch.arange(w).view(1, w) - dx.view(n, 1)).to(x.device)
-    inside = ((ys >= 0) & (ys < h)).view(n, 1, h, 1) & ((xs >= 0) & (xs < w)).view(n, 1, 1, w)
-    rows = x.gather(2, ys.clamp(0, h - 1).view(n, 1, h, 1).expand(-1, x.shape[1], -1, w))
-    moved = rows.gather(3, xs.clamp(0, w - 1).view(n, 1, 1, w).expand(-1, x.shape[1], h, -1))
-    return torch.where(inside, moved, torch.zeros_like(moved))
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(cfg.rotate)
+    zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * cfg.scale
+    dy, dx = ((_ints(generator, 2 * cfg.shift, n) - cfg.shift).float() for _ in range(2))
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # affine_grid maps output to input coordinates in [-1, 1]: a shift of d pixels is 2d/size
+    theta = torch.stack(
+        [torch.stack([cos, -sin, -2 * dx / w], 1), torch.stack([sin, cos, -2 * dy / h], 1)], 1
+    ).to(x)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

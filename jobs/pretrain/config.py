@@ -77,6 +77,8 @@ class ImageAugment(_Model):
     """Training-time pixel augmentation."""
 
     shift: int = Field(2, ge=0)  # pixels, at most, each way
+    rotate: float = Field(0.0, ge=0, le=180)  # degrees, at most, each way
+    scale: float = Field(0.0, ge=0, lt=1)  # zoom in 1 +- scale
 
 
 class TrainAugment(_Model):
