@@ -24,6 +24,13 @@ from pipelines.errors import MmfpError
 def train(
     config: Annotated[Path, typer.Argument(help="Train config (YAML).")],
     address: RayAddressOpt = None,
+    find_lr: Annotated[
+        bool,
+        typer.Option(
+            "--find-lr", help="Only run a learning-rate range test (in this process) and plot it."
+        ),
+    ] = False,
+    lr_steps: Annotated[int, typer.Option(min=3, help="Steps of the range test.")] = 100,
 ) -> None:
     """Contrastive pretraining on a feature set with Ray Train; a rerun of a name resumes it."""
     from ray.train import TrainingFailedError
@@ -34,6 +41,9 @@ def train(
     from jobs.runtime import start_job
 
     cfg = load_config(config)
+    if find_lr:
+        print_lr_range_test(cfg, Path(config).with_suffix(".lr_find.png"), lr_steps)
+        return
     _, log_file = start_job(address, prefix=f"train-{cfg.name}-")
     try:
         result = run_training(cfg)
@@ -92,6 +102,20 @@ def print_train_summary(name: str, result: Any) -> None:
     if shown is not None:
         console.print(f"checkpoint: {shown.path}", soft_wrap=True)
         console.print(f"evaluate:   mmfp evaluate {shown.path}", soft_wrap=True)
+
+
+def print_lr_range_test(cfg: Any, plot: Path, steps: int) -> None:
+    from jobs.pretrain.lr_find import find_lr, plot_curve
+
+    curve = find_lr(cfg, steps=steps)
+    rows = [[f"{lr:.2e}", f"{loss:.4f}"] for lr, loss in zip(curve.lrs, curve.losses, strict=True)]
+    shown = rows[:: max(1, len(rows) // 12)]
+    console.print(table("LR range test (loss smoothed)", ["lr", "loss"], shown, right=["loss"]))
+    console.print(
+        f"suggested optimizer.lr: {curve.steepest:.2e} (steepest fall); the loss was lowest "
+        f"at {curve.at_minimum:.2e}, {len(curve.lrs)} steps"
+    )
+    console.print(f"plot: {plot_curve(curve, plot)}", soft_wrap=True)
 
 
 def best_checkpoint(result: Any) -> Any:

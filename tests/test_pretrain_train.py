@@ -280,3 +280,24 @@ def test_a_bad_search_space_is_refused_before_any_trial(store, tmp_path):
         out = CliRunner().invoke(app, ["tune", str(path), "--search", bad])
         assert out.exit_code == 2, out.output
         assert message in out.output
+
+
+def test_find_lr_runs_the_range_test_and_suggests_a_rate(store, tmp_path):
+    """The run's own step with a rising rate, in this process: a curve, a suggestion
+    inside the range, a plot; no Ray Train run."""
+    from jobs.cli_train import app
+    from jobs.pretrain.lr_find import find_lr
+
+    raw = _config(store, "lr", storage_path=str(tmp_path / "runs"))
+    curve = find_lr(parse_config(raw), steps=40, start=1e-5, end=10.0)
+    assert 3 <= len(curve.lrs) <= 40
+    assert curve.lrs == sorted(curve.lrs)
+    assert 1e-5 <= curve.steepest <= curve.at_minimum <= 10.0
+    assert min(curve.losses) < curve.losses[0]  # the loss fell somewhere in the range
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = CliRunner().invoke(app, ["train", str(path), "--find-lr", "--lr-steps", "20"])
+    assert out.exit_code == 0, out.output
+    assert "suggested optimizer.lr: " in out.output
+    assert (tmp_path / "lr.lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "runs").exists()  # nothing trained
