@@ -419,6 +419,17 @@ def test_config_hash_stable_and_ignores_resources(models):
     assert get_encoder(defaults).config_hash() == get_encoder(explicit).config_hash()
 
 
+def test_an_added_param_at_its_default_keeps_old_stores_hash():
+    """`lowercase` came after stores were written: at its default the hash is the one
+    those stores recorded (pinned from the code before it), so their builds stay
+    incremental; set, it is a new computation."""
+    written_before = "784de07ff336dffce9da853fef4d5892"
+    config = EncoderConfig(name="text_ids", model="tok-dir", params={"max_length": 16})
+    assert get_encoder(config).config_hash() == written_before
+    lowered = config.model_copy(update={"params": {"max_length": 16, "lowercase": True}})
+    assert get_encoder(lowered).config_hash() != written_before
+
+
 def test_config_hash_changes_with_params_and_options(models):
     hashes = {
         get_encoder(_config("hf_text-bert", models, **change)).config_hash()

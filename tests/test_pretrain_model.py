@@ -183,6 +183,28 @@ def test_training_augmentations_are_seeded_and_change_only_training_inputs():
     assert torch.equal(augment_batch(batch, none, seed=1, step=7, rank=0)["x_audio"], x_audio)
 
 
+def test_duplicates_are_found_before_augmentation_makes_them_differ():
+    """Four copies of one recording and one image: augmented, they differ, but the
+    loss still treats them as positives of each other (4 per row, not 1)."""
+    from jobs.pretrain.step import Stepper
+
+    towers = {m: TOWER_SETS["scratch"][m] for m in ("audio", "image")}
+    cfg = parse_config({
+        "feature_set": "syn", "modalities": towers,
+        "augment": {"audio": {}, "image": {"shift": 2}}, "warmup_steps": 1,
+    })  # fmt: skip
+    stepper = Stepper(cfg, SHAPES, total_steps=2, device=torch.device("cpu"))
+    one = _inputs(1)
+    batch = {
+        "x_audio": one["audio_logmel"].repeat(4, 1, 1),
+        "x_image": one["image_pixels"].repeat(4, 1, 1, 1),
+        "has_audio": torch.ones(4, dtype=torch.bool),
+        "has_image": torch.ones(4, dtype=torch.bool),
+    }
+    stepper.train_step(batch)
+    assert stepper.running_means()["positives_audio_image"] == 4.0
+
+
 def test_cmvn_standardises_each_mel_bin_over_voiced_frames():
     from jobs.pretrain.model import _cmvn
 

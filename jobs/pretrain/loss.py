@@ -149,6 +149,8 @@ def contrastive_loss(
         for m in (ma, mb):
             if m in every_key:
                 positives |= same_key(every_key[m][valid])
+        if every_key:  # how many false negatives the duplicates rule took out
+            stats[f"positives_{ma}_{mb}"] = float(positives.sum()) / n
         value = _pair_loss(kind, a, b, scale, bias, positives)
         stats[f"loss_{ma}_{mb}"] = float(value.detach())
         if every_label is not None and supervised_weight > 0:

@@ -67,6 +67,14 @@ class Stepper:
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Forward, contrastive loss over the configured pairs, clipped backward, step."""
         self.ddp.train()
+        towers = list(self.model.towers)
+        loss_cfg = self.cfg.loss
+        # keys of the inputs as stored: augmentation makes identical inputs differ
+        keys = (
+            {m: input_keys(batch[f"x_{m}"]) for m in towers}
+            if loss_cfg.duplicates == "positive"
+            else None
+        )
         if self.cfg.augment is not None:
             batch = augment_batch(
                 batch, self.cfg.augment, seed=self.cfg.seed, step=self.step, rank=self.rank
@@ -76,9 +84,6 @@ class Stepper:
             self.device.type, dtype=self.amp or torch.float32, enabled=bool(self.amp)
         ):
             out = self.ddp(batch)
-        towers = list(self.model.towers)
-        loss_cfg = self.cfg.loss
-        duplicates = loss_cfg.duplicates == "positive"
         loss, stats = contrastive_loss(
             {m: out[m] for m in towers},
             {m: batch[f"has_{m}"] for m in towers},
@@ -86,7 +91,7 @@ class Stepper:
             kind=loss_cfg.kind,
             scale=out["scale"],
             bias=out["bias"] if loss_cfg.kind == "siglip" else None,
-            keys={m: input_keys(batch[f"x_{m}"]) for m in towers} if duplicates else None,
+            keys=keys,
             labels=batch.get("label"),
             supervised_weight=loss_cfg.supervised_weight,
         )

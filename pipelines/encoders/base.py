@@ -84,6 +84,9 @@ class Encoder:
     needs_model: ClassVar[bool] = True  # False: preprocess is the whole job, no actor/GPU
     version: ClassVar[str] = "1"  # bump when the computation changes: old features go stale
     Params: ClassVar[type[EncoderParams]] = EncoderParams
+    # params added after stores were written with this version: left out of the hash
+    # while they hold their default, so adding an option does not make old features stale
+    added_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
@@ -114,10 +117,14 @@ class Encoder:
         Resources (batch_size, num_gpus, concurrency) are left out on purpose: they
         change how fast features are made, not what they are.
         """
+        params = self.params.model_dump(mode="json")
+        for name in self.added_params:
+            if params[name] == self.Params.model_fields[name].default:
+                del params[name]
         payload = {
             "name": self.config.name,
             "version": self.version,
-            "params": self.params.model_dump(mode="json"),
+            "params": params,
             "dtype": self.config.dtype,
             "normalize": self.config.normalize,
             "model": model_identity(self.config.model, getattr(self.params, "revision", None)),

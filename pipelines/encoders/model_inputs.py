@@ -144,6 +144,7 @@ class TextIds(Featurizer):
     modality = "text"
     Params = TextIdsParams
     params: TextIdsParams
+    added_params = frozenset({"lowercase"})
 
     def output_columns(self) -> dict[str, tuple[pa.DataType, tuple[int, ...]]]:
         return {"text_ids": (list_of(pa.int32()), (self.params.max_length,))}
