@@ -24,6 +24,7 @@ from features.storage import filesystem_for
 from features.tables import TableStore
 
 LABEL_VOCABULARY_KEY = "mmfp.label_vocabulary"  # samples: the spec's closed label set (JSON)
+SPLIT_SETTINGS_KEY = "mmfp.split"  # samples: the split settings its rows were split with (JSON)
 
 
 class ColumnMeta(BaseModel):

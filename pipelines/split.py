@@ -9,11 +9,15 @@ its hash.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
+from features.metadata import SPLIT_SETTINGS_KEY
+from pipelines.errors import SpecError
 from pipelines.identity import stable_unit_interval
+from pipelines.spec import SplitSpec
 
 SPLITS = ("train", "val", "test")
 
@@ -55,3 +59,30 @@ def split_batch(
     ]
     index = batch.schema.get_field_index("split")
     return batch.set_column(index, "split", pa.array(splits, pa.string()))
+
+
+def split_properties(split: SplitSpec) -> dict[str, str]:
+    """Table properties of ``samples``: the settings its rows were split with."""
+    settings = split.model_dump(mode="json")
+    settings["groups"] = {name: sorted(ids) for name, ids in settings["groups"].items() if ids}
+    settings["ratios"] = {name: r for name, r in settings["ratios"].items() if r > 0}
+    return {SPLIT_SETTINGS_KEY: json.dumps(settings, sort_keys=True)}
+
+
+def check_split_unchanged(properties: Mapping[str, str], split: SplitSpec) -> None:
+    """Refuse a build whose split settings differ from those the stored samples used.
+
+    Stored samples keep their split; new samples of an existing group would take the
+    new settings' split, so one speaker or site would span train and test. (A store
+    written before the settings were recorded is not checked.)
+    """
+    recorded = properties.get(SPLIT_SETTINGS_KEY)
+    wanted = split_properties(split)[SPLIT_SETTINGS_KEY]
+    if recorded is None or json.loads(recorded) == json.loads(wanted):
+        return
+    raise SpecError(
+        f"split settings changed: the stored samples were split with {recorded}, the spec "
+        f"says {wanted}. Stored samples keep their split, so new samples of the same group "
+        "could land in another split. Put the old `split` settings back, or build into a "
+        "new store (`store.uri`)."
+    )

@@ -12,6 +12,7 @@ import pytest
 
 from features.store import FeatureStore
 from pipelines.build import build
+from pipelines.errors import SpecError
 from tests.helpers import corpus_sources, expected_quarantine, make_spec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -97,6 +98,20 @@ def test_rebuild_adds_nothing_and_commits_nothing(built):
     assert again.counts["already_stored"] == first.counts["samples"] + first.counts["duplicates"]
     assert not again.changed
     assert {name: store.version(name) for name in before} == before
+
+
+def test_changed_split_settings_are_refused_before_anything_moves(built):
+    """A new seed or a newly pinned group would split new samples of a stored group
+    differently from the stored ones: the build refuses and commits nothing."""
+    spec, _, store = built
+    before = store.version("samples")
+    assert json.loads(store.properties("samples")["mmfp.split"])["seed"] == spec.split.seed
+    group = store.to_arrow("samples", columns=["group_id"]).column(0).drop_null()[0].as_py()
+    for change in ({"seed": spec.split.seed + 1}, {"groups": {"test": [group]}}):
+        moved = spec.model_copy(update={"split": spec.split.model_copy(update=change)})
+        with pytest.raises(SpecError, match="split settings changed"):
+            build(moved)
+    assert store.version("samples") == before
 
 
 def test_more_sources_append_only_new_samples(corpus, tmp_path):

@@ -30,6 +30,7 @@ from pipelines.label import Labeller
 from pipelines.ledger import plan_inputs, read_state
 from pipelines.listing import list_inputs
 from pipelines.spec import PipelineSpec
+from pipelines.split import check_split_unchanged
 
 __all__ = ["BuildResult", "Execution", "build", "encode_only", "new_run_id", "no_op_reservation"]
 
@@ -61,6 +62,8 @@ def build(
         return run.result
     if spec.label:
         Labeller(spec.label).check()  # a bad function path fails here, before Ray work
+    if run.store.exists("samples"):
+        check_split_unchanged(run.store.properties("samples"), spec.split)
     try:
         with no_op_reservation(), Lease(run.store, run.result.run_id):
             _run_stages(run, incremental=incremental)  # (vacuum leaves this run's files)

@@ -27,7 +27,7 @@ from pipelines.label import Labeller, label_vocabulary
 from pipelines.ledger import InputPlan
 from pipelines.route import SampleRouter
 from pipelines.spec import PipelineSpec, WebDatasetSource
-from pipelines.split import split_batch
+from pipelines.split import split_batch, split_properties
 
 
 def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
@@ -41,9 +41,11 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         return pa.array([], pa.string())
     labeller = Labeller(spec.label) if spec.label else None
     model = labeller is not None and labeller.needs_model
-    vocabulary = vocabulary_properties(label_vocabulary(spec.label))
+    properties = vocabulary_properties(label_vocabulary(spec.label))
     schemas = {
-        "samples": run.commits.declare("samples", properties=vocabulary),
+        "samples": run.commits.declare(
+            "samples", properties=properties | split_properties(spec.split)
+        ),
         "quarantine": run.commits.declare("quarantine"),
         "_inputs": run.commits.declare("_inputs"),
     }
