@@ -323,6 +323,12 @@ def embed_query(
                 "trust_store_code=True) if you trust whoever wrote this store"
             )
         encoder = get_encoder(EncoderConfig.model_validate(entry.config))
+        if encoder.imports_recorded_code() and not trust_store_code:
+            raise StoreError(
+                f"{name} was encoded by {entry.name!r} with `trust_code`: it imports code "
+                f"that files under {entry.config.get('model')!r} name. Pass "
+                "--trust-store-code (Python: trust_store_code=True) if you trust them"
+            )
         if f"{modality}_emb" not in encoder.output_columns():
             continue
         if encoder.config_hash() != entry.config_hash:

@@ -155,3 +155,35 @@ def test_mmfp_search_embeds_a_text_query_with_the_trained_towers(trained, encode
     query = encoder.embed_texts(["a red circle"])[0]
     top = search(store, "trained", column="audio_emb", vector=query, k=1)
     assert top.column("sample_id")[0].as_py()[:12] in out.output  # the same nearest audio
+
+
+def test_user_code_named_by_an_export_is_imported_only_with_trust(trained, tmp_path):
+    """An export's JSON names the encoders its inputs came from: a hostile one naming
+    ``module:Class`` is refused unless the spec trusts it, and a store encoded with
+    that trust is searched only with --trust-store-code."""
+    import shutil
+
+    root, store, _ = trained
+    export = shutil.copytree(export_dir(root / "run"), tmp_path / "export")
+    described = json.loads((export / "text.json").read_text())
+    for entry in described["encoders"]:
+        entry["config"]["name"] = "hostile_plugin:Encoder"
+    (export / "text.json").write_text(json.dumps(described))
+    encoder = get_encoder(EncoderConfig(name="checkpoint", model=str(export)))
+    with pytest.raises(SpecError, match="code named only by the export's files"):
+        encoder.embed_texts(["a red circle"])
+    trusting = EncoderConfig(name="checkpoint", model=str(export), params={"trust_code": True})
+    with pytest.raises(SpecError, match="cannot import encoder 'hostile_plugin:Encoder'"):
+        get_encoder(trusting).embed_texts(["a red circle"])  # it did try: the spec said so
+
+
+def test_a_store_encoded_with_trust_code_is_searched_only_with_trust(trained):
+    from features.errors import StoreError
+    from pipelines.encode import embed_query
+
+    root, store, _ = trained
+    checkpoint = {"name": "checkpoint", "model": str(root / "run"), "params": {"trust_code": True}}
+    encode_only(_spec(root, {"name": "trusting", "encoders": [checkpoint]}), "trusting")
+    with pytest.raises(StoreError, match="--trust-store-code"):
+        embed_query(store, "trusting", text="a red circle")
+    assert embed_query(store, "trusting", text="a red circle", trust_store_code=True).shape == (8,)

@@ -27,6 +27,8 @@ from pipelines.errors import SpecError
 
 class TrainedParams(EncoderParams):
     modalities: list[str] | None = Field(None, min_length=1)  # towers to use; None: all
+    # import user encoder classes (``module:Class``) the run's export names for its inputs
+    trust_code: bool = False
 
 
 class Trained(Encoder):
@@ -63,16 +65,27 @@ class Trained(Encoder):
             f"{m}_emb": (list_of(pa.float32()), (t["out_dim"],)) for m, t in self.towers.items()
         }
 
+    def imports_recorded_code(self) -> bool:
+        return self.params.trust_code
+
     def _featurizer(self, modality: str) -> Encoder:
         return self.cached(f"featurizer:{modality}", lambda: self._recorded_featurizer(modality))
 
     def _recorded_featurizer(self, modality: str) -> Encoder:
         """The feature set encoder the tower's input came from, as the run recorded it."""
-        from pipelines.encoders.registry import get_encoder
+        from pipelines.encoders.registry import get_encoder, is_builtin
 
         tower = self.towers[modality]
         for entry in tower["encoders"]:
-            featurizer = get_encoder(EncoderConfig.model_validate(entry["config"]))
+            config = EncoderConfig.model_validate(entry["config"])
+            if not (is_builtin(config.name) or self.params.trust_code):
+                raise SpecError(
+                    f"{self.export}: the {modality} tower's input came from encoder "
+                    f"{config.name!r}, code named only by the export's files: importing it "
+                    "runs that code. Set `params: {trust_code: true}` on the checkpoint "
+                    "encoder if you trust whoever wrote this run"
+                )
+            featurizer = get_encoder(config)
             if tower["input"] in featurizer.output_columns():
                 return featurizer
         raise SpecError(

@@ -111,6 +111,11 @@ class Encoder:
         """Column name -> (Arrow type, per-row shape); names are ``<modality>_<what>``."""
         raise NotImplementedError
 
+    def imports_recorded_code(self) -> bool:
+        """True when this encoder imports classes that files it reads name (not the spec):
+        a reader of a store it encoded must trust those files first."""
+        return False
+
     def config_hash(self) -> str:
         """Identity of the computation: config + class version + model identity.
 

@@ -2,12 +2,17 @@
 
 Built-ins import nothing heavy at module level (torch, transformers, cv2 and
 librosa load inside the methods that use them), so they sit in a plain dict.
-User encoders are imported only when a spec names them.
+Encoders that live above the library (``checkpoint`` needs the trainer's towers) or
+in another installed package register a name in the ``mmfp.encoders`` entry-point
+group (``pyproject.toml``): the library never imports jobs/, and a Ray worker finds
+them from the name alone. User encoders are imported only when a spec names them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+from importlib.metadata import EntryPoint, entry_points
 
 from pipelines.encoders.base import Encoder, EncoderConfig
 from pipelines.encoders.hf import HFAudio, HFImage, HFText
@@ -25,23 +30,32 @@ ENCODERS: dict[str, type[Encoder]] = {
     "clip": Clip,
     "clap": Clap,
 }
-# Built-in encoders that live above the library (they need the trainer's towers):
-# resolved by import path on first use, like a user encoder, so the library never
-# imports jobs/ and a Ray worker finds them from the name alone.
-ENCODER_PATHS: dict[str, str] = {"checkpoint": "jobs.pretrain.encoder:Trained"}
+ENTRY_POINT_GROUP = "mmfp.encoders"
+
+
+@functools.cache
+def registered() -> dict[str, EntryPoint]:
+    """Encoder names installed packages register (``mmfp.encoders`` entry points)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in ENCODERS}
 
 
 def is_builtin(name: str) -> bool:
-    """True for mmfp's own encoders: a store naming one needs no trust to import it."""
-    return name in ENCODERS or name in ENCODER_PATHS
+    """True for mmfp's own encoders: a store naming one needs no trust to import it.
+
+    Names another installed package registers are not: a store could name one that
+    the reader never meant to run.
+    """
+    ep = registered().get(name)
+    return name in ENCODERS or (ep is not None and ep.dist is not None and ep.dist.name == "mmfp")
 
 
 def encoder_class(name: str) -> type[Encoder]:
-    """The class for a registry name or a ``module:Class`` dotted path."""
+    """The class for a registry name, a registered entry point or a ``module:Class`` path."""
     if name in ENCODERS:
         return ENCODERS[name]
-    name = ENCODER_PATHS.get(name, name)
-    known = ", ".join(sorted([*ENCODERS, *ENCODER_PATHS]))
+    ep = registered().get(name)
+    name = ep.value if ep is not None else name
+    known = ", ".join(sorted([*ENCODERS, *registered()]))
     if ":" not in name:
         raise SpecError(
             f"unknown encoder {name!r}; known encoders: {known}. "
