@@ -247,6 +247,34 @@ def test_an_unknown_select_metric_is_a_spec_error(store):
         parse_config(raw)
 
 
+def test_selecting_by_labels_without_labelled_val_rows_is_refused(store):
+    """Class-match recall over unlabelled val rows is NaN at every validation: refused on
+    the driver, before a worker starts; a NaN in a run is neither a gain nor a stall."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import write_deltalake
+
+    from jobs.pretrain.config import SelectConfig
+    from jobs.pretrain.selection import Selection
+    from jobs.pretrain.train import run_training
+
+    version = write_synthetic_feature_set(store, "nolabels", inputs=False, files=1)
+    rows = store.to_arrow("features/nolabels")
+    val = pc.equal(rows.column("split"), "val")
+    labels = pc.if_else(val, pa.scalar(None, pa.string()), rows.column("label"))
+    rows = rows.set_column(rows.schema.get_field_index("label"), "label", labels)
+    write_deltalake(store.table_uri("features/nolabels"), rows, mode="overwrite")
+    select = {"metric": "val/mean_class_r@1"}
+    cfg = parse_config(_config(store, "nolabels", feature_set="nolabels", version=version + 1,
+                               select=select))  # fmt: skip
+    with pytest.raises(SpecError, match="no labelled val rows"):
+        run_training(cfg)
+    selection = Selection(SelectConfig.model_validate({**select, "patience": 1}))
+    assert selection.update({"val/mean_class_r@1": 0.5}, step=1)
+    assert not selection.update({"val/mean_class_r@1": float("nan")}, step=2)
+    assert (selection.best, selection.best_step, selection.should_stop) == (0.5, 1, False)
+
+
 def test_mmfp_tune_runs_trials_with_the_same_trainer_and_writes_the_best_config(store, tmp_path):
     from jobs.cli_train import app
 

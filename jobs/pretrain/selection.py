@@ -28,13 +28,14 @@ class Selection:
     stale: int = 0  # validations in a row without an improvement
 
     def update(self, metrics: dict[str, Any], step: int) -> bool:
-        """Record one validation's metrics; True when it is the best so far."""
-        value = metrics.get(self.config.metric)
-        if value is None or math.isnan(value):
-            raise RuntimeError(
-                f"select.metric {self.config.metric!r} is not among the validation metrics: "
-                f"{', '.join(sorted(k for k in metrics if k.startswith('val/')))}"
-            )
+        """Record one validation's metrics; True when it is the best so far.
+
+        A validation that could not measure the metric (NaN: e.g. no labelled row among
+        the validated ones) neither improves nor counts towards ``patience``.
+        """
+        value = metrics.get(self.config.metric, math.nan)
+        if math.isnan(value):
+            return False
         sign = 1.0 if self.config.mode == "max" else -1.0
         if self.best is None or sign * (value - self.best) > self.config.min_delta:
             self.best, self.best_step, self.stale = float(value), step, 0

@@ -352,6 +352,16 @@ def run_training(
             f"select: feature set {info.name!r} v{info.version} has no val rows to select by "
             "(the spec's split ratios give val nothing)"
         )
+    if (
+        config.select
+        and "class_r@" in config.select.metric
+        and not count_rows(store, info, "val", include_views=False, labelled=True)
+    ):
+        raise SpecError(
+            f"select.metric {config.select.metric!r} compares labels, and feature set "
+            f"{info.name!r} v{info.version} has no labelled val rows; label the samples or "
+            "select by an instance metric such as val/mean_r@1"
+        )
 
     loop_info = run_meta(
         store,
