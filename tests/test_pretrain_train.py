@@ -239,6 +239,10 @@ def test_select_keeps_the_best_checkpoint_and_stops_early(store, tmp_path):
                for row in history)  # fmt: skip
     kept = sorted(Path(tmp_path, "sel").glob("checkpoint_step*"))
     assert [p.name for p in kept] == ["checkpoint_step0000002", "checkpoint_step0000004"]
+    again = run_training(cfg)  # the same command again: the run is over, nothing trains
+    assert again.error is None
+    assert again.metrics["step"] == 4
+    assert sorted(Path(tmp_path, "sel").glob("checkpoint_step*")) == kept
 
 
 def test_an_unknown_select_metric_is_a_spec_error(store):

@@ -199,6 +199,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     w = _Worker(loop_config)
     w.restore()
+    if w.selection is not None and w.selection.should_stop:
+        return  # a rerun of a run that stopped early: its checkpoint says so on every rank
     cfg, spe = w.cfg, w.spe
     shard = ray.train.get_dataset_shard("train")
     start_epoch, skip = divmod(w.step, spe)
