@@ -279,3 +279,19 @@ def test_dense_round_trips_flattened_rows(shape, present, seed):
     assert mask.tolist() == present
     want = np.where(np.array(present, bool).reshape(-1, *[1] * len(shape)), x, 0)
     np.testing.assert_array_equal(got, want.reshape(len(present), *shape))
+
+
+def test_search_spaces_parse_numbers_and_values_go_into_shorthand_sections():
+    from jobs.pretrain.tune import parse_space, with_values
+
+    (uniform, choice) = parse_space(["loss.supervised_weight=uniform:0:0.5",
+                                     "batch_size=choice:32,64"])  # fmt: skip
+    assert uniform.args == (0.0, 0.5)
+    assert all(isinstance(a, float) for a in uniform.args)  # Tune's uniform of two ints fails
+    assert choice.args == (32, 64)
+    raw = {"feature_set": "syn", "loss": "siglip"}
+    full = {"feature_set": "syn", "loss": {"kind": "siglip", "supervised_weight": 0.0}}
+    out = with_values(raw, {"loss.supervised_weight": 0.3, "optimizer.lr": 0.01}, full)
+    assert out == {"feature_set": "syn", "loss": {"kind": "siglip", "supervised_weight": 0.3},
+                   "optimizer": {"lr": 0.01}}  # fmt: skip
+    assert raw["loss"] == "siglip"  # the user's data is left alone

@@ -282,7 +282,7 @@ def test_selecting_by_labels_without_labelled_val_rows_is_refused(store):
 def test_mmfp_tune_runs_trials_with_the_same_trainer_and_writes_the_best_config(store, tmp_path):
     from jobs.cli_train import app
 
-    raw = _config(store, "tuned", epochs=1, storage_path=str(tmp_path / "runs"),
+    raw = _config(store, "tuned", epochs=1, storage_path=str(tmp_path / "runs"), loss="infonce",
                   checkpoint_every_steps=None, select={"metric": "val/mean_r@1"})  # fmt: skip
     path = tmp_path / "tuned.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -295,6 +295,7 @@ def test_mmfp_tune_runs_trials_with_the_same_trainer_and_writes_the_best_config(
     best = yaml.safe_load((tmp_path / "tuned.best.yaml").read_text())
     assert best["optimizer"]["lr"] in (0.001, 0.02)
     assert best["loss"]["duplicates"] in ("positive", "negative")
+    assert best["loss"]["kind"] == "infonce"  # the shorthand `loss: infonce`, written out
     assert best["name"] == "tuned"  # the user's config, with the best values only
     trial_runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if "-tune-" in p.name)
     assert len(trial_runs) == 2  # each trial is its own Ray Train run, with checkpoints

@@ -49,9 +49,13 @@ def parse_space(items: list[str] | tuple[str, ...]) -> list[Dimension]:
                 f"--search {item!r}: expected KEY=KIND:ARGS with KIND one of {', '.join(KINDS)} "
                 "(e.g. optimizer.lr=loguniform:1e-4:1e-2, batch_size=choice:32,64)"
             )
-        args = tuple(_number(v) for v in rest.split("," if kind == "choice" else ":"))
-        if kind != "choice" and (len(args) != 2 or not all(isinstance(a, float) for a in args)):
-            raise SpecError(f"--search {item!r}: {kind} takes two numbers, LOW:HIGH")
+        if kind == "choice":
+            args = tuple(_number(v) for v in rest.split(","))
+        else:
+            args = tuple(_number(v) for v in rest.split(":"))
+            if len(args) != 2 or not all(isinstance(a, int | float) for a in args):
+                raise SpecError(f"--search {item!r}: {kind} takes two numbers, LOW:HIGH")
+            args = tuple(float(a) for a in args)  # uniform:0:0.5 draws floats from 0
         dims.append(Dimension(key, kind, args))
     return dims
 
@@ -65,15 +69,25 @@ def _number(text: str) -> Any:
     return text
 
 
-def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` (a train config as data) with each dotted key set to its value."""
+def with_values(
+    raw: dict[str, Any], values: dict[str, Any], full: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``raw`` (a train config as data) with each dotted key set to its value.
+
+    A section written in shorthand (``loss: siglip``) is first written out in full from
+    ``full`` (the parsed config as data), so ``loss.supervised_weight`` can go into it.
+    """
     out = copy.deepcopy(raw)
     for key, value in values.items():
-        node = out
+        node, whole = out, full
         *parents, leaf = key.split(".")
         for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {} if node.get(part) is None else node[part]
+            whole = whole.get(part) if isinstance(whole, dict) else None
+            current = node.get(part)
+            if not isinstance(current, dict):
+                if current is not None and not isinstance(whole, dict):
+                    raise SpecError(f"{key}: {part!r} is {current!r}, not a section")
+                node[part] = copy.deepcopy(whole) if current is not None else {}
             node = node[part]
         node[leaf] = value
     return out
