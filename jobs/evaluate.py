@@ -148,6 +148,9 @@ def evaluate(
     return result
 
 
+EMBEDDING_BATCH = 4096  # rows per read, forward and Parquet row group: memory stays flat
+
+
 def write_embeddings(
     store: FeatureStore,
     info: FeatureSetInfo,
@@ -156,28 +159,50 @@ def write_embeddings(
     split: str,
     out: Path,
 ) -> Path | None:
-    """One split's original rows through every tower, as Parquet (None: no such rows)."""
+    """One split's original rows through every tower, as Parquet (None: no such rows),
+    a batch at a time: a split larger than memory streams through."""
     import pyarrow.parquet as pq
 
     columns = sorted({"sample_id", "label", "split", "view", *(c for c, _, _ in inputs.values())})
-    rows = store.to_arrow(
-        info.table, info.version, columns=columns, filter=row_filter(split, include_views=False)
+    batches = store.dataset(info.table, info.version).to_batches(
+        columns=columns,
+        filter=row_filter(split, include_views=False),
+        batch_size=EMBEDDING_BATCH,
     )
-    if rows.num_rows == 0:
-        return None
+    path = out / f"embeddings_{split}.parquet"
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            table = _embedded(model, inputs, pa.Table.from_batches([batch]), split)
+            if writer is None:
+                out.mkdir(parents=True, exist_ok=True)
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return path if writer is not None else None
+
+
+def _embedded(
+    model: ContrastiveModel,
+    inputs: dict[str, tuple[str, list[int], str]],
+    rows: pa.Table,
+    split: str,
+) -> pa.Table:
     arrays = to_tensors(rows, inputs=inputs, split=split, include_views=False)
     table = rows.select(["sample_id", "split", "label"])
     for m in sorted(model.towers):
         values = embed(model, m, arrays[f"x_{m}"]).numpy()
         present = np.asarray(arrays[f"has_{m}"], dtype=bool)
-        flat = pa.array(values.ravel(), pa.float32())
-        offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * values.shape[1])
-        emb = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(~present))
-        table = table.append_column(f"{m}_emb", emb)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"embeddings_{split}.parquet"
-    pq.write_table(table, path)
-    return path
+        rows_of = pa.FixedSizeListArray.from_arrays(
+            pa.array(values.ravel(), pa.float32()), values.shape[1]
+        )
+        emb = pc.if_else(pa.array(present), rows_of, pa.scalar(None, rows_of.type))
+        table = table.append_column(f"{m}_emb", emb.cast(pa.list_(pa.float32())))
+    return table
 
 
 def _zero_shot(

@@ -151,9 +151,12 @@ def test_cli_prints_a_recall_table_and_exits_2_on_user_errors(checkpoint, tmp_pa
     assert "modalities.image" in bad.output
 
 
-def test_export_embeddings_writes_every_split_through_every_tower(checkpoint, store, tmp_path):
+def test_export_embeddings_writes_every_split_through_every_tower(checkpoint, store, monkeypatch):
+    """A batch at a time (16 rows here), so a split larger than memory streams through."""
+    from jobs import evaluate
     from jobs.cli_train import app
 
+    monkeypatch.setattr(evaluate, "EMBEDDING_BATCH", 16)
     out = CliRunner().invoke(
         app, ["evaluate", str(checkpoint), "--split", "val", "--export-embeddings"]
     )
@@ -170,6 +173,8 @@ def test_export_embeddings_writes_every_split_through_every_tower(checkpoint, st
         want = sorted(r["sample_id"] for r in originals if r["split"] == split and r["view"] == -1)
         assert sorted(table.column("sample_id").to_pylist()) == want
         assert set(table.column("split").to_pylist()) == {split}
+        groups = pq.ParquetFile(checkpoint / f"embeddings_{split}.parquet").num_row_groups
+        assert groups >= table.num_rows // 16  # written as it was read
         for m in ("audio", "image", "text"):
             emb = table.column(f"{m}_emb")
             present = [v for v in emb.to_pylist() if v is not None]

@@ -43,10 +43,11 @@ def find_lr(
     config: TrainConfig, *, steps: int = 100, start: float = 1e-6, end: float = 1.0
 ) -> LrCurve:
     """Run the range test on ``config``'s feature set (train split, original rows)."""
+    import pyarrow as pa
     import torch
 
     from features.store import FeatureStore
-    from jobs.pretrain.arrays import to_tensors
+    from jobs.pretrain.arrays import row_filter, to_tensors
     from jobs.pretrain.data import (
         check_towers,
         feature_set_info,
@@ -62,19 +63,25 @@ def find_lr(
     check_towers(info, config)
     config = with_recorded_vocabulary(info, config)
     inputs = tower_inputs(info, config)
+    # the test draws steps x batch_size rows at most: only those are read and densified
+    dataset = store.dataset(info.table, info.version)
+    train = row_filter("train", include_views=False)
+    available = dataset.count_rows(filter=train)
+    if available < config.batch_size:
+        raise SpecError(
+            f"feature set {info.name!r} v{info.version} has {available} train rows: fewer "
+            f"than one batch of {config.batch_size}"
+        )
+    rng = np.random.default_rng(config.seed)
+    wanted = min(available, steps * config.batch_size)
+    picked = np.sort(rng.choice(available, size=wanted, replace=False))
     columns = sorted({"split", "view", "label", *(c for c, _, _ in inputs.values())})
-    table = store.to_arrow(info.table, info.version, columns=columns)
+    table = dataset.take(pa.array(picked), columns=columns, filter=train)
     data = to_tensors(table, inputs=inputs, split="train", include_views=False, labels=True)
     rows = len(data["label"])
-    if rows < config.batch_size:
-        raise SpecError(
-            f"feature set {info.name!r} v{info.version} has {rows} train rows: fewer than "
-            f"one batch of {config.batch_size}"
-        )
     device = torch.device("cuda" if torch.cuda.is_available() and config.use_gpu else "cpu")
     shapes = {c: info.shape(c) for c, _, _ in inputs.values()}
     stepper = Stepper(config, shapes, total_steps=steps, device=device)
-    rng = np.random.default_rng(config.seed)
     factor = (end / start) ** (1 / max(1, steps - 1))
     curve, average, best = LrCurve(), 0.0, math.inf
     for i in range(steps):
