@@ -126,6 +126,7 @@ def _encode_on_ray(
         # whole batches per block: a 73-row block would reach the model as 32+32+9
         ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK, strict=True)
     ds = ds.map_batches(Preprocess(configs), batch_format="pyarrow", batch_size=batch_size)
+    actors, per_actor = 0, max(c.num_gpus for c in configs)
     if wants_actors(encoders):
         # the model loads once per actor; with GPUs in the cluster each actor gets its share
         actors = max(c.concurrency for c in configs)
@@ -138,7 +139,7 @@ def _encode_on_ray(
             batch_format="pyarrow",
             batch_size=batch_size,
             compute=ActorPoolStrategy(min_size=1, max_size=actors),
-            num_gpus=max(c.num_gpus for c in configs) if gpus else 0,
+            num_gpus=per_actor if gpus else 0,
             # a GPU actor mostly waits on its device: it holds no CPU that preprocessing
             # (CPU tasks feeding it) could use
             **({"num_cpus": 0} if gpus else {}),
@@ -146,7 +147,7 @@ def _encode_on_ray(
     else:  # weight-free model inputs: plain CPU tasks, fused with preprocessing
         ds = ds.map_batches(Encode(configs), batch_format="pyarrow", batch_size=batch_size)
     ds.write_datasink(sink)
-    run.measure(ds, accelerator="Encode" if gpus else None)
+    run.measure(ds, accelerator="Encode" if gpus else None, gpus=actors * per_actor)
 
 
 def _media_columns(is_view: bool) -> list[str]:

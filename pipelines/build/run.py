@@ -213,9 +213,12 @@ class Run:
         """Inputs and views this run sent to quarantine so far."""
         return self.result.counts["quarantined"] + self.result.view_counts.get("quarantined", 0)
 
-    def measure(self, ds: ray.data.Dataset, accelerator: str | None = None) -> None:
+    def measure(
+        self, ds: ray.data.Dataset, accelerator: str | None = None, gpus: float = 0.0
+    ) -> None:
         """Add the Ray tasks of an executed dataset to the stage that is running;
-        ``accelerator`` names the operator that holds the cluster's GPUs, if one does."""
+        ``accelerator`` names the operator that holds GPUs, if one does, and ``gpus`` how
+        many its pool may hold at most (its busy fraction is measured against those)."""
         if not self._open_stages:
             return
         timing = self._open_stages[-1]
@@ -223,7 +226,7 @@ class Run:
         resources = ray.cluster_resources()
         timing.cpus = float(resources.get("CPU", 0))
         if accelerator:
-            timing.gpus = float(resources.get("GPU", 0))
+            timing.gpus = min(gpus, float(resources.get("GPU", 0)))
 
     def commit(self, name: str) -> None:
         """Commit what the run has for ``name`` and record the version it made."""
