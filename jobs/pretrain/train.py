@@ -163,6 +163,8 @@ class _Worker(Stepper):
         towers exported for use outside training when ``export``."""
         import ray.train
 
+        if self.selection is not None:  # Ray keeps checkpoints by it: one without is unranked
+            metrics = {SELECTED: -1, **metrics}
         if self.rank != 0:
             ray.train.report(metrics)
             return
