@@ -28,7 +28,7 @@ from deltalake import DeltaTable
 
 from features.ann import load_index
 from features.errors import StoreError
-from features.tables import TableStore, Version
+from features.tables import TableStore, Version, string_field
 from features.vectors import (
     CHUNK_ROWS,
     KEY_SCHEMA,
@@ -146,7 +146,7 @@ def _with_samples(store: TableStore, hits: pa.Table) -> pa.Table:
     columns = ["sample_id", *RESULT_SAMPLE_COLUMNS]
     if store.exists("samples") and hits.num_rows:
         ids = hits.column("sample_id").unique()
-        where = pc.is_in(pc.field("sample_id"), ids)
+        where = pc.is_in(string_field("sample_id"), ids)
         info = store.to_arrow("samples", columns=columns, filter=where)
     else:
         info = pa.table({c: pa.array([], pa.string()) for c in columns})

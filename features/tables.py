@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
@@ -32,6 +33,13 @@ Version = int | datetime | str | None
 
 RUN_ID_KEY = "mmfp.run_id"  # commit metadata: the run that wrote a version
 ROWS_KEY = "mmfp.rows"  # rows a commit added; delta-rs records no metrics for raw add actions
+
+
+def string_field(name: str) -> pc.Expression:
+    """A string column in a read filter. Files that another Delta writer rewrote
+    (delta-rs ``delete`` / ``update`` / ``merge``) store strings as ``string_view``, which
+    a filter cannot compare with a string literal; the cast reads both kinds alike."""
+    return pc.field(name).cast(pa.string())
 
 
 def parse_version(version: int | datetime | str) -> int | datetime:

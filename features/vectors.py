@@ -24,7 +24,7 @@ from features.duck import connect
 from features.errors import StoreError
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import FEATURE_KEY_FIELDS, FEATURES_PREFIX, ORIGINAL_VIEW
-from features.tables import TableStore, Version
+from features.tables import TableStore, Version, string_field
 
 # the feature set's key columns travel with every row (a `where` may use any of them);
 # results show the first four
@@ -92,7 +92,7 @@ def query_vector(
     if (vector is None) == (sample_id is None):
         raise StoreError("give exactly one query: a vector or a sample_id")
     if sample_id is not None:
-        where = (pc.field("sample_id") == sample_id) & (pc.field("view") == view)
+        where = (string_field("sample_id") == sample_id) & (pc.field("view") == view)
         rows = store.dataset_of(col.table, dt).to_table(columns=[col.column], filter=where)
         if rows.num_rows == 0:
             raise StoreError(f"no row sample_id={sample_id!r} view={view} in {col.table}")

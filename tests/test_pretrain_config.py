@@ -20,6 +20,7 @@ from jobs.pretrain.config import load_config, parse_config
 from jobs.pretrain.data import (
     check_compatible,
     check_towers,
+    count_rows,
     feature_set_info,
     tower_inputs,
     with_recorded_vocabulary,
@@ -295,3 +296,25 @@ def test_search_spaces_parse_numbers_and_values_go_into_shorthand_sections():
     assert out == {"feature_set": "syn", "loss": {"kind": "siglip", "supervised_weight": 0.3},
                    "optimizer": {"lr": 0.01}}  # fmt: skip
     assert raw["loss"] == "siglip"  # the user's data is left alone
+
+
+def test_a_store_another_delta_writer_rewrote_still_filters(tmp_path):
+    """delta-rs ``delete`` rewrites a file with string_view columns; split filters, stored
+    query vectors and sample lookups read it like any other file."""
+    from features.search import search
+    from pipelines.build.in_process import rows_of
+
+    store = FeatureStore(str(tmp_path))
+    write_synthetic_feature_set(store, "syn", per_class=4, files=2)
+    rows = store.to_arrow("features/syn", columns=["sample_id", "split", "view"])
+    train = [r for r in rows.to_pylist() if r["split"] == "train" and r["view"] == -1]
+    gone, kept = train[0]["sample_id"], train[1]["sample_id"]
+    store.delta("features/syn").delete(f"sample_id = '{gone}'")
+    info = feature_set_info(store, "syn", None)
+    assert count_rows(store, info, "train", include_views=False) == len(train) - 1
+    hits = search(store, "syn", column="image_emb", sample_id=kept, k=50)  # all but kept
+    assert sorted(hits.column("sample_id").to_pylist()) == sorted(
+        r["sample_id"] for r in rows.to_pylist() if r["sample_id"] not in (kept, gone)
+    )
+    found = rows_of(store, "features/syn", ["sample_id"], pa.table({"sample_id": [kept, gone]}))
+    assert found.column("sample_id").to_pylist() == [kept]

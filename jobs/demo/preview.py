@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.store import FeatureStore
+from features.tables import string_field
 
 
 def _image(data: bytes) -> np.ndarray:
@@ -51,7 +52,7 @@ def augment_preview(store: FeatureStore, out: Path, *, samples: int = 4) -> Path
     chosen = [sid for sid, vs in by_sample.items() if len(vs) >= 2][:samples]
     if not chosen:
         return None
-    wanted = pc.is_in(pc.field("sample_id"), pa.array(chosen))
+    wanted = pc.is_in(string_field("sample_id"), pa.array(chosen))
     originals = {
         r["sample_id"]: r
         for r in store.to_arrow(

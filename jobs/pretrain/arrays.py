@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from features.errors import StoreError
 from features.schema import ORIGINAL_VIEW
+from features.tables import string_field
 
 
 def dense(column: pa.Array | pa.ChunkedArray, shape: list[int], dtype: Any) -> tuple:
@@ -40,7 +41,7 @@ def dense(column: pa.Array | pa.ChunkedArray, shape: list[int], dtype: Any) -> t
 
 
 def row_filter(split: str, *, include_views: bool) -> pc.Expression:
-    expr = pc.field("split") == split
+    expr = string_field("split") == split
     if not include_views:
         expr = expr & (pc.field("view") == ORIGINAL_VIEW)
     return expr

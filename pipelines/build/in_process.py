@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.sink import StoreSink
-from features.tables import TableStore
+from features.tables import TableStore, string_field
 
 Step = Callable[[pa.Table], pa.Table]
 
@@ -51,7 +51,7 @@ def run_steps(
 def rows_of(store: TableStore, table: str, columns: list[str], todo: pa.Table) -> pa.Table:
     """The rows of ``table`` whose ``sample_id`` the stage's ``todo`` names: a small run
     reads just those, where Ray's tasks read the whole table and filter in the stream."""
-    wanted = pc.field("sample_id").isin(pc.unique(todo.column("sample_id")))
+    wanted = string_field("sample_id").isin(pc.unique(todo.column("sample_id")))
     return store.to_arrow(table, columns=columns, filter=wanted)
 
 
