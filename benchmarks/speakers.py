@@ -3,7 +3,8 @@ speaker held out per fold.
 
     python benchmarks/speakers.py [--corpus ../shared/data/spoken-digits-dev]
                                   [--configs clip,clip-long,label-free,supervised]
-                                  [--folds jackson,yweweler,nicolas,theo] [--seeds 0]
+                                  [--folds jackson,lucas,nicolas,theo,yweweler] [--seeds 0]
+                                  [--head]
 
 The corpus pairs a handwritten digit image, a real recording of the digit spoken by one
 of five speakers, and a caption. Each fold builds a store with the test speaker and a
@@ -15,6 +16,14 @@ this process, one worker, one thread, and scores the held-out speaker: class-mat
 recall@1 (is the nearest item of the other modality the same digit? chance 0.1) for
 audio->image and image->audio, and the mean over all six directions. Image and audio are
 paired by digit only, so instance recall is capped near 1/100 and is not reported.
+
+With ``--head``, each trained model's towers are exported and a late-fusion classifier
+head (``mmfp train --head classify``'s ``train_head``) is trained on them with the
+validation speaker for selection: accuracy on the held-out speaker per modality, fused
+over audio + image, and fused over all three. Each fold also reports the supervised
+reference of the issue: logistic regression on MFCC statistics (20 coefficients and
+their deltas, mean and std over four segments), trained on the train speakers and on
+train + validation speakers.
 """
 
 from __future__ import annotations
@@ -75,7 +84,74 @@ def build_fold(corpus: Path, work: Path, test: str) -> Path:
     return work / f"store-{test}"
 
 
-def train_and_score(store: Path, over: dict[str, Any], seed: int) -> dict[str, float]:
+def mfcc_reference(store: Path) -> dict[str, float]:
+    """The issue's supervised reference on this fold: test accuracy of a logistic regression
+    on MFCC statistics, trained on the train speakers, and on train + validation."""
+    import io
+
+    import librosa
+    import numpy as np
+    import soundfile
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from features.store import FeatureStore
+
+    rows = FeatureStore(str(store)).to_arrow("samples", columns=["split", "label", "audio"])
+    features, splits, labels = [], [], []
+    for row in rows.to_pylist():
+        if row["audio"] is None or row["label"] is None:
+            continue
+        wave, rate = soundfile.read(io.BytesIO(row["audio"]), dtype="float32", always_2d=True)
+        mfcc = librosa.feature.mfcc(y=wave.mean(1), sr=rate, n_mfcc=20, n_fft=512, hop_length=128)
+        both = np.concatenate([mfcc, librosa.feature.delta(mfcc, width=3)])
+        parts = np.array_split(both, 4, axis=1)
+        features.append(np.concatenate([np.r_[p.mean(1), p.std(1)] for p in parts]))
+        splits.append(row["split"])
+        labels.append(row["label"])
+    x, split, y = np.array(features), np.array(splits), np.array(labels)
+    out = {}
+    for name, fit_on in (("mfcc", ("train",)), ("mfcc+val", ("train", "val"))):
+        chosen = np.isin(split, fit_on)
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
+        model.fit(x[chosen], y[chosen])
+        test = split == "test"
+        out[name] = float((model.predict(x[test]) == y[test]).mean())
+    return out
+
+
+def head_scores(store: Path, model: Any, cfg: Any, info: Any, seed: int) -> dict[str, float]:
+    """Export the towers, train late-fusion heads on them (all towers; audio + image) and
+    return their accuracies on the held-out speaker."""
+    from jobs.head.config import parse_head_config
+    from jobs.head.fit import train_head
+    from jobs.pretrain.model import export_towers
+
+    with tempfile.TemporaryDirectory(prefix="mmfp-bench-head-") as tmp:
+        shapes = {t.input: info.shape(t.input) for t in cfg.modalities.values()}
+        meta = {"config": cfg.public_dict(), "shapes": shapes, "feature_set": info.name,
+                "version": info.version, "encoders": info.encoders()}  # fmt: skip
+        export_towers(model, Path(tmp) / "run" / "export", meta)
+        out = {}
+        for name, modalities in (("all", None), ("ai", ["audio", "image"])):
+            head = parse_head_config({
+                "name": f"head-{name}", "store": str(store), "storage_path": tmp, "seed": seed,
+                "inputs": [{"model": str(Path(tmp) / "run"), "modalities": modalities}],
+                "fusion": "late", "epochs": 100,
+            })  # fmt: skip
+            test = train_head(head).accuracy["test"]
+            if name == "all":
+                out |= {f"head_{m}": test[m] for m in ("audio", "image", "text")}
+                out["head_fused"] = test["fused"]
+            else:
+                out["head_fused_ai"] = test["fused"]
+        return out
+
+
+def train_and_score(
+    store: Path, over: dict[str, Any], seed: int, *, head: bool = False
+) -> dict[str, float]:
     import numpy as np
     import torch
 
@@ -116,11 +192,12 @@ def train_and_score(store: Path, over: dict[str, Any], seed: int) -> dict[str, f
     feats = {m: embed(stepper.model, m, test[f"x_{m}"]) for m in stepper.model.towers}
     present = {m: test[f"has_{m}"] for m in stepper.model.towers}
     scores = pair_recalls(feats, present, cfg.modality_pairs, labels=test["label"])
-    return {
+    out = {
         "a->i": scores["audio->image/class_r@1"],
         "i->a": scores["image->audio/class_r@1"],
         "mean": scores["mean_class_r@1"],
     }
+    return out | (head_scores(store, stepper.model, cfg, info, seed) if head else {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "--corpus", type=Path, default=ROOT.parent / "shared/data/spoken-digits-dev"
     )
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--folds", default="jackson,yweweler,nicolas,theo")
+    parser.add_argument("--folds", default=",".join(SPEAKERS))
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--head", action="store_true", help="also train fusion heads")
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
     folds = args.folds.split(",")
@@ -144,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mmfp-bench-speakers-") as tmp:
         for fold in folds:
             store = build_fold(args.corpus, Path(tmp), fold)
+            reference = mfcc_reference(store)
+            print(json.dumps({"fold": fold, "config": "reference", **reference}), flush=True)
             for name in configs:
                 for seed in seeds:
                     t0 = time.perf_counter()
-                    score = train_and_score(store, CONFIGS[name], seed)
+                    score = train_and_score(store, CONFIGS[name], seed, head=args.head)
                     results.setdefault((fold, name), []).append(score)
                     print(json.dumps({"fold": fold, "config": name, "seed": seed,
                                       "s": round(time.perf_counter() - t0), **score}),
@@ -169,7 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in configs:
         print(f"{name}: audio<->image class-match recall@1 over the folds {audio[name]:.3f}")
+    if args.head:
+        keys = ("head_audio", "head_image", "head_fused_ai", "head_fused")
+        print("\nlate-fusion head accuracy on the held-out speaker, mean (min-max) over seeds")
+        for name in configs:
+            for fold in folds:
+                cells = [_spread([r[k] for r in results[(fold, name)]]) for k in keys]
+                print(
+                    f"{name:12s} {fold:10s} "
+                    + "  ".join(f"{k[5:]} {c}" for k, c in zip(keys, cells, strict=True))
+                )
     return 0
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 if __name__ == "__main__":

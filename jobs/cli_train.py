@@ -31,8 +31,16 @@ def train(
         ),
     ] = False,
     lr_steps: Annotated[int, typer.Option(min=3, help="Steps of the range test.")] = 100,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            help="classify: train a fusion classifier over feature sets or a run's towers "
+            "(CONFIG is a head config; also chosen by a `head:` key in it)."
+        ),
+    ] = None,
 ) -> None:
-    """Contrastive pretraining on a feature set with Ray Train; a rerun of a name resumes it."""
+    """Contrastive pretraining on a feature set with Ray Train; a rerun of a name resumes it.
+    With --head classify, a fusion classifier head instead (in this process)."""
     from ray.train import TrainingFailedError
 
     from jobs.pretrain.config import load_config
@@ -40,6 +48,9 @@ def train(
     from jobs.report import print_log_file
     from jobs.runtime import start_job
 
+    if head is not None or _is_head_config(config):
+        train_head_command(config, head)
+        return
     cfg = load_config(config)
     if find_lr:
         print_lr_range_test(cfg, Path(config).with_suffix(".lr_find.png"), lr_steps)
@@ -54,9 +65,52 @@ def train(
     print_log_file(log_file)
 
 
+def _is_head_config(path: Path) -> bool:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # the train config loader says what is wrong
+    return isinstance(raw, dict) and "head" in raw
+
+
+def train_head_command(config: Path, head: str | None) -> None:
+    from jobs.head.config import load_head_config
+    from jobs.head.fit import train_head
+
+    if head not in (None, "classify"):
+        raise MmfpError(f"--head must be classify, got {head!r}")
+    print_head_result(train_head(load_head_config(config)))
+
+
+def print_head_result(result: Any) -> None:
+    """Accuracy per split and branch group (fused first), then the files written."""
+    splits = sorted(result.accuracy, key=("val", "test").index)
+    names = list(dict.fromkeys(n for s in splits for n in result.accuracy[s]))
+    rows = [[name, *(_accuracy(result.accuracy[s].get(name)) for s in splits)] for name in names]
+    columns = ["accuracy", *(f"{s} ({result.rows[s]} rows)" for s in splits)]
+    title = (
+        f"{result.fusion} fusion, {len(result.classes)} classes, best epoch "
+        f"{result.best_epoch}/{result.epochs}" + (", stopped early" if result.stopped_early else "")
+    )
+    console.print(title)
+    console.print(table("", columns, rows, right=columns[1:]))
+    console.print(f"run: {result.run_dir}", soft_wrap=True)
+    for kind, path in result.files.items():
+        console.print(f"{kind}: {path}", soft_wrap=True)
+
+
+def _accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 @user_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (checkpoint_step...).")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="Checkpoint directory (checkpoint_step...) or a head run directory."),
+    ],
     split: Annotated[str, typer.Option(help="val or test.")] = "test",
     storage_option: Annotated[
         list[str] | None, typer.Option(help="KEY=VALUE for the store (repeatable).")
@@ -66,15 +120,21 @@ def evaluate(
         typer.Option(help="Also write each split's embeddings as embeddings_<split>.parquet."),
     ] = False,
 ) -> None:
-    """Recall@1/5/10 per modality pair and zero-shot accuracy of a checkpoint; writes a plot."""
+    """Recall@1/5/10 per modality pair and zero-shot accuracy of a checkpoint; writes a plot.
+    A head run (``--head classify``): fused and per-modality accuracy, a confusion matrix."""
     from jobs.evaluate import evaluate as run_evaluate
+    from jobs.head.fit import HEAD_FILE, evaluate_head
 
     if split not in ("val", "test"):
         raise MmfpError(f"--split must be val or test, got {split!r}")
+    options = key_values(storage_option, "--storage-option")
+    if (checkpoint / HEAD_FILE).is_file():
+        print_head_result(evaluate_head(checkpoint, split=split, storage_options=options))
+        return
     result = run_evaluate(
         checkpoint,
         split=split,
-        storage_options=key_values(storage_option, "--storage-option"),
+        storage_options=options,
         export_embeddings=export_embeddings,
     )
     print_eval_summary(result)
