@@ -214,6 +214,11 @@ def print_eval_summary(result: Any) -> None:
         accs = ", ".join(f"{m} {a:.3f}" for m, a in result.zero_shot.items())
         console.print(f"zero-shot accuracy: {accs}")
     console.print(f"zero-shot: {result.zero_shot_note}")
+    if result.probes:
+        accs = ", ".join(
+            f"{m} {p['knn@5']:.3f} / {p['linear']:.3f}" for m, p in result.probes.items()
+        )
+        console.print(f"kNN@5 / linear-probe accuracy (train split fitted): {accs}")
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}", soft_wrap=True)
 

@@ -29,7 +29,15 @@ from jobs.pretrain import checkpoint as ckpt
 from jobs.pretrain.arrays import row_filter, to_tensors
 from jobs.pretrain.config import TrainConfig
 from jobs.pretrain.data import FeatureSetInfo, check_compatible, feature_set_info, tower_inputs
-from jobs.pretrain.metrics import KS, class_prototypes, embed, pair_recalls, prototype_accuracy
+from jobs.pretrain.metrics import (
+    KS,
+    class_prototypes,
+    embed,
+    knn_accuracy,
+    linear_probe_accuracy,
+    pair_recalls,
+    prototype_accuracy,
+)
 from pipelines.errors import SpecError
 
 if TYPE_CHECKING:
@@ -57,6 +65,8 @@ class EvalResult:
     means: dict[str, float] = field(default_factory=dict)  # "mean_r@1", "mean_class_r@1"
     zero_shot: dict[str, float] = field(default_factory=dict)  # modality -> accuracy
     zero_shot_note: str = ""
+    # modality -> {"knn@5": acc, "linear": acc}: frozen features, fitted on the train split
+    probes: dict[str, dict[str, float]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> list[dict[str, Any]]:
@@ -89,7 +99,7 @@ def evaluate(
     storage_options: dict[str, str] | None = None,
     out_dir: str | Path | None = None,
     ks: tuple[int, ...] = KS,
-    prototype_rows: int = 100_000,
+    prototype_rows: int = 100_000,  # labelled train rows read for prototypes and probes
     export_embeddings: bool = False,
 ) -> EvalResult:
     """Evaluate the checkpoint in ``checkpoint_dir`` (a local directory) on ``split``;
@@ -124,7 +134,9 @@ def evaluate(
     means = {k: v for k, v in scores.items() if k.startswith("mean_")}
 
     labels = rows.column("label").to_pylist()
-    zero_shot, note = _zero_shot(store, info, model, inputs, feats, present, labels, prototype_rows)
+    train = _train_rows(store, info, model, inputs, prototype_rows)
+    zero_shot, note = _zero_shot(info, model, train, feats, present, labels)
+    probes = _probes(train, feats, present, labels)
     result = EvalResult(
         checkpoint=str(directory),
         feature_set=info.name,
@@ -137,6 +149,7 @@ def evaluate(
         means=means,
         zero_shot=zero_shot,
         zero_shot_note=note,
+        probes=probes,
     )
     out = Path(out_dir) if out_dir else directory
     if export_embeddings:
@@ -205,36 +218,54 @@ def _embedded(
     return table
 
 
-def _zero_shot(
+@dataclass
+class TrainRows:
+    """Labelled train rows (original samples) through every tower: the memory for kNN, the
+    data of the linear probe, the captions of the zero-shot prototypes."""
+
+    feats: dict[str, torch.Tensor]
+    present: dict[str, np.ndarray]
+    labels: list[str | None]
+
+
+def _train_rows(
     store: FeatureStore,
     info: FeatureSetInfo,
     model: ContrastiveModel,
     inputs: dict[str, tuple[str, list[int], str]],
+    limit: int,
+) -> TrainRows:
+    columns = sorted({"label", "split", "view", *(c for c, _, _ in inputs.values())})
+    train = store.to_arrow(
+        info.table, info.version, columns=columns, filter=row_filter("train", include_views=False)
+    )
+    train = train.filter(pc.is_valid(train.column("label"))).slice(0, limit)
+    arrays = to_tensors(train, inputs=inputs, split="train", include_views=False)
+    return TrainRows(
+        feats={m: embed(model, m, arrays[f"x_{m}"]) for m in model.towers},
+        present={m: arrays[f"has_{m}"] for m in model.towers},
+        labels=train.column("label").to_pylist(),
+    )
+
+
+def _zero_shot(
+    info: FeatureSetInfo,
+    model: ContrastiveModel,
+    train: TrainRows,
     feats: dict[str, torch.Tensor],
     present: dict[str, np.ndarray],
     labels: list[str | None],
-    limit: int,
 ) -> tuple[dict[str, float], str]:
     """Prototype zero-shot accuracy per non-text modality, and a note saying how or why not."""
     if "text" not in model.towers:
         return {}, "skipped: no text tower to build class prototypes from"
     if not any(labels):
         return {}, f"skipped: the {info.name!r} rows have no labels"
-    column = inputs["text"][0]
-    train = store.to_arrow(
-        info.table,
-        info.version,
-        columns=["label", "split", "view", column],
-        filter=row_filter("train", include_views=False),
-    )
-    train = train.filter(pc.is_valid(train.column("label"))).slice(0, limit)
-    arrays = to_tensors(train, inputs={"text": inputs["text"]}, split="train", include_views=False)
-    has = arrays["has_text"]
+    has = train.present["text"]
     if not has.any():
         return {}, "skipped: no labelled train rows with text"
-    text = embed(model, "text", arrays["x_text"][has])
-    train_labels = [lab for lab, h in zip(train.column("label").to_pylist(), has, strict=True) if h]
-    protos, classes = class_prototypes(text, train_labels)
+    train_labels = [lab for lab, h in zip(train.labels, has, strict=True) if h]
+    protos, classes = class_prototypes(train.feats["text"][has], train_labels)
     accuracy = {}
     for m in sorted(model.towers):
         if m == "text":
@@ -244,6 +275,30 @@ def _zero_shot(
         if n:
             accuracy[m] = acc
     return accuracy, f"{ZERO_SHOT_METHOD} ({len(classes)} classes)"
+
+
+def _probes(
+    train: TrainRows,
+    feats: dict[str, torch.Tensor],
+    present: dict[str, np.ndarray],
+    labels: list[str | None],
+) -> dict[str, dict[str, float]]:
+    """Per modality: kNN (k=5) and linear-probe accuracy of the frozen features, trained on
+    the labelled train rows of that modality (none without labels)."""
+    out: dict[str, dict[str, float]] = {}
+    for m in sorted(feats):
+        has = train.present[m]
+        rows = np.flatnonzero(present[m])
+        memory = train.feats[m][has]
+        memory_labels = [lab for lab, h in zip(train.labels, has, strict=True) if h]
+        queries, query_labels = feats[m][rows], [labels[i] for i in rows]
+        scores = {
+            name: measure(memory, memory_labels, queries, query_labels)
+            for name, measure in (("knn@5", knn_accuracy), ("linear", linear_probe_accuracy))
+        }
+        if all(n for _, n in scores.values()):
+            out[m] = {name: acc for name, (acc, _) in scores.items()}
+    return out
 
 
 def _write(result: EvalResult, out: Path, history: list[dict[str, Any]]) -> None:

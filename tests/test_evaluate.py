@@ -104,6 +104,10 @@ def test_recall_zero_shot_and_files(checkpoint):
     assert set(result.zero_shot) == {"audio", "image"}
     assert all(acc > 0.5 for acc in result.zero_shot.values()), result.zero_shot
     assert "mean text-tower embedding" in result.zero_shot_note
+    assert set(result.probes) == {"audio", "image", "text"}  # every tower's frozen features
+    for modality, probe in result.probes.items():
+        assert set(probe) == {"knn@5", "linear"}
+        assert all(acc > 0.5 for acc in probe.values()), (modality, probe)  # chance is 0.1
 
     saved = json.loads((checkpoint / "eval_test.json").read_text())
     assert saved["recall"] == result.recall

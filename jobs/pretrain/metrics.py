@@ -107,3 +107,59 @@ def class_prototypes(
         rows = [i for i, lab in enumerate(labels) if lab == c]
         protos.append(torch.nn.functional.normalize(feats[rows].mean(0), dim=0))
     return (torch.stack(protos) if protos else torch.zeros(0, feats.shape[-1])), classes
+
+
+def _codes(labels: Sequence[str | None], classes: Sequence[str]) -> torch.Tensor:
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index.get(lab, -1) if lab is not None else -1 for lab in labels])
+
+
+def knn_accuracy(
+    train: torch.Tensor,
+    train_labels: Sequence[str | None],
+    queries: torch.Tensor,
+    query_labels: Sequence[str | None],
+    k: int = 5,
+) -> tuple[float, int]:
+    """Accuracy of a cosine k-nearest-neighbour vote (weighted by similarity) among the
+    labelled train rows, over queries whose label is a train class; (accuracy, queries)."""
+    classes = sorted({lab for lab in train_labels if lab is not None})
+    known, truth = _codes(train_labels, classes), _codes(query_labels, classes)
+    memory, rows = train[known >= 0], truth >= 0
+    if not len(memory) or not rows.any():
+        return float("nan"), 0
+    sims, idx = (queries[rows] @ memory.T).topk(min(k, len(memory)), dim=1)
+    votes = torch.zeros(int(rows.sum()), len(classes)).scatter_add_(1, known[known >= 0][idx], sims)
+    return float((votes.argmax(1) == truth[rows]).float().mean()), int(rows.sum())
+
+
+def linear_probe_accuracy(
+    train: torch.Tensor,
+    train_labels: Sequence[str | None],
+    queries: torch.Tensor,
+    query_labels: Sequence[str | None],
+    weight_decay: float = 1e-4,
+) -> tuple[float, int]:
+    """Accuracy of a logistic regression (L-BFGS, L2) fitted on the labelled train rows'
+    frozen features, over queries whose label is a train class; (accuracy, queries)."""
+    classes = sorted({lab for lab in train_labels if lab is not None})
+    known, truth = _codes(train_labels, classes), _codes(query_labels, classes)
+    x, y, rows = train[known >= 0].float(), known[known >= 0], truth >= 0
+    if len(classes) < 2 or not rows.any():
+        return float("nan"), 0
+    weight = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+    bias = torch.zeros(len(classes), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y)
+        loss = loss + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        predicted = (queries[rows].float() @ weight + bias).argmax(1)
+    return float((predicted == truth[rows]).float().mean()), int(rows.sum())
