@@ -205,6 +205,28 @@ def test_duplicates_are_found_before_augmentation_makes_them_differ():
     assert stepper.running_means()["positives_audio_image"] == 4.0
 
 
+def test_token_deletion_keeps_order_and_closes_up_before_the_padding():
+    from jobs.pretrain.augment import augment_batch
+    from jobs.pretrain.config import TrainAugment
+
+    ids = torch.arange(1, 13, dtype=torch.int32).repeat(64, 1)
+    ids[:, 9:] = 0  # nine tokens, then padding
+    cfg = TrainAugment.model_validate({"text": {"drop": 0.3}})
+    out = augment_batch({"x_text": ids}, cfg, seed=0, step=1, rank=0)["x_text"]
+    assert out.shape == ids.shape
+    assert out.dtype == ids.dtype
+    lengths = (out != 0).sum(1)
+    assert int(lengths.min()) >= 1
+    assert int(lengths.max()) <= 9
+    assert float(lengths.float().mean()) == pytest.approx(9 * 0.7, abs=0.6)
+    for row, n in zip(out.tolist(), lengths.tolist(), strict=True):
+        assert row[:n] == sorted(set(row[:n]))  # a subsequence, in order
+        assert set(row[:n]) <= set(range(1, 10))
+        assert row[n:] == [0] * (12 - n)  # pads close the row
+    floats = {"x_text": torch.randn(4, 32)}  # text embeddings are not token ids: untouched
+    assert augment_batch(floats, cfg, seed=0, step=1, rank=0)["x_text"] is floats["x_text"]
+
+
 def test_cmvn_standardises_each_mel_bin_over_voiced_frames():
     from jobs.pretrain.model import _cmvn
 

@@ -2,11 +2,12 @@
 
 What small-footprint speech and small image models use so a model does not learn
 one speaker's voice or one writer's stroke: SpecAugment (time and frequency masks)
-plus a random time shift and gain on log-mel spectrograms, and a random affine
-transform (rotation, zoom, translation) on pixels. They run on the dense tensors
-the store already holds, after ingest, so every epoch sees new variants of the
-same stored rows; the generator is seeded from (seed, step, rank), so a resumed
-run draws the same ones.
+plus a random time shift and gain on log-mel spectrograms, a random affine
+transform (rotation, zoom, translation) on pixels, and random token deletion on
+token ids (a caption with a word or a letter missing still names the same thing).
+They run on the dense tensors the store already holds, after ingest, so every epoch
+sees new variants of the same stored rows; the generator is seeded from (seed, step,
+rank), so a resumed run draws the same ones.
 """
 
 from __future__ import annotations
@@ -15,20 +16,43 @@ import math
 
 import torch
 
-from jobs.pretrain.config import AudioAugment, ImageAugment, TrainAugment
+from jobs.pretrain.config import AudioAugment, ImageAugment, TextAugment, TrainAugment
 
 
 def augment_batch(
-    batch: dict[str, torch.Tensor], config: TrainAugment, *, seed: int, step: int, rank: int
+    batch: dict[str, torch.Tensor],
+    config: TrainAugment,
+    *,
+    seed: int,
+    step: int,
+    rank: int,
+    pad_id: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """``batch`` with ``x_audio`` / ``x_image`` replaced by augmented copies."""
+    """``batch`` with ``x_audio`` / ``x_image`` / ``x_text`` (token ids) replaced by
+    augmented copies."""
     generator = torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF)
     out = dict(batch)
     if config.audio is not None and "x_audio" in batch and batch["x_audio"].dim() == 3:
         out["x_audio"] = augment_logmel(batch["x_audio"], config.audio, generator)
     if config.image is not None and "x_image" in batch and batch["x_image"].dim() == 4:
         out["x_image"] = affine_images(batch["x_image"], config.image, generator)
+    text = batch.get("x_text")
+    if config.text is not None and text is not None and not text.is_floating_point():
+        out["x_text"] = drop_tokens(text, config.text, generator, pad_id)
     return out
+
+
+def drop_tokens(
+    ids: torch.Tensor, cfg: TextAugment, generator: torch.Generator, pad_id: int
+) -> torch.Tensor:
+    """Delete each non-pad token with chance ``drop``; the rest close up, pads fill the end.
+    A row keeps at least its first token."""
+    real = ids != pad_id
+    dropped = real & (torch.rand(ids.shape, generator=generator) < cfg.drop).to(ids.device)
+    dropped[:, 0] = False
+    order = torch.argsort((dropped | ~real).int(), dim=1, stable=True)
+    kept = ~(dropped | ~real).gather(1, order)
+    return torch.where(kept, ids.gather(1, order), torch.full_like(ids, pad_id))
 
 
 def _ints(generator: torch.Generator, high: int, size: int) -> torch.Tensor:

@@ -81,11 +81,18 @@ class ImageAugment(_Model):
     scale: float = Field(0.0, ge=0, lt=1)  # zoom in 1 +- scale
 
 
+class TextAugment(_Model):
+    """Training-time token-id augmentation."""
+
+    drop: float = Field(0.1, ge=0, lt=1)  # each token deleted with this chance (ids close up)
+
+
 class TrainAugment(_Model):
     """Augment training batches on the device (never validation or evaluation)."""
 
     audio: AudioAugment | None = None
     image: ImageAugment | None = None
+    text: TextAugment | None = None
 
 
 class TransformerTower(_Model):

@@ -62,6 +62,8 @@ class Stepper:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.step = 0
         self.rank = rank  # augmentations differ per worker
+        text = cfg.modalities.get("text")
+        self.text_pad_id = getattr(text, "pad_id", None) or 0
         self.running: dict[str, float] = {}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
@@ -77,7 +79,12 @@ class Stepper:
         )
         if self.cfg.augment is not None:
             batch = augment_batch(
-                batch, self.cfg.augment, seed=self.cfg.seed, step=self.step, rank=self.rank
+                batch,
+                self.cfg.augment,
+                seed=self.cfg.seed,
+                step=self.step,
+                rank=self.rank,
+                pad_id=self.text_pad_id,
             )
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(
