@@ -58,6 +58,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "clip-long": {"epochs": 120, "loss": {"duplicates": "negative"}},
     # no labels: identical captions are positives, SpecAugment + shift + gain on audio
     "label-free": {"epochs": 120, "augment": {"audio": {}}},
+    # no labels: the same, and rows sharing a caption are positives in every pair
+    "label-free-any": {"epochs": 120, "augment": {"audio": {}}, "loss": {"duplicates": "any"}},
     # labels used: the same plus a supervised-contrastive term
     "supervised": {"epochs": 120, "augment": {"audio": {}}, "loss": {"supervised_weight": 0.5}},
 }

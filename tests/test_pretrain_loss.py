@@ -98,6 +98,37 @@ def test_identical_captions_are_not_pushed_apart():
     assert float(multi) == pytest.approx(np_multi_positive(img, cap, 10.0, p), rel=1e-6)
 
 
+def test_a_shared_caption_makes_rows_positives_in_every_pair_with_any():
+    """Rows 0 and 1 share a caption, 2 and 3 lack text (zeros, equal to each other): with
+    ``any_modality`` audio 0 - image 1 is a positive too; absent text matches nothing."""
+    text = torch.tensor([[5, 6], [5, 6], [0, 0], [0, 0]], dtype=torch.int32)
+    audio, image = torch.randn(4, 6), torch.randn(4, 5)
+    keys = {"text": input_keys(text), "audio": input_keys(audio), "image": input_keys(image)}
+    rng = np.random.default_rng(2)
+    features = {m: torch.tensor(_normed(rng, 4, 8)) for m in ("audio", "image", "text")}
+    present = {m: torch.ones(4, dtype=torch.bool) for m in features}
+    present["text"] = torch.tensor([True, True, False, False])
+    pairs, scale = [("audio", "image")], torch.tensor(10.0)
+    runs = {
+        any_modality: contrastive_loss(
+            features,
+            present,
+            pairs,
+            kind="infonce",
+            scale=scale,
+            keys=keys,
+            any_modality=any_modality,
+        )  # fmt: skip
+        for any_modality in (False, True)
+    }
+    assert runs[False][1]["positives_audio_image"] == 1.0  # audio and image all differ
+    assert runs[True][1]["positives_audio_image"] == (2 + 2 + 1 + 1) / 4
+    a, b = features["audio"].numpy(), features["image"].numpy()
+    p = np.eye(4, dtype=bool)
+    p[0, 1] = p[1, 0] = True
+    assert float(runs[True][0]) == pytest.approx(np_multi_positive(a, b, 10.0, p), rel=1e-6)
+
+
 def test_input_keys_match_identical_rows_only():
     x = torch.rand(5, 3, 8, 8)
     x[3] = x[1]

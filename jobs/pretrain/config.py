@@ -155,8 +155,10 @@ class LossConfig(_Model):
     init_bias: float = -10.0  # SigLIP only: starts every pair as "probably negative"
     # positive: rows with an identical input (caption, ids, image) in either modality of a
     # pair are positives of each other, not negatives (multi-positive InfoNCE / SigLIP);
-    # negative: every other row is a negative, as CLIP's loss has it
-    duplicates: Literal["positive", "negative"] = "positive"
+    # negative: every other row is a negative, as CLIP's loss has it;
+    # any: rows sharing an identical input in any modality (the same caption) are the same
+    # thing, positives in every pair (the audio of one and the image of the other too)
+    duplicates: Literal["positive", "any", "negative"] = "positive"
     # > 0: add this weight of a supervised term where same-label rows are positives (needs
     # the feature set's `label` column; rows without a label only count as themselves)
     supervised_weight: float = Field(0.0, ge=0)

@@ -115,12 +115,14 @@ def contrastive_loss(
     keys: dict[str, torch.Tensor] | None = None,
     labels: torch.Tensor | None = None,
     supervised_weight: float = 0.0,
+    any_modality: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean loss over the pairs that have >= 2 rows with both modalities, and per-pair values.
 
     ``features`` are this worker's normalised features (one tensor per modality,
     same row order); ``present`` the boolean masks of rows that have the modality.
-    ``keys`` (``input_keys`` per modality) make rows with an identical input positives;
+    ``keys`` (``input_keys`` per modality) make rows with an identical input in the pair's
+    modalities positives (in any modality both rows have, with ``any_modality``);
     ``labels`` (int64, -1 unknown) with ``supervised_weight`` add a term where every
     same-label row is a positive.
     """
@@ -146,9 +148,11 @@ def contrastive_loss(
             continue
         a, b = every[ma][valid], every[mb][valid]
         positives = torch.eye(n, dtype=torch.bool, device=a.device)
-        for m in (ma, mb):
+        for m in every_key if any_modality else (ma, mb):
             if m in every_key:
-                positives |= same_key(every_key[m][valid])
+                both = masks[m][valid]  # an absent modality's zeros are not an input
+                same = same_key(every_key[m][valid]) & both[:, None] & both[None, :]
+                positives |= same
         if every_key:  # how many false negatives the duplicates rule took out
             stats[f"positives_{ma}_{mb}"] = float(positives.sum()) / n
         value = _pair_loss(kind, a, b, scale, bias, positives)

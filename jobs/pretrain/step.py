@@ -74,7 +74,7 @@ class Stepper:
         # keys of the inputs as stored: augmentation makes identical inputs differ
         keys = (
             {m: input_keys(batch[f"x_{m}"]) for m in towers}
-            if loss_cfg.duplicates == "positive"
+            if loss_cfg.duplicates != "negative"
             else None
         )
         if self.cfg.augment is not None:
@@ -99,6 +99,7 @@ class Stepper:
             scale=out["scale"],
             bias=out["bias"] if loss_cfg.kind == "siglip" else None,
             keys=keys,
+            any_modality=loss_cfg.duplicates == "any",
             labels=batch.get("label"),
             supervised_weight=loss_cfg.supervised_weight,
         )
