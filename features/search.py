@@ -18,7 +18,8 @@ embedded by the encode stage's ``embed_query`` hook and passed as ``vector=``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +29,7 @@ from deltalake import DeltaTable
 
 from features.ann import load_index
 from features.errors import StoreError
+from features.schema import ORIGINAL_VIEW
 from features.tables import TableStore, Version, string_field
 from features.vectors import (
     CHUNK_ROWS,
@@ -44,7 +46,58 @@ from features.vectors import (
 )
 
 RESULT_SAMPLE_COLUMNS = ["source", "source_uri", "text", "metadata"]
-_CACHE: dict[tuple[str, int, str], tuple[pa.Table, np.ndarray]] = {}
+
+
+@dataclass(frozen=True)
+class ResidentColumn:
+    """One embedding column of one feature-set version held in memory (a notebook's, a
+    service replica's): an exact search is one matrix product, no Parquet decode per
+    query. Versions are immutable, so a resident column never goes stale; a newer
+    version is a new ``ResidentColumn``."""
+
+    column: EmbeddingColumn
+    keys: pa.Table
+    matrix: np.ndarray
+
+    @classmethod
+    def load(
+        cls,
+        store: TableStore,
+        feature_set: str,
+        column: str | None = None,
+        version: Version = None,
+        rows: int = CHUNK_ROWS,
+    ) -> ResidentColumn:
+        dt, col = embedding_column(store, feature_set, column, version)
+        return cls(col, *load_matrix(store, dt, col, rows))
+
+    def vector_of(self, sample_id: str, view: int = ORIGINAL_VIEW) -> np.ndarray:
+        """The stored (normalised) embedding of one row."""
+        match = pc.and_(
+            pc.equal(self.keys.column("sample_id"), sample_id),
+            pc.equal(self.keys.column("view"), view),
+        )
+        rows = np.flatnonzero(match.to_numpy(zero_copy_only=False))
+        if not len(rows):
+            raise StoreError(f"no row sample_id={sample_id!r} view={view} in {self.column.table}")
+        return self.matrix[rows[0]]
+
+    def search(
+        self,
+        store: TableStore,
+        q: np.ndarray,
+        k: int,
+        *,
+        where: str | None = None,
+        exclude: Sequence[str] = (),
+    ) -> pa.Table:
+        """Top-``k`` by cosine to the normalised query ``q``, with the samples' columns."""
+        rows = None if where is None else where_rows(store, self.keys, where)
+        hits = _top_k_dense(self.keys, self.matrix, q, k, rows=rows, exclude=list(exclude))
+        return _with_samples(store, hits)
+
+
+_CACHE: dict[tuple[str, int, str], ResidentColumn] = {}
 
 
 def search(
@@ -76,9 +129,7 @@ def search(
     if method == "ann":
         hits = load_index(store, col).search(store, q, k, where=where, exclude=exclude)
     elif cache:
-        keys, matrix = _cached(store, dt, col, chunk_rows)
-        rows = None if where is None else where_rows(store, keys, where)
-        hits = _top_k_dense(keys, matrix, q, k, rows=rows, exclude=exclude)
+        return _cached(store, dt, col, chunk_rows).search(store, q, k, where=where, exclude=exclude)
     else:
         hits = _top_k_stream(chunks(store, dt, col, where, chunk_rows), q, k, exclude)
     return _with_samples(store, hits)
@@ -126,13 +177,11 @@ def _top_k_dense(
     return hits_table(keys.take(top), scores[top])
 
 
-def _cached(
-    store: TableStore, dt: DeltaTable, col: EmbeddingColumn, rows: int
-) -> tuple[pa.Table, np.ndarray]:
+def _cached(store: TableStore, dt: DeltaTable, col: EmbeddingColumn, rows: int) -> ResidentColumn:
     key = (store.table_uri(col.table), col.version, col.column)
     if key not in _CACHE:
         _CACHE.clear()  # one matrix at a time: the cache is for one hot version, not a store
-        _CACHE[key] = load_matrix(store, dt, col, rows)
+        _CACHE[key] = ResidentColumn(col, *load_matrix(store, dt, col, rows))
     return _CACHE[key]
 
 

@@ -20,6 +20,7 @@ from jobs.build import build_command
 from jobs.cli_cluster import register as register_cluster
 from jobs.cli_query import register as register_query
 from jobs.cli_runs import register as register_runs
+from jobs.cli_serve import serve_command
 from jobs.cli_train import evaluate, train, tune
 from jobs.encode import encode_command
 from jobs.errors import open_store, user_errors
@@ -101,6 +102,7 @@ app.command("encode")(encode_command)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("tune")(tune)
+app.command("serve")(serve_command)
 register_cluster(app)  # submit, jobs, schedule
 register_query(app, store_app)  # query, search, store diff/vacuum/optimize/stats/index/lineage
 register_runs(app)  # runs ls / show

@@ -21,7 +21,7 @@ from features.errors import StoreError
 from features.keys import semi_join
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import FEATURE_KEY_FIELDS, ORIGINAL_VIEW, feature_schema
-from features.tables import TableStore
+from features.tables import TableStore, Version
 from pipelines.encoders import EncoderConfig, encoder_class, get_encoder, is_builtin
 from pipelines.encoders.base import Encoder, device_for_actor
 from pipelines.errors import EncodeFailed, SpecError
@@ -302,17 +302,41 @@ def embed_query(
     """Embed a search query with the feature set's own encoder (the one recorded in it).
 
     A text query against a joint feature set (CLIP, CLAP) lands in the same space as
-    its image / audio embeddings, so text finds images. Refuses when the encoder's
-    model or config changed since the feature set was built. A store's metadata is
-    data: an encoder it names by import path (``package.module:Class``) is imported
-    only with ``trust_store_code``; built-in encoders need no trust.
+    its image / audio embeddings, so text finds images. See ``query_encoder`` for what
+    is refused.
     """
     given = {"text": text, "image": image_bytes, "audio": audio_bytes}
     modality, value = next(((m, v) for m, v in given.items() if v is not None), (None, None))
     if modality is None:
         raise StoreError("embed_query needs text=, image_bytes= or audio_bytes=")
+    encoder = query_encoder(store, feature_set, modality, trust_store_code=trust_store_code)
+    return embed_value(encoder, modality, value)
+
+
+def embed_value(encoder: Encoder, modality: str, value: str | bytes) -> np.ndarray:
+    """One text or one media file through a loaded ``query_encoder``: its embedding."""
+    column = pa.array([value], pa.string() if modality == "text" else pa.binary())
+    outputs = encoder.encode(encoder.preprocess(pa.table({modality: column})))
+    if not outputs[f"{modality}_mask"][0]:
+        raise StoreError(f"the {modality} query could not be decoded")
+    return np.asarray(outputs[f"{modality}_emb"][0], np.float32)
+
+
+def query_encoder(
+    store: TableStore,
+    feature_set: str,
+    modality: str,
+    *,
+    version: Version = None,
+    trust_store_code: bool = False,
+) -> Encoder:
+    """The feature set's recorded encoder that embeds ``modality``, loaded (a service
+    keeps it for every query). Refuses when the encoder's model or config changed since
+    the feature set was built. A store's metadata is data: an encoder it names by import
+    path (``package.module:Class``) is imported only with ``trust_store_code``; built-in
+    encoders need no trust."""
     name = feature_table(feature_set)
-    meta = FeatureSetMeta.of(store, store.delta(name), table=name)
+    meta = FeatureSetMeta.of(store, store.delta(name, version), table=name)
     for entry in meta.encoders:
         if entry.config is None:
             continue
@@ -337,9 +361,7 @@ def embed_query(
                 "(its model or config hash differs); re-encode before searching with it"
             )
         encoder.load(device_for_actor())
-        column = pa.array([value], pa.string() if modality == "text" else pa.binary())
-        outputs = encoder.encode(encoder.preprocess(pa.table({modality: column})))
-        return np.asarray(outputs[f"{modality}_emb"][0], np.float32)
+        return encoder
     encoders = [e.name for e in meta.encoders]
     if any(e.config is None for e in meta.encoders):
         raise StoreError(

@@ -1,0 +1,83 @@
+"""``mmfp serve``: run the store's HTTP service (``jobs.serve.app``) until Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobs.errors import user_errors
+from jobs.options import DEFAULT_STORE, RayAddressOpt, StoreOpt, key_values
+from jobs.report import console
+from pipelines.errors import MmfpError
+
+TOKEN_ENV = "MMFP_SERVE_TOKEN"
+
+
+@user_errors
+def serve_command(
+    store: StoreOpt = DEFAULT_STORE,
+    feature_set: Annotated[
+        list[str] | None, typer.Option(help="Serve only these feature sets (repeatable).")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes it to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas, each holding the matrices.")] = 1,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help=f"File holding the bearer token (else ${TOKEN_ENV}; none: no auth)."),
+    ] = None,
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.1, help="How often a replica looks for a newer version.")
+    ] = 5.0,
+    storage_option: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE for the store (repeatable).")
+    ] = None,
+    trust_store_code: Annotated[
+        bool, typer.Option(help="Import encoders the store names by import path.")
+    ] = False,
+    address: RayAddressOpt = None,
+) -> None:
+    """Serve the store over HTTP (Ray Serve): search, embed, online features, samples, media."""
+    from ray import serve
+
+    from features.storage import normalize_uri
+    from jobs.runtime import init_ray
+    from jobs.serve.app import StoreService
+
+    token = read_token(token_file)
+    init_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    app = StoreService.options(num_replicas=replicas).bind(
+        normalize_uri(store),
+        storage_options=key_values(storage_option, "--storage-option"),
+        feature_sets=feature_set or None,
+        token=token,
+        poll_seconds=poll_seconds,
+        trust_store_code=trust_store_code,
+    )
+    serve.run(app, name="mmfp", route_prefix="/")
+    auth = "bearer token required" if token else "no token: anyone who can connect may read"
+    console.print(f"serving {store} at http://{host}:{port} ({auth}); API docs at /docs")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+def read_token(path: Path | None) -> str | None:
+    """The token from ``path`` or ``$MMFP_SERVE_TOKEN``: one word, never printed."""
+    raw = path.read_text(encoding="utf-8") if path else os.environ.get(TOKEN_ENV)
+    if raw is None:
+        return None
+    token = raw.strip()
+    if not token or any(c.isspace() for c in token):
+        where = str(path) if path else f"${TOKEN_ENV}"
+        raise MmfpError(f"{where}: the token must be one word (no spaces or line breaks)")
+    return token

@@ -1,0 +1,301 @@
+"""The HTTP API of ``mmfp serve``: a Ray Serve deployment with a FastAPI ingress.
+
+Each replica holds the served feature sets' embedding matrices (``ServedStore``) and
+polls the Delta log every ``poll_seconds``; a newer version is loaded beside the
+served one and swapped in. Read-only. With a token, every route but ``/healthz`` needs
+``Authorization: Bearer <token>`` (401 otherwise; the token is never logged). Bad
+requests are a 4xx with a one-line JSON error; an unexpected error is a 500 with a
+one-line JSON error too, never a traceback.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations at
+# run time, and Serve's class-based view does not resolve them from strings.
+
+import base64
+import binascii
+import hmac
+import logging
+import mimetypes
+import threading
+import time
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pyarrow.compute as pc
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from features.errors import StoreError
+from features.metadata import feature_table
+from features.store import FeatureStore
+from features.summary import table_summary
+from features.tables import string_field
+from jobs.serve.resident import NotServed, ServedStore
+from pipelines.errors import MmfpError
+
+log = logging.getLogger("mmfp.serve")
+MAX_BODY_BYTES = 32 * 2**20  # an uploaded query file, base64 included
+MAX_IDS = 1000
+MEDIA_TYPES = {"image": "image_format", "audio": "audio_format"}
+
+api = FastAPI(
+    title="mmfp serve",
+    description="Online features and nearest neighbours of an mmfp feature store.",
+)
+
+
+class Unauthorized(MmfpError):
+    pass
+
+
+@api.exception_handler(NotServed)
+async def _not_found(_: Request, e: NotServed) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=404)
+
+
+@api.exception_handler(Unauthorized)
+async def _unauthorized(_: Request, e: Unauthorized) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+@api.exception_handler(MmfpError)
+async def _bad_request(_: Request, e: MmfpError) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(e).split())}, status_code=400)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return JSONResponse({"error": f"{where}: {first.get('msg')}".strip(": ")}, status_code=422)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    log.exception("unexpected error")  # the replica's log has the traceback, the client not
+    return JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
+
+
+@api.middleware("http")
+async def _bounded(request: Request, call_next: Any) -> Response:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
+    return await call_next(request)
+
+
+def _authorized(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """With a token, the request must carry it (checked before the body is validated)."""
+    token = getattr(request.app.state, "token", None)
+    if token is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("missing or wrong bearer token")
+
+
+class SearchRequest(BaseModel):
+    """Exactly one query: ``text``, ``image``/``audio`` (a file, base64), ``vector`` or a
+    stored ``sample_id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature_set: str
+    column: str | None = None  # the embedding column; may be left out when there is one
+    k: int = Field(10, ge=1, le=1000)
+    where: str | None = Field(None, max_length=2000)  # the same filter as `mmfp search`
+    text: str | None = Field(None, max_length=10_000)
+    image: str | None = None
+    audio: str | None = None
+    vector: list[float] | None = None
+    sample_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        given = [n for n in ("text", "image", "audio", "vector", "sample_id") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of text, image, audio, vector, sample_id; got {given}"
+            )
+        return self
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    feature_set: str
+    text: str | None = Field(None, max_length=10_000)
+    image: str | None = None
+    audio: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "EmbedRequest":
+        if sum(v is not None for v in (self.text, self.image, self.audio)) != 1:
+            raise ValueError("give exactly one of text, image, audio")
+        return self
+
+
+# Helpers come before the deployment: Serve pickles the class when it is decorated.
+
+
+def _query_input(text: str | None, image: str | None, audio: str | None) -> tuple[str, str | bytes]:
+    if text is not None:
+        return "text", text
+    modality, encoded = ("image", image) if image is not None else ("audio", audio)
+    try:
+        return modality, base64.b64decode(encoded or "", validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise StoreError(f"{modality}: not base64 ({e})") from e
+
+
+def _unit(vector: Any, dim: int) -> np.ndarray:
+    q = np.asarray(vector, np.float32).reshape(-1)
+    if q.shape != (dim,) or not np.isfinite(q).all() or not np.linalg.norm(q):
+        raise StoreError(f"the query vector must be {dim} finite numbers, not all zero")
+    return q / np.linalg.norm(q)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class StoreService:
+    """One replica: the served feature sets in memory, a poller that swaps versions."""
+
+    def __init__(
+        self,
+        store_uri: str,
+        *,
+        storage_options: dict[str, str] | None = None,
+        feature_sets: list[str] | None = None,
+        token: str | None = None,
+        poll_seconds: float = 5.0,
+        trust_store_code: bool = False,
+    ) -> None:
+        api.state.token = token  # read by `_authorized` (one deployment per replica process)
+        self.store = FeatureStore(store_uri, storage_options=storage_options)
+        self.served = ServedStore(self.store, feature_sets)
+        self.trust = trust_store_code
+        self.poll_seconds = poll_seconds
+        threading.Thread(target=self._poll, name="mmfp-serve-poll", daemon=True).start()
+
+    def _poll(self) -> None:
+        """Load newer versions as they are committed, beside the served ones (a thread)."""
+        while True:
+            time.sleep(self.poll_seconds)
+            try:
+                if self.served.refresh():
+                    log.info("now serving %s", self.served.versions())
+            except Exception:  # a failed load keeps the served versions; try again later
+                log.exception("refresh failed; still serving %s", self.served.versions())
+
+    # ---- routes -----------------------------------------------------------------------
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "feature_sets": self.served.versions()}
+
+    @api.get("/tables", dependencies=[Depends(_authorized)])
+    def tables(self) -> list[dict[str, Any]]:
+        return [table_summary(self.store, name) for name in self.store.tables()]
+
+    @api.post("/search", dependencies=[Depends(_authorized)])
+    def search(self, body: SearchRequest) -> dict[str, Any]:
+        served = self.served.get(body.feature_set)
+        column = served.column(body.column)
+        if body.sample_id is not None:
+            q, exclude = column.vector_of(body.sample_id), [body.sample_id]
+        elif body.vector is not None:
+            q, exclude = _unit(body.vector, column.column.dim), []
+        else:
+            modality, value = _query_input(body.text, body.image, body.audio)
+            q, exclude = _unit(self._embed(served, modality, value), column.column.dim), []
+        hits = column.search(self.store, q, body.k, where=body.where, exclude=exclude)
+        return {
+            "feature_set": served.name,
+            "version": served.version,
+            "column": column.column.column,
+            "hits": hits.to_pylist(),
+        }
+
+    @api.post("/embed", dependencies=[Depends(_authorized)])
+    def embed(self, body: EmbedRequest) -> dict[str, Any]:
+        served = self.served.get(body.feature_set)
+        modality, value = _query_input(body.text, body.image, body.audio)
+        vector = self._embed(served, modality, value)
+        return {"feature_set": served.name, "version": served.version, "modality": modality,
+                "embedding": vector.tolist()}  # fmt: skip
+
+    @api.get("/features/{feature_set}", dependencies=[Depends(_authorized)])
+    def features(
+        self,
+        feature_set: str,
+        ids: Annotated[str, Query(max_length=100_000, description="comma-separated sample ids")],
+    ) -> dict[str, Any]:
+        """Online feature lookup (Feast's get-online-features): the original rows of ``ids``
+        at the served version, embeddings included; unknown ids are left out."""
+        served = self.served.get(feature_set)
+        wanted = [i for i in ids.split(",") if i][:MAX_IDS]
+        rows = self.store.to_arrow(
+            feature_table(feature_set),
+            served.version,
+            filter=string_field("sample_id").isin(wanted) & (pc.field("view") == -1),
+        )
+        return {"feature_set": feature_set, "version": served.version, "rows": rows.to_pylist()}
+
+    @api.get("/samples/{sample_id}", dependencies=[Depends(_authorized)])
+    def sample(self, sample_id: str) -> dict[str, Any]:
+        row = self._sample(sample_id)
+        return {k: v for k, v in row.items() if k not in ("image", "audio")}
+
+    @api.get("/media/{sample_id}/{modality}", dependencies=[Depends(_authorized)])
+    def media(
+        self,
+        sample_id: str,
+        modality: Literal["image", "audio"],
+    ) -> Response:
+        row = self._sample(sample_id)
+        if row.get(modality) is None:
+            raise NotServed(f"sample {sample_id!r} has no {modality}")
+        kind = str(row.get(MEDIA_TYPES[modality]) or "")
+        content_type = mimetypes.types_map.get(f".{kind.lower()}", "application/octet-stream")
+        return Response(row[modality], media_type=content_type)
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _sample(self, sample_id: str) -> dict[str, Any]:
+        if not self.store.exists("samples"):
+            raise NotServed("the store has no samples table")
+        rows = self.store.to_arrow("samples", filter=string_field("sample_id") == sample_id)
+        if rows.num_rows == 0:
+            raise NotServed(f"no sample {sample_id!r}")
+        return rows.slice(0, 1).to_pylist()[0]
+
+    def _embed(self, served: Any, modality: str, value: str | bytes) -> np.ndarray:
+        from pipelines.encode import embed_value, query_encoder
+
+        encoder = served.encoders.get(modality)
+        if encoder is None:  # loaded once per served version and modality
+            encoder = query_encoder(self.store, served.name, modality, version=served.version,
+                                    trust_store_code=self.trust)  # fmt: skip
+            served.encoders[modality] = encoder
+        return embed_value(encoder, modality, value)
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """For ``serve run jobs.serve.app:app_builder store=URI [feature_sets=a,b]
+    [token_env=VAR] [poll_seconds=5]`` and a Serve config file (``deploy/serve.yaml``)."""
+    import os
+
+    token_env = args.get("token_env")
+    token = os.environ.get(token_env) if token_env else None
+    if token_env and not token:
+        raise MmfpError(f"token_env={token_env}: that environment variable is empty")
+    names = [n for n in args.get("feature_sets", "").split(",") if n] or None
+    return StoreService.bind(
+        args["store"],
+        feature_sets=names,
+        token=token,
+        poll_seconds=float(args.get("poll_seconds", 5.0)),
+    )
