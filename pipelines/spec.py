@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,8 @@ from pipelines.augment_spec import AugmentSpec
 from pipelines.encode import EncodeSpec
 from pipelines.errors import SpecError
 from pipelines.label import LabelSpec
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Model(BaseModel):
@@ -211,15 +213,21 @@ def load_spec(path: str | Path) -> PipelineSpec:
 
 
 def parse_spec(raw: dict[str, Any], *, origin: str = "<spec>") -> PipelineSpec:
+    return validated(PipelineSpec, raw, origin)
+
+
+def validated(model: type[M], raw: Any, origin: str, what: str = "spec") -> M:
+    """``raw`` as ``model`` (a spec, a train or head config), or a ``SpecError`` that
+    names every bad field."""
     try:
-        return PipelineSpec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(format_validation_error(e, origin)) from e
+        raise SpecError(format_validation_error(e, origin, what)) from e
 
 
-def format_validation_error(error: ValidationError, origin: str) -> str:
+def format_validation_error(error: ValidationError, origin: str, what: str = "spec") -> str:
     """One line per problem: the field path, what is wrong, and the allowed values."""
-    lines = [f"invalid spec {origin}:"]
+    lines = [f"invalid {what} {origin}:"]
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]

@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from features.storage import is_local, join_uri, normalize_uri, redact
-from pipelines.errors import SpecError
-from pipelines.spec import format_validation_error, read_yaml_mapping
+from pipelines.spec import read_yaml_mapping, validated
 
 
 class _Model(BaseModel):
@@ -108,11 +107,7 @@ class HeadConfig(_Model):
 
 
 def parse_head_config(raw: dict[str, Any], origin: str = "<dict>") -> HeadConfig:
-    try:
-        return HeadConfig.model_validate(raw)
-    except ValidationError as e:
-        message = format_validation_error(e, origin).replace("invalid spec", "invalid head config")
-        raise SpecError(message) from e
+    return validated(HeadConfig, raw, origin, "head config")
 
 
 def load_head_config(path: str | Path) -> HeadConfig:

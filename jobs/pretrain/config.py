@@ -13,11 +13,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.storage import join_uri, normalize_uri, redact
-from pipelines.errors import SpecError
-from pipelines.spec import format_validation_error, read_yaml_mapping
+from pipelines.spec import read_yaml_mapping, validated
 
 Modality = Literal["text", "image", "audio"]
 
@@ -322,11 +321,7 @@ class TrainConfig(_Model):
 
 def parse_config(raw: dict[str, Any], origin: str = "<dict>") -> TrainConfig:
     """Validate a config mapping; ``SpecError`` names every bad field."""
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        message = format_validation_error(e, origin).replace("invalid spec", "invalid train config")
-        raise SpecError(message) from e
+    return validated(TrainConfig, raw, origin, "train config")
 
 
 def load_config(path: str | Path) -> TrainConfig:
