@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import time
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -64,11 +65,12 @@ def serve_command(
     serve.run(app, name="mmfp", route_prefix="/")
     auth = "bearer token required" if token else "no token: anyone who can connect may read"
     console.print(f"serving {store} at http://{host}:{port} ({auth}); API docs at /docs")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    stop = threading.Event()  # Ctrl-C, or SIGTERM from systemd / docker stop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    console.print("stopping")
+    serve.shutdown()
 
 
 def read_token(path: Path | None) -> str | None:

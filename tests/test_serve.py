@@ -209,7 +209,7 @@ def test_a_new_version_is_swapped_in_without_losing_a_request(serve_http, tmp_pa
 
 def test_mmfp_serve_runs_the_app_from_the_command_line(tmp_path):
     """The one command a user runs: its own local Ray, loopback, a token from a file;
-    Ctrl-C stops it."""
+    SIGTERM (docker stop, systemd) stops it, as Ctrl-C does."""
     import os
     import signal
     import subprocess
@@ -237,12 +237,14 @@ def test_mmfp_serve_runs_the_app_from_the_command_line(tmp_path):
         assert requests.get(f"{url}/tables", timeout=10).status_code == 401
         assert requests.get(f"{url}/tables", headers=AUTH, timeout=10).status_code == 200
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         reader.join(timeout=10)
     output = "".join(lines)
     assert TOKEN not in output  # never printed
     assert "bearer token required" in output
+    assert "stopping" in output
+    assert proc.returncode == 0
 
 
 def test_a_token_must_be_one_word(tmp_path):
