@@ -41,3 +41,17 @@ def test_memory_benchmark_runs_at_a_tiny_size(tmp_path):
         assert float(line.split("= ")[1].split()[0]) > 0
     rows = [x.split() for x in proc.stdout.splitlines() if x.startswith(("build ", "search "))]
     assert all(float(r[1]) > 50 for r in rows)  # MiB: at least an interpreter with pyarrow
+
+
+def test_serve_benchmark_runs_at_a_tiny_size():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/serve.py", "--rows", "500", "--queries", "4",
+         "--concurrency", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "same top-10 as bare in 4/4" in out  # the service answers what NumPy answers
+    assert "concurrency   2: " in out
+    assert "commit -> served: " in out

@@ -1,0 +1,159 @@
+"""Serve benchmark (issue 15): exact top-10 through ``mmfp serve`` against bare NumPy.
+
+    python benchmarks/serve.py [--rows 1000000] [--dim 384] [--queries 50]
+                               [--concurrency 1,8,32] [--replicas 1]
+
+One run, one machine. A feature set of ``--rows`` unit vectors is written to a
+temporary store and served by ``jobs.serve.app.StoreService`` on a local Ray (Serve's
+proxy on 127.0.0.2). Then:
+
+- **latency**: each query is timed bare (``X @ q`` + top 10 on the same in-memory
+  float32 matrix, in this process) and right after through the service (HTTP POST
+  ``/search`` with the vector, keep-alive); p50 / p99 of both and the median of the
+  per-query ratios (target <= 1.5, the HTTP hop included);
+- **throughput** at each ``--concurrency`` (threads, each its own connection): queries
+  per second, p50 / p99 latency;
+- **swap**: seconds from a commit of a new version to the service answering with it
+  (the replicas poll every 0.5 s here);
+- **memory**: the replicas' resident memory against the matrix's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+
+from benchmarks.search import bare_top10, make_vectors, write_store  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def replica_rss() -> int:
+    """Resident bytes of the Serve replica processes (their command line names them)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"ServeReplica" in (proc / "cmdline").read_bytes():
+                status = (proc / "status").read_text()
+                total += int(status.split("VmRSS:")[1].split()[0]) * 1024
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--data", choices=["clustered", "gaussian"], default="clustered")
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--noise", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from jobs.serve.app import StoreService
+
+    vectors = make_vectors(args)
+    queries = make_vectors(argparse.Namespace(**{**vars(args), "rows": args.queries, "seed": 99}))
+    with tempfile.TemporaryDirectory(prefix="mmfp-bench-serve-") as tmp:
+        store = write_store(Path(tmp) / "store", vectors, "sink")
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+            port = s.getsockname()[1]
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.2", "port": port})
+        t0 = time.perf_counter()
+        app = StoreService.options(num_replicas=args.replicas).bind(store.uri, poll_seconds=0.5)
+        serve.run(app, name="bench", route_prefix="/")
+        url = f"http://127.0.0.2:{port}"
+        print(f"served {args.rows:,} x {args.dim} in {time.perf_counter() - t0:.1f} s "
+              f"({args.replicas} replica(s))")  # fmt: skip
+        session = requests.Session()
+
+        def ask(q: np.ndarray, http: requests.Session = session) -> list[str]:
+            body = {"feature_set": "bench", "k": 10, "vector": q.tolist()}
+            reply = http.post(f"{url}/search", json=body, timeout=120)
+            reply.raise_for_status()
+            return [h["sample_id"] for h in reply.json()["hits"]]
+
+        ask(queries[0])  # warm the connection and the replica
+        bare, served, ratios, agree = [], [], [], 0
+        for q in queries:
+            t = time.perf_counter()
+            top = bare_top10(vectors, q)
+            bare.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ids = ask(q)
+            served.append(time.perf_counter() - t)
+            ratios.append(served[-1] / bare[-1])
+            agree += ids == [f"s{i:08d}" for i in top]
+        print(f"bare NumPy   p50 {percentile(bare, 50) * 1e3:8.2f} ms  p99 "
+              f"{percentile(bare, 99) * 1e3:8.2f} ms")  # fmt: skip
+        print(f"service      p50 {percentile(served, 50) * 1e3:8.2f} ms  p99 "
+              f"{percentile(served, 99) * 1e3:8.2f} ms")  # fmt: skip
+        print(f"service / bare: median of per-query ratios {statistics.median(ratios):.2f}, "
+              f"p50 {percentile(served, 50) / percentile(bare, 50):.2f}, p99 "
+              f"{percentile(served, 99) / percentile(bare, 99):.2f} (target <= 1.5); same "
+              f"top-10 as bare in {agree}/{len(queries)}")  # fmt: skip
+
+        def worker(offset: int, latencies: list[float]) -> None:
+            http = requests.Session()
+            for i in range(args.queries):
+                t = time.perf_counter()
+                ask(queries[(i + offset) % len(queries)], http)
+                latencies.append(time.perf_counter() - t)  # list.append is atomic
+
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            latencies: list[float] = []
+            threads = [
+                threading.Thread(target=worker, args=(n, latencies)) for n in range(concurrency)
+            ]
+            t0 = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            wall = time.perf_counter() - t0
+            print(f"concurrency {concurrency:3d}: {len(latencies) / wall:8.1f} q/s, p50 "
+                  f"{percentile(latencies, 50) * 1e3:.1f} ms, p99 "
+                  f"{percentile(latencies, 99) * 1e3:.1f} ms")  # fmt: skip
+
+        matrix_bytes = vectors.nbytes
+        rss = replica_rss()
+        print(f"replica memory: {rss / 2**20:,.0f} MiB resident for a "
+              f"{matrix_bytes / 2**20:,.0f} MiB matrix ({args.replicas} replica(s))")  # fmt: skip
+
+        before = requests.get(f"{url}/healthz", timeout=30).json()["feature_sets"]["bench"]
+        write_store(Path(tmp) / "store", vectors[:1000], "sink")  # a new version
+        t0 = time.perf_counter()
+        while requests.get(f"{url}/healthz", timeout=30).json()["feature_sets"]["bench"] == before:
+            time.sleep(0.05)
+        print(f"commit -> served: {time.perf_counter() - t0:.2f} s (poll every 0.5 s)")
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
