@@ -71,6 +71,20 @@ class ResidentColumn:
         dt, col = embedding_column(store, feature_set, column, version)
         return cls(col, *load_matrix(store, dt, col, rows))
 
+    def at(self, store: TableStore, version: int, rows: int = CHUNK_ROWS) -> ResidentColumn:
+        """This column at a newer ``version``: when that version only added files (an
+        append, a build's commit), only those are read and stacked under the rows held;
+        otherwise (rows removed, files rewritten) the whole version is loaded."""
+        dt, col = embedding_column(store, self.column.name, self.column.column, version)
+        held = _files(store.delta(self.column.table, self.column.version))
+        now = _files(dt)
+        if not held <= now or col.dim != self.column.dim:
+            return ResidentColumn(col, *load_matrix(store, dt, col, rows))
+        keys, matrix = load_matrix(store, dt, col, rows, files=now - held)
+        return ResidentColumn(
+            col, pa.concat_tables([self.keys, keys]), np.concatenate([self.matrix, matrix])
+        )
+
     def vector_of(self, sample_id: str, view: int = ORIGINAL_VIEW) -> np.ndarray:
         """The stored (normalised) embedding of one row."""
         match = pc.and_(
@@ -98,6 +112,11 @@ class ResidentColumn:
 
 
 _CACHE: dict[tuple[str, int, str], ResidentColumn] = {}
+
+
+def _files(dt: DeltaTable) -> set[str]:
+    """The data files of a table version, relative to the table."""
+    return set(pa.table(dt.get_add_actions(flatten=True)).column("path").to_pylist())
 
 
 def search(

@@ -18,6 +18,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
 from features.duck import connect
@@ -126,15 +127,21 @@ def as_matrix(column: pa.ChunkedArray | pa.Array, dim: int, name: str = "") -> n
 
 
 def chunks(
-    store: TableStore, dt: DeltaTable, col: EmbeddingColumn, where: str | None, rows: int
+    store: TableStore,
+    dt: DeltaTable,
+    col: EmbeddingColumn,
+    where: str | None,
+    rows: int,
+    dataset: pads.Dataset | None = None,
 ) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """(keys, matrix) per batch of the column's non-null rows (``where``: a SQL filter).
+    """(keys, matrix) per batch of the column's non-null rows (``where``: a SQL filter;
+    ``dataset``: some of the version's files instead of all of them).
 
     Rows come L2-normalised: a column stored without normalisation is normalised here.
     """
     label = f"{col.table}.{col.column}"
     if where is None:
-        reader = store.dataset_of(col.table, dt).to_batches(
+        reader = (dataset or store.dataset_of(col.table, dt)).to_batches(
             columns=[*KEYS, col.column], batch_size=rows
         )
     else:
@@ -155,14 +162,24 @@ def chunks(
 
 
 def load_matrix(
-    store: TableStore, dt: DeltaTable, col: EmbeddingColumn, rows: int = CHUNK_ROWS
+    store: TableStore,
+    dt: DeltaTable,
+    col: EmbeddingColumn,
+    rows: int = CHUNK_ROWS,
+    files: set[str] | None = None,
 ) -> tuple[pa.Table, np.ndarray]:
-    """All non-null rows of the column: their keys and one (n, dim) float32 matrix."""
+    """All non-null rows of the column (of only ``files``, paths relative to the table,
+    when given): their keys and one (n, dim) float32 matrix."""
     dataset = store.dataset_of(col.table, dt)
+    if files is not None:
+        fragments = [f for f in dataset.get_fragments() if f.path.lstrip("/") in files]
+        dataset = pads.FileSystemDataset(
+            fragments, dataset.schema, dataset.format, dataset.filesystem
+        )
     n = dataset.count_rows(filter=pc.is_valid(pc.field(col.column)))
     matrix = np.empty((n, col.dim), np.float32)
     keys, filled = [], 0
-    for batch_keys, chunk in chunks(store, dt, col, None, rows):
+    for batch_keys, chunk in chunks(store, dt, col, None, rows, dataset):
         matrix[filled : filled + len(chunk)] = chunk
         filled += len(chunk)
         keys.append(batch_keys)

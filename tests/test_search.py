@@ -273,3 +273,36 @@ def test_sql_and_search_on_object_storage(s3_options):
     assert meta["uri"].startswith(f"s3://{BUCKET}/search-store/_indexes/objs/v")
     approx = search(store, "objs", sample_id="o000", k=5, where="split <> 'val'", method="ann")
     assert approx["sample_id"].to_pylist() == hits["sample_id"].to_pylist()
+
+
+def test_a_resident_column_follows_appends_by_reading_only_new_files(tmp_path):
+    """An append stacks only the new files' rows under those held; a version that removed
+    rows is loaded whole. Either way it equals a fresh load of that version."""
+    from features.search import ResidentColumn
+    from jobs.demo.synthetic_features import write_synthetic_feature_set
+
+    store = FeatureStore(str(tmp_path))
+    first = write_synthetic_feature_set(store, "syn", per_class=3, files=1)
+    held = ResidentColumn.load(store, "syn", "image_emb", first)
+    second = write_synthetic_feature_set(store, "syn", per_class=3, files=1, seed=5)
+
+    def rows(column: ResidentColumn) -> list[str]:
+        """Every (sample_id, view, vector), sorted: the same ids appear in both versions."""
+        ids = column.keys.column("sample_id").to_pylist()
+        views = column.keys.column("view").to_pylist()
+        return sorted(
+            f"{i} {v} {np.round(x, 5).tolist()}"
+            for i, v, x in zip(ids, views, column.matrix, strict=True)
+        )
+
+    appended = held.at(store, second)
+    assert appended.column.version == second
+    assert appended.matrix.shape[0] == 2 * held.matrix.shape[0]
+    fresh = ResidentColumn.load(store, "syn", "image_emb", second)
+    assert rows(appended) == rows(fresh)
+    gone = held.keys.column("sample_id")[0].as_py()
+    store.delta("features/syn").delete(f"sample_id = '{gone}'")
+    third = store.version("features/syn")
+    after = appended.at(store, third)
+    assert gone not in after.keys.column("sample_id").to_pylist()
+    assert len(after.matrix) == len(ResidentColumn.load(store, "syn", "image_emb", third).matrix)

@@ -69,8 +69,12 @@ class ServedStore:
             if latest is None or (name in current and current[name].version == latest):
                 continue
             meta = FeatureSetMeta.of(self.store, self.store.delta(table, latest), table=table)
-            columns = {
-                c: ResidentColumn.load(self.store, name, c, latest) for c in meta.embeddings()
+            held = current[name].columns if name in current else {}
+            columns = {  # an append reads only its new files
+                c: held[c].at(self.store, latest)
+                if c in held
+                else ResidentColumn.load(self.store, name, c, latest)
+                for c in meta.embeddings()
             }
             current[name] = Served(name, latest, columns)
             changed.append(name)
