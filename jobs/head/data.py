@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -84,14 +83,13 @@ def _embedding_columns(store: TableStore, source: FeatureSetInput, version: int 
             f"inputs: feature set {info.name!r} v{info.version} has no embedding column "
             f"{unknown[0]!r}; it has: {', '.join(embeddings) or 'none'}"
         )
-    part = _empty_part(info.version)
+    part = _PartBuilder(info.version)
     for batch in _batches(store, info, columns):
-        _add_keys(part, batch)
+        part.add_keys(batch)
         for column in columns:
             x, present = dense(batch.column(column), info.shape(column), np.float32)
-            branch = f"{source.label}:{column.removesuffix('_emb')}"
-            _append(part, branch, x, present)
-    return _finish(part)
+            part.add(f"{source.label}:{column.removesuffix('_emb')}", x, present)
+    return part.finish()
 
 
 def _towers(store: TableStore, source: TowersInput, version: int | None) -> Part:
@@ -120,10 +118,10 @@ def _towers(store: TableStore, source: TowersInput, version: int | None) -> Part
                 f"{meta['input_shape']}; feature set {info.name!r} v{info.version} does not "
                 "have it (re-encode, or pin the version it trained on)"
             )
-    part = _empty_part(info.version)
+    part = _PartBuilder(info.version)
     columns = sorted({meta["input"] for _, meta in towers.values()})
     for batch in _batches(store, info, columns):
-        _add_keys(part, batch)
+        part.add_keys(batch)
         for modality, (tower, meta) in towers.items():
             column = meta["input"]
             ids = info.columns[column].dtype.startswith("int")
@@ -133,8 +131,8 @@ def _towers(store: TableStore, source: TowersInput, version: int | None) -> Part
                 inputs = torch.as_tensor(x[present].astype(np.int64) if ids else x[present])
                 with torch.no_grad():
                     out[present] = F.normalize(tower(inputs).float(), dim=-1).numpy()
-            _append(part, f"{source.label}:{modality}", out, present)
-    return _finish(part)
+            part.add(f"{source.label}:{modality}", out, present)
+    return part.finish()
 
 
 def _batches(store: TableStore, info: FeatureSetInfo, columns: list[str]) -> Iterator[pa.Table]:
@@ -145,29 +143,35 @@ def _batches(store: TableStore, info: FeatureSetInfo, columns: list[str]) -> Ite
             yield pa.Table.from_batches([batch])
 
 
-def _empty_part(version: int) -> dict[str, Any]:
-    return {"ids": [], "splits": [], "labels": [], "x": {}, "present": {}, "version": version}
+@dataclass
+class _PartBuilder:
+    """One input's rows as they are read, a batch at a time."""
 
+    version: int
+    ids: list[str] = field(default_factory=list)
+    splits: list[str | None] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    x: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    present: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
-def _add_keys(part: dict[str, Any], batch: pa.Table) -> None:
-    for key, name in (("ids", "sample_id"), ("splits", "split"), ("labels", "label")):
-        part[key] += batch.column(name).to_pylist()
+    def add_keys(self, batch: pa.Table) -> None:
+        self.ids += batch.column("sample_id").to_pylist()
+        self.splits += batch.column("split").to_pylist()
+        self.labels += batch.column("label").to_pylist()
 
+    def add(self, branch: str, x: np.ndarray, present: np.ndarray) -> None:
+        self.x.setdefault(branch, []).append(x)
+        self.present.setdefault(branch, []).append(present)
 
-def _append(part: dict[str, Any], branch: str, x: np.ndarray, present: np.ndarray) -> None:
-    part["x"].setdefault(branch, []).append(x)
-    part["present"].setdefault(branch, []).append(present)
-
-
-def _finish(part: dict[str, Any]) -> Part:
-    return Part(
-        ids=part["ids"],
-        splits=part["splits"],
-        labels=part["labels"],
-        x={b: np.concatenate(v) for b, v in part["x"].items()},
-        present={b: np.concatenate(v) for b, v in part["present"].items()},
-        version=part["version"],
-    )
+    def finish(self) -> Part:
+        return Part(
+            ids=self.ids,
+            splits=self.splits,
+            labels=self.labels,
+            x={b: np.concatenate(v) for b, v in self.x.items()},
+            present={b: np.concatenate(v) for b, v in self.present.items()},
+            version=self.version,
+        )
 
 
 def _join(parts: dict[str, Part]) -> Branches:
