@@ -45,7 +45,7 @@ from features.vectors import (
     where_rows,
 )
 
-RESULT_SAMPLE_COLUMNS = ["source", "source_uri", "text", "metadata"]
+RESULT_SAMPLE_COLUMNS = ["source", "source_uri", "text", "modalities", "metadata"]
 
 
 @dataclass(frozen=True)

@@ -42,17 +42,29 @@ def serve_command(
     trust_store_code: Annotated[
         bool, typer.Option(help="Import encoders the store names by import path.")
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Port of the Prometheus metrics (Ray Serve's and mmfp's) of a local run.",
+        ),
+    ] = None,  # fmt: skip
     address: RayAddressOpt = None,
 ) -> None:
     """Serve the store over HTTP (Ray Serve): search, embed, online features, samples, media."""
+    import ray
     from ray import serve
 
     from features.storage import normalize_uri
-    from jobs.runtime import init_ray
+    from jobs.runtime import cluster_address, init_ray
     from jobs.serve.app import StoreService
 
     token = read_token(token_file)
-    init_ray(address)
+    if metrics_port is not None and cluster_address(address):
+        raise MmfpError("--metrics-port is for a local run; a cluster's nodes export metrics "
+                        "on the port `ray start --metrics-export-port` gave them")  # fmt: skip
+    init_ray(address, **({"_metrics_export_port": metrics_port} if metrics_port else {}))
     serve.start(http_options={"host": host, "port": port})
     app = StoreService.options(num_replicas=replicas).bind(
         normalize_uri(store),
@@ -65,6 +77,9 @@ def serve_command(
     serve.run(app, name="mmfp", route_prefix="/")
     auth = "bearer token required" if token else "no token: anyone who can connect may read"
     console.print(f"serving {store} at http://{host}:{port} ({auth}); API docs at /docs")
+    if metrics_port is not None:
+        node = ray.util.get_node_ip_address()
+        console.print(f"Prometheus metrics at http://{node}:{metrics_port}/metrics")
     stop = threading.Event()  # Ctrl-C, or SIGTERM from systemd / docker stop
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -6,9 +6,11 @@ swap under a concurrent request loop that loses no request."""
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +68,10 @@ def test_healthz_needs_no_token_and_names_the_served_versions(service):
 
 def test_every_other_route_needs_the_token(service):
     url, _ = service
-    for method, path in (("get", "/tables"), ("post", "/search"), ("get", "/samples/x")):
+    routes = [("get", "/tables"), ("post", "/search"), ("get", "/samples/x"), ("get", "/samples"),
+              ("get", "/overview"), ("get", "/quarantine"), ("get", "/runs"), ("get", "/map/clip"),
+              ("get", "/samples/x/views")]  # fmt: skip
+    for method, path in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             reply = requests.request(method, f"{url}{path}", headers=headers, timeout=30)
             assert reply.status_code == 401, (path, headers)
@@ -147,8 +152,15 @@ def test_embed_features_samples_media_and_tables(service):
         ("post", "/search", {"feature_set": "clip", "column": "nope", "text": "x"}, 404,
          "no embedding column"),
         ("get", "/samples/nope", None, 404, "no sample"),
-        ("get", "/media/nope/image", None, 404, "no sample"),
+        ("get", "/media/nope/image", None, 404, "has no image"),
         ("get", "/media/x/video", None, 422, "modality"),
+        ("get", "/media/x/audio?view=-1", None, 422, "view"),
+        ("get", "/samples?limit=0", None, 422, "limit"),
+        ("get", "/samples?offset=-1", None, 422, "offset"),
+        ("get", "/quarantine?limit=100000", None, 422, "limit"),
+        ("get", "/map/nope", None, 404, "not served"),
+        ("get", "/map/clip?points=1", None, 422, "points"),
+        ("get", "/map/inputs", None, 404, "no embedding column"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_one_line_json_errors(service, method, path, body, status, message):
@@ -218,9 +230,10 @@ def test_mmfp_serve_runs_the_app_from_the_command_line(tmp_path):
     store = FeatureStore(str(tmp_path / "store"))
     write_synthetic_feature_set(store, "syn", per_class=2, files=1)
     (tmp_path / "token").write_text(TOKEN + "\n")
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     command = [sys.executable, "-m", "jobs", "serve", "--store", store.uri, "--host", "127.0.0.2",
-               "--port", str(port), "--token-file", str(tmp_path / "token")]  # fmt: skip
+               "--port", str(port), "--token-file", str(tmp_path / "token"),
+               "--metrics-port", str(metrics_port)]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "RAY_ADDRESS": ""})  # fmt: skip
     lines: list[str] = []
@@ -236,6 +249,9 @@ def test_mmfp_serve_runs_the_app_from_the_command_line(tmp_path):
         assert health["feature_sets"] == {"syn": store.version("features/syn")}
         assert requests.get(f"{url}/tables", timeout=10).status_code == 401
         assert requests.get(f"{url}/tables", headers=AUTH, timeout=10).status_code == 200
+        metrics = next(line for line in lines if "Prometheus metrics at" in line).split()[-1]
+        assert metrics.endswith(f":{metrics_port}/metrics")
+        assert requests.get(metrics, timeout=10).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -276,3 +292,164 @@ def test_the_serve_config_file_builds_the_app(tmp_path, monkeypatch):
     monkeypatch.delenv("MMFP_SERVE_TOKEN")
     with pytest.raises(Exception, match="MMFP_SERVE_TOKEN"):
         builder({**app["args"], "store": str(tmp_path)})
+
+
+def test_the_pages_the_browser_view_reads(service):
+    """Overview counts, sample and quarantine pages, a sample's views and their media, the
+    run history and the embedding map, each against the store itself."""
+    url, store = service
+    get = lambda path, **params: requests.get(f"{url}{path}", params=params, headers=AUTH,  # noqa: E731
+                                              timeout=60).json()  # fmt: skip
+    samples = store.to_arrow("samples", columns=["sample_id", "split", "label"])
+    overview = get("/overview")
+    assert sum(r["samples"] for r in overview["labels"]) == samples.num_rows
+    assert overview["served"]["clip"]["columns"] == ["image_emb", "text_emb"]
+    quarantine = store.to_arrow("quarantine", columns=["error_type"])
+    assert sum(r["inputs"] for r in overview["quarantine"]) == quarantine.num_rows
+
+    train = [r["sample_id"] for r in samples.to_pylist() if r["split"] == "train"]
+    first, second = get("/samples", split="train", limit=5), get("/samples", split="train",
+                                                                 offset=5, limit=5)  # fmt: skip
+    assert first["total"] == len(train)
+    assert [r["sample_id"] for r in first["rows"] + second["rows"]] == sorted(train)[:10]
+    assert "image" not in first["rows"][0]
+    injected = get("/samples", label="x' OR '1'='1")  # a bound parameter, not SQL
+    assert injected == {"total": 0, "rows": []}
+
+    views = store.to_arrow("views", columns=["sample_id", "view", "image"]).to_pylist()
+    view = next(v for v in views if v["image"] is not None)
+    listed = get(f"/samples/{view['sample_id']}/views")
+    assert view["view"] in [v["view"] for v in listed]
+    media = requests.get(f"{url}/media/{view['sample_id']}/image", params={"view": view["view"]},
+                         headers=AUTH, timeout=30)  # fmt: skip
+    assert media.content == view["image"]
+    assert media.headers["content-type"] == "image/png"
+
+    assert get("/quarantine", limit=500)["total"] == quarantine.num_rows
+    assert [r["run_id"] for r in get("/runs")] == store.to_arrow("_runs").sort_by(
+        [("started_at", "descending")]).column("run_id").to_pylist()  # fmt: skip
+    projected = get("/map/clip", column="image_emb", points=20)
+    assert len(projected["points"]) == len(projected["sample_id"]) == 20
+    assert set(projected["sample_id"]) <= set(samples.column("sample_id").to_pylist())
+    assert projected == get("/map/clip", column="image_emb", points=20)  # the same map each time
+
+
+def test_request_latency_per_route_reaches_prometheus(service):
+    """Each replica records ``mmfp_serve_request_ms`` per route template and status; Ray's
+    metrics agent exports it with Serve's own metrics."""
+    import ray
+
+    url, _ = service
+    for _ in range(3):
+        requests.get(f"{url}/samples/nope", headers=AUTH, timeout=30)
+    node = next(n for n in ray.nodes() if n["Alive"])
+    metrics = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline, lines = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        text = requests.get(metrics, timeout=10).text
+        lines = [line for line in text.splitlines() if "mmfp_serve_request_ms_count{" in line]
+        if any('route="/samples/{sample_id}"' in line and 'status="404"' in line for line in lines):
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"no per-route latency in Ray's metrics: {lines}")
+
+
+CHROMIUM = os.environ.get("MMFP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [  # headless, no sandbox (root in CI), and no calls home on a closed network
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
+    "--disable-component-update", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
+]  # fmt: skip
+
+
+def test_the_browser_view_in_headless_chromium(service, tmp_path):
+    """The page in a real Chromium: it asks for the token, each tab loads what the store
+    holds, a stored clip plays, "find similar" and the map open the known samples, and
+    the console stays clean. Screenshots go to the test's tmp dir."""
+    from playwright.sync_api import sync_playwright
+
+    from features.search import search
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: run tools/install-browser (or set MMFP_CHROMIUM)")
+    url, store = service
+    samples = store.to_arrow("samples", columns=["sample_id", "audio", "label"]).to_pylist()
+    with_audio = sorted(r["sample_id"] for r in samples if r["audio"] is not None)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{url}/")
+        page.wait_for_selector("#login.on")  # a token is required, so it asks first
+        page.fill("#token", TOKEN)
+        page.click("#login button")
+        page.wait_for_selector("#overview h2")
+        tables = page.locator("#overview table").first.inner_text()
+        assert "samples" in tables
+        assert "features/clip" in tables
+        page.screenshot(path=tmp_path / "overview.png", full_page=True)
+
+        page.click("#tab-samples")
+        page.wait_for_selector("#s-grid .card img[src^='blob:']")
+        assert page.locator("#s-grid .card").count() == min(48, len(samples))
+        sid = with_audio[0]  # samples are listed by id: the first with audio is on page 1
+        page.click(f"#s-grid .card[data-sample='{sid}']")
+        page.wait_for_selector("#detail.on audio[src^='blob:']")
+        played = page.evaluate("""async () => {
+            const audio = document.querySelector('#detail audio');
+            await audio.play();
+            await new Promise((r) => setTimeout(r, 300));
+            const bytes = (await (await fetch(audio.src)).arrayBuffer()).byteLength;
+            return {paused: audio.paused, time: audio.currentTime, bytes};
+        }""")
+        stored = next(r["audio"] for r in samples if r["sample_id"] == sid)
+        assert played["time"] > 0, played  # it decoded and played the stored clip
+        assert played["bytes"] == len(stored)
+        views = store.to_arrow("views", columns=["sample_id"]).column("sample_id").to_pylist()
+        assert page.locator("#detail .views .card").count() == 1 + views.count(sid)
+        page.screenshot(path=tmp_path / "sample.png")
+
+        want = search(store, "clip", column="image_emb", sample_id=sid, k=1)
+        page.click("#detail button:has-text('find similar')")
+        page.wait_for_selector("#x-grid .card")
+        first = page.get_attribute("#x-grid .card >> nth=0", "data-sample")
+        assert first == want.column("sample_id")[0].as_py()  # the known neighbour
+        page.fill("#x-text", "a red circle")
+        page.click("#x-form button")
+        page.wait_for_function("document.querySelector('#x-info').textContent.includes('hits')")
+        page.screenshot(path=tmp_path / "search.png")
+
+        page.click("#tab-quarantine")
+        page.wait_for_selector("#q-table tr:nth-child(2)")
+        rows = page.locator("#q-table tr").count() - 1
+        assert rows == store.to_arrow("quarantine", columns=["uri"]).num_rows
+
+        page.click("#tab-map-tab")
+        page.wait_for_function("state.map && state.map.screen")
+        x, y, picked = page.evaluate("[...state.map.screen[3], state.map.sample_id[3]]")
+        box = page.locator("#map").bounding_box()
+        scale = box["width"] / page.evaluate("document.querySelector('#map').width")
+        page.mouse.click(box["x"] + x * scale, box["y"] + y * scale)
+        page.wait_for_selector("#detail.on h2")
+        assert picked in page.inner_text("#detail table")
+        page.screenshot(path=tmp_path / "map.png")
+
+        page.click("#detail button:has-text('close')")
+        hostile = '<img src=x onerror="window.pwned=1">'  # a caption reaches the page as text
+        shown = page.evaluate("""(text) => {
+            const node = card({sample_id: "x", text, modalities: []});
+            document.body.append(node);
+            return [node.querySelector(".meta").textContent, node.querySelectorAll("img").length];
+        }""", hostile)  # fmt: skip
+        assert shown == [hostile, 0]  # no element was made of it
+        page.wait_for_timeout(200)
+        assert page.evaluate("window.pwned") is None
+        page.click("#tab-runs")
+        page.wait_for_selector("#r-table tr:nth-child(2)")
+        assert page.locator("#r-table tr").count() - 1 == store.to_arrow("_runs").num_rows
+        browser.close()
+    assert errors == []
+    assert {f.name for f in tmp_path.glob("*.png")} == {
+        "overview.png", "sample.png", "search.png", "map.png"}  # fmt: skip

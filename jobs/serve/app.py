@@ -18,18 +18,21 @@ import logging
 import mimetypes
 import threading
 import time
+from importlib.resources import files
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow.compute as pc
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
+from features import browse
 from features.errors import StoreError
 from features.metadata import feature_table
+from features.runs import recent_runs
 from features.store import FeatureStore
 from features.summary import table_summary
 from features.tables import string_field
@@ -39,7 +42,9 @@ from pipelines.errors import MmfpError
 log = logging.getLogger("mmfp.serve")
 MAX_BODY_BYTES = 32 * 2**20  # an uploaded query file, base64 included
 MAX_IDS = 1000
-MEDIA_TYPES = {"image": "image_format", "audio": "audio_format"}
+MAX_PAGE = 500  # rows per page of samples, quarantine, runs
+MAP_POINTS = 5000  # the most points an embedding map draws
+LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 
 api = FastAPI(
     title="mmfp serve",
@@ -85,6 +90,34 @@ async def _bounded(request: Request, call_next: Any) -> Response:
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
         return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
     return await call_next(request)
+
+
+@api.middleware("http")
+async def _timed(request: Request, call_next: Any) -> Response:
+    """The replica's time per route template and status, as a Prometheus histogram
+    (``mmfp_serve_request_ms``; Serve's own metrics add the proxy's view)."""
+    start = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    _latency().observe(
+        (time.perf_counter() - start) * 1000,
+        tags={"route": getattr(route, "path", "unmatched"), "status": str(response.status_code)},
+    )
+    return response
+
+
+_LATENCY: list[Any] = []  # made in the replica on first use (a metric is not picklable)
+
+
+def _latency() -> Any:
+    if not _LATENCY:
+        from ray.serve.metrics import Histogram
+
+        _LATENCY.append(Histogram(
+            "mmfp_serve_request_ms", description="mmfp serve: a replica's time per request",
+            boundaries=LATENCY_MS, tag_keys=("route", "status"),
+        ))  # fmt: skip
+    return _LATENCY[0]
 
 
 def _authorized(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
@@ -141,6 +174,9 @@ class EmbedRequest(BaseModel):
 # Helpers come before the deployment: Serve pickles the class when it is decorated.
 
 
+PAGE = files("jobs.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
 def _query_input(text: str | None, image: str | None, audio: str | None) -> tuple[str, str | bytes]:
     if text is not None:
         return "text", text
@@ -194,7 +230,8 @@ class StoreService:
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "feature_sets": self.served.versions()}
+        return {"status": "ok", "feature_sets": self.served.versions(),
+                "token_required": api.state.token is not None}  # fmt: skip
 
     @api.get("/tables", dependencies=[Depends(_authorized)])
     def tables(self) -> list[dict[str, Any]]:
@@ -254,13 +291,87 @@ class StoreService:
         self,
         sample_id: str,
         modality: Literal["image", "audio"],
+        view: Annotated[int | None, Query(ge=0, description="an augmented view's number")] = None,
     ) -> Response:
-        row = self._sample(sample_id)
-        if row.get(modality) is None:
-            raise NotServed(f"sample {sample_id!r} has no {modality}")
-        kind = str(row.get(MEDIA_TYPES[modality]) or "")
+        """The stored bytes of a sample's (or one of its views') image or audio."""
+        found = browse.media(self.store, sample_id, modality, view)
+        if found is None:
+            of = f"sample {sample_id!r}" + (f" view {view}" if view is not None else "")
+            raise NotServed(f"{of} has no {modality}")
+        data, kind = found
         content_type = mimetypes.types_map.get(f".{kind.lower()}", "application/octet-stream")
-        return Response(row[modality], media_type=content_type)
+        return Response(data, media_type=content_type, headers={"Cache-Control": "no-store"})
+
+    # ---- the browser view and the pages it reads --------------------------------------
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        """The browser view (one static page; it asks for the token and sends it itself)."""
+        return HTMLResponse(PAGE)
+
+    @api.get("/overview", dependencies=[Depends(_authorized)])
+    def overview(self) -> dict[str, Any]:
+        """Tables, served feature sets and their columns, samples per split and label,
+        quarantined inputs per error type."""
+        served = {
+            name: {"version": s.version, "columns": sorted(s.columns),
+                   "rows": max((c.matrix.shape[0] for c in s.columns.values()), default=0)}
+            for name, s in self.served.served.items()
+        }  # fmt: skip
+        return {
+            "store": self.store.uri,
+            "tables": [table_summary(self.store, name) for name in self.store.tables()],
+            "served": served,
+            **browse.counts(self.store),
+        }
+
+    @api.get("/samples", dependencies=[Depends(_authorized)])
+    def samples(
+        self,
+        split: str | None = None,
+        label: str | None = None,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 48,
+    ) -> dict[str, Any]:
+        """A page of samples (no media bytes) by sample id."""
+        return browse.samples_page(self.store, split=split, label=label, offset=offset,
+                                   limit=limit)  # fmt: skip
+
+    @api.get("/samples/{sample_id}/views", dependencies=[Depends(_authorized)])
+    def views(self, sample_id: str) -> list[dict[str, Any]]:
+        return browse.views_of(self.store, sample_id)
+
+    @api.get("/quarantine", dependencies=[Depends(_authorized)])
+    def quarantine(
+        self,
+        error_type: str | None = None,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    ) -> dict[str, Any]:
+        """Quarantined inputs with their reasons, newest first."""
+        return browse.quarantine_page(self.store, error_type=error_type, offset=offset,
+                                      limit=limit)  # fmt: skip
+
+    @api.get("/runs", dependencies=[Depends(_authorized)])
+    def runs(self, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50) -> list[dict[str, Any]]:
+        return recent_runs(self.store, limit).to_pylist()
+
+    @api.get("/map/{feature_set}", dependencies=[Depends(_authorized)])
+    def map(
+        self,
+        feature_set: str,
+        column: str | None = None,
+        points: Annotated[int, Query(ge=2, le=MAP_POINTS)] = 2000,
+    ) -> dict[str, Any]:
+        """A 2-D map (principal components) of a served embedding column's original rows."""
+        served = self.served.get(feature_set)
+        resident = served.column(column)
+        return {
+            "feature_set": served.name,
+            "version": served.version,
+            "column": resident.column.column,
+            **browse.projection(resident.matrix, resident.keys, points),
+        }
 
     # ---- helpers ----------------------------------------------------------------------
 
