@@ -1,11 +1,12 @@
 """Serve benchmark (issue 15): exact top-10 through ``mmfp serve`` against bare NumPy.
 
     python benchmarks/serve.py [--rows 1000000] [--dim 384] [--queries 50]
-                               [--concurrency 1,8,32] [--replicas 1]
+                               [--concurrency 1,8,32] [--replicas 1] [--ann]
 
-One run, one machine. A feature set of ``--rows`` unit vectors is written to a
-temporary store and served by ``jobs.serve.app.StoreService`` on a local Ray (Serve's
-proxy on 127.0.0.2). Then:
+One run, one machine. A feature set of ``--rows`` unit vectors, and a ``samples`` table
+with a caption and a source per row (so each hit carries its sample's columns, as in a
+real store), are written to a temporary store and served by ``jobs.serve.app.store_app``
+on a local Ray (Serve's proxy on 127.0.0.2). Then:
 
 - **latency**: each query is timed bare (``X @ q`` + top 10 on the same in-memory
   float32 matrix, in this process) and right after through the service (HTTP POST
@@ -13,6 +14,9 @@ proxy on 127.0.0.2). Then:
   per-query ratios (target <= 1.5, the HTTP hop included);
 - **throughput** at each ``--concurrency`` (threads, each its own connection): queries
   per second, p50 / p99 latency;
+- **ann** (``--ann``): the version's faiss IVF index (``build_index``, nprobe tuned to
+  recall@10 >= 0.95) through the service: p50 / p99 and recall@10 against bare exact
+  top-10 (target p50 <= 5 ms at recall >= 0.95);
 - **swap**: seconds from a commit of a new version to the service answering with it
   (the replicas poll every 0.5 s here);
 - **memory**: the replicas' resident memory against the matrix's size.
@@ -34,9 +38,14 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import requests  # noqa: E402
 
-from benchmarks.search import bare_top10, make_vectors, write_store  # noqa: E402
+from benchmarks.search import CHUNK, bare_top10, make_vectors, write_store  # noqa: E402
+from features.ann import build_index  # noqa: E402
+from features.commit import RunCommits, write_file  # noqa: E402
+from features.schema import SAMPLES, conform  # noqa: E402
+from features.store import FeatureStore  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -56,6 +65,27 @@ def replica_rss() -> int:
     return total
 
 
+def write_samples(store: FeatureStore, rows: int) -> None:
+    """The samples behind the vectors: id, source, uri and a caption each, one commit."""
+    store.ensure_table("samples", SAMPLES)
+    uri = store.table_uri("samples")
+    actions = []
+    for start in range(0, rows, CHUNK):
+        ids = range(start, min(start + CHUNK, rows))
+        table = conform(pa.table({
+            "sample_id": [f"s{i:08d}" for i in ids],
+            "source": ["bench"] * len(ids),
+            "source_uri": [f"s3://bench/captions/{i:08d}.txt" for i in ids],
+            "split": [("train", "val", "test")[i % 3] for i in ids],
+            "modalities": [["text"]] * len(ids),
+            "text": [f"caption number {i} of the benchmark corpus" for i in ids],
+        }), SAMPLES)  # fmt: skip
+        actions.append(write_file(uri, {}, table, "bench"))
+    commits = RunCommits(store, "bench")
+    commits.add("samples", actions)
+    commits.commit("samples")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -67,32 +97,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--noise", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ann", action="store_true", help="also build the index and time ANN")
     args = p.parse_args(argv)
 
     import ray
     from ray import serve
 
-    from jobs.serve.app import StoreService
+    from jobs.serve.app import store_app
 
     vectors = make_vectors(args)
     queries = make_vectors(argparse.Namespace(**{**vars(args), "rows": args.queries, "seed": 99}))
     with tempfile.TemporaryDirectory(prefix="mmfp-bench-serve-") as tmp:
         store = write_store(Path(tmp) / "store", vectors, "sink")
+        write_samples(store, args.rows)
+        if args.ann:
+            t0 = time.perf_counter()
+            built = build_index(store, "bench", queries=min(200, args.rows // 10))
+            took = time.perf_counter() - t0
+            print(f"index: nlist {built['nlist']}, nprobe {built['nprobe']}, recall@10 at "
+                  f"build {built['recall_at_10']:.3f}, {took:.1f} s")  # fmt: skip
         with socket.socket() as s:
             s.bind(("127.0.0.2", 0))
             port = s.getsockname()[1]
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.2", "port": port})
         t0 = time.perf_counter()
-        app = StoreService.options(num_replicas=args.replicas).bind(store.uri, poll_seconds=0.5)
+        app = store_app(store.uri, poll_seconds=0.5, replicas=args.replicas)
         serve.run(app, name="bench", route_prefix="/")
         url = f"http://127.0.0.2:{port}"
         print(f"served {args.rows:,} x {args.dim} in {time.perf_counter() - t0:.1f} s "
               f"({args.replicas} replica(s))")  # fmt: skip
         session = requests.Session()
 
-        def ask(q: np.ndarray, http: requests.Session = session) -> list[str]:
-            body = {"feature_set": "bench", "k": 10, "vector": q.tolist()}
+        def ask(q: np.ndarray, http: requests.Session = session, method: str = "exact") -> list:
+            body = {"feature_set": "bench", "k": 10, "vector": q.tolist(), "method": method}
             reply = http.post(f"{url}/search", json=body, timeout=120)
             reply.raise_for_status()
             return [h["sample_id"] for h in reply.json()["hits"]]
@@ -116,6 +154,19 @@ def main(argv: list[str] | None = None) -> int:
               f"p50 {percentile(served, 50) / percentile(bare, 50):.2f}, p99 "
               f"{percentile(served, 99) / percentile(bare, 99):.2f} (target <= 1.5); same "
               f"top-10 as bare in {agree}/{len(queries)}")  # fmt: skip
+
+        if args.ann:
+            ask(queries[0], method="ann")  # the replica reads the index on first use
+            ann, found = [], []
+            for q in queries:
+                t = time.perf_counter()
+                ids = ask(q, method="ann")
+                ann.append(time.perf_counter() - t)
+                truth = {f"s{i:08d}" for i in bare_top10(vectors, q)}
+                found.append(len(truth & set(ids)) / 10)
+            print(f"service ann  p50 {percentile(ann, 50) * 1e3:8.2f} ms  p99 "
+                  f"{percentile(ann, 99) * 1e3:8.2f} ms  recall@10 {np.mean(found):.3f} "
+                  "(target p50 <= 5 ms at recall >= 0.95)")  # fmt: skip
 
         def worker(offset: int, latencies: list[float]) -> None:
             http = requests.Session()

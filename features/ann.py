@@ -149,20 +149,28 @@ def build_index(
 
 def load_index(store: TableStore, col: EmbeddingColumn) -> AnnIndex:
     """The saved index of exactly this version (kept in the process once loaded)."""
+    fs, root = filesystem_for(index_uri(store, col), store.storage_options)
+    path = f"{root}/{col.column}"
+    if path not in _INDEXES:
+        index = read_index(store, col)
+        _INDEXES.clear()  # one loaded index at a time
+        _INDEXES[path] = index
+    return _INDEXES[path]
+
+
+def read_index(store: TableStore, col: EmbeddingColumn) -> AnnIndex:
+    """The saved index of exactly this version, read now (a service keeps its own)."""
     import faiss
 
     fs, root = filesystem_for(index_uri(store, col), store.storage_options)
     path = f"{root}/{col.column}"
-    if path not in _INDEXES:
-        if fs.get_file_info(f"{path}.faiss").type != pafs.FileType.File:
-            raise StoreError(
-                f"no index for {col.table}.{col.column} v{col.version}; build it with "
-                f"`mmfp store index {col.name} --column {col.column}`, or search exactly"
-            )
-        with fs.open_input_file(f"{path}.faiss") as f:
-            index = faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
-        with fs.open_input_file(f"{path}.json") as f:
-            meta = json.loads(f.read())
-        _INDEXES.clear()  # one loaded index at a time
-        _INDEXES[path] = AnnIndex(index, pq.read_table(f"{path}.keys.parquet", filesystem=fs), meta)
-    return _INDEXES[path]
+    if fs.get_file_info(f"{path}.faiss").type != pafs.FileType.File:
+        raise StoreError(
+            f"no index for {col.table}.{col.column} v{col.version}; build it with "
+            f"`mmfp store index {col.name} --column {col.column}`, or search exactly"
+        )
+    with fs.open_input_file(f"{path}.faiss") as f:
+        index = faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
+    with fs.open_input_file(f"{path}.json") as f:
+        meta = json.loads(f.read())
+    return AnnIndex(index, pq.read_table(f"{path}.keys.parquet", filesystem=fs), meta)

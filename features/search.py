@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from features.ann import load_index
+from features.ann import AnnIndex, load_index
 from features.errors import StoreError
 from features.schema import ORIGINAL_VIEW
 from features.tables import TableStore, Version, string_field
@@ -104,11 +104,45 @@ class ResidentColumn:
         *,
         where: str | None = None,
         exclude: Sequence[str] = (),
+        index: AnnIndex | None = None,
+        samples: ResidentSamples | None = None,
     ) -> pa.Table:
-        """Top-``k`` by cosine to the normalised query ``q``, with the samples' columns."""
-        rows = None if where is None else where_rows(store, self.keys, where)
-        hits = _top_k_dense(self.keys, self.matrix, q, k, rows=rows, exclude=list(exclude))
-        return _with_samples(store, hits)
+        """Top-``k`` by cosine to the normalised query ``q``, with the samples' columns
+        (from ``samples`` when held, else read); with ``index`` (this version's),
+        approximate through it instead."""
+        if index is not None:
+            hits = index.search(store, q, k, where=where, exclude=list(exclude))
+        else:
+            rows = None if where is None else where_rows(store, self.keys, where)
+            hits = _top_k_dense(self.keys, self.matrix, q, k, rows=rows, exclude=list(exclude))
+        return samples.attach(hits) if samples is not None else _with_samples(store, hits)
+
+
+@dataclass(frozen=True)
+class ResidentSamples:
+    """The columns a hit shows of its sample (source, uri, text, ...) for every sample of
+    one ``samples`` version, in memory and sorted by id: a service attaches them to its
+    hits by binary search instead of scanning the table per query."""
+
+    version: int | None
+    ids: np.ndarray  # sorted sample ids as UTF-8 bytes
+    rows: pa.Table  # RESULT_SAMPLE_COLUMNS in the same order
+
+    @classmethod
+    def load(cls, store: TableStore) -> ResidentSamples:
+        version = store.version("samples") if store.exists("samples") else None
+        if version is None:
+            return cls(None, np.array([], "S1"), _no_samples())
+        rows = store.to_arrow("samples", version, columns=["sample_id", *RESULT_SAMPLE_COLUMNS])
+        rows = rows.sort_by("sample_id")
+        ids = np.array([i.encode() for i in rows.column("sample_id").to_pylist()])
+        return cls(version, ids if len(ids) else np.array([], "S1"), rows)
+
+    def attach(self, hits: pa.Table) -> pa.Table:
+        wanted = np.array([i.encode() for i in hits.column("sample_id").to_pylist()], "S")
+        at = np.searchsorted(self.ids, wanted).clip(0, max(len(self.ids) - 1, 0))
+        found = self.ids[at] == wanted if len(self.ids) else np.zeros(len(wanted), bool)
+        return _attach(hits, self.rows, pa.array(at, pa.int64(), mask=~found))
 
 
 _CACHE: dict[tuple[str, int, str], ResidentColumn] = {}
@@ -217,8 +251,16 @@ def _with_samples(store: TableStore, hits: pa.Table) -> pa.Table:
         where = pc.is_in(string_field("sample_id"), ids)
         info = store.to_arrow("samples", columns=columns, filter=where)
     else:
-        info = pa.table({c: pa.array([], pa.string()) for c in columns})
-    where = pc.index_in(hits.column("sample_id"), info.column("sample_id"))
+        info = _no_samples()
+    return _attach(hits, info, pc.index_in(hits.column("sample_id"), info.column("sample_id")))
+
+
+def _no_samples() -> pa.Table:
+    return pa.table({c: pa.array([], pa.string()) for c in ["sample_id", *RESULT_SAMPLE_COLUMNS]})
+
+
+def _attach(hits: pa.Table, info: pa.Table, rows: pa.Array) -> pa.Table:
+    """The hits with ``info``'s sample columns at ``rows`` (null: no such sample)."""
     for name in RESULT_SAMPLE_COLUMNS:
-        hits = hits.append_column(name, info.column(name).take(where))
+        hits = hits.append_column(name, info.column(name).take(rows))
     return hits

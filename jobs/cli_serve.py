@@ -42,6 +42,10 @@ def serve_command(
     trust_store_code: Annotated[
         bool, typer.Option(help="Import encoders the store names by import path.")
     ] = False,
+    encoder_gpus: Annotated[
+        float,
+        typer.Option(min=0, help="GPUs for the query encoders' replica (0: they run on CPU)."),
+    ] = 0,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -58,21 +62,26 @@ def serve_command(
 
     from features.storage import normalize_uri
     from jobs.runtime import cluster_address, init_ray
-    from jobs.serve.app import StoreService
+    from jobs.serve.app import store_app
 
     token = read_token(token_file)
     if metrics_port is not None and cluster_address(address):
         raise MmfpError("--metrics-port is for a local run; a cluster's nodes export metrics "
                         "on the port `ray start --metrics-export-port` gave them")  # fmt: skip
     init_ray(address, **({"_metrics_export_port": metrics_port} if metrics_port else {}))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if encoder_gpus > gpus and not cluster_address(address):  # a cluster may scale up to them
+        raise MmfpError(f"--encoder-gpus {encoder_gpus:g}: this machine's Ray has {gpus:g} GPUs")
     serve.start(http_options={"host": host, "port": port})
-    app = StoreService.options(num_replicas=replicas).bind(
+    app = store_app(
         normalize_uri(store),
         storage_options=key_values(storage_option, "--storage-option"),
         feature_sets=feature_set or None,
         token=token,
         poll_seconds=poll_seconds,
         trust_store_code=trust_store_code,
+        replicas=replicas,
+        encoder_gpus=encoder_gpus,
     )
     serve.run(app, name="mmfp", route_prefix="/")
     auth = "bearer token required" if token else "no token: anyone who can connect may read"

@@ -315,11 +315,21 @@ def embed_query(
 
 def embed_value(encoder: Encoder, modality: str, value: str | bytes) -> np.ndarray:
     """One text or one media file through a loaded ``query_encoder``: its embedding."""
-    column = pa.array([value], pa.string() if modality == "text" else pa.binary())
-    outputs = encoder.encode(encoder.preprocess(pa.table({modality: column})))
-    if not outputs[f"{modality}_mask"][0]:
+    (vector,) = embed_values(encoder, modality, [value])
+    if vector is None:
         raise StoreError(f"the {modality} query could not be decoded")
-    return np.asarray(outputs[f"{modality}_emb"][0], np.float32)
+    return vector
+
+
+def embed_values(
+    encoder: Encoder, modality: str, values: list[str] | list[bytes]
+) -> list[np.ndarray | None]:
+    """Texts or media files through a loaded ``query_encoder`` in one batch: an
+    embedding each, or None for one that could not be decoded."""
+    column = pa.array(values, pa.string() if modality == "text" else pa.binary())
+    outputs = encoder.encode(encoder.preprocess(pa.table({modality: column})))
+    vectors = np.asarray(outputs[f"{modality}_emb"], np.float32)
+    return [v if ok else None for v, ok in zip(vectors, outputs[f"{modality}_mask"], strict=True)]
 
 
 def query_encoder(

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import requests
 
@@ -45,10 +46,10 @@ def service(serve_http, demo):
     """The demo store served with a token (the demo's `clip` and `inputs` feature sets)."""
     from ray import serve
 
-    from jobs.serve.app import StoreService
+    from jobs.serve.app import store_app
 
     workdir, _ = demo
-    app = StoreService.bind(str(workdir / "store"), token=TOKEN, poll_seconds=0.5)
+    app = store_app(str(workdir / "store"), token=TOKEN, poll_seconds=0.5)
     serve.run(app, name="demo", route_prefix="/demo")
     store = FeatureStore(str(workdir / "store"))
     return f"{serve_http}/demo", store
@@ -186,13 +187,19 @@ def test_a_new_version_is_swapped_in_without_losing_a_request(serve_http, tmp_pa
     the service moves to the new version by itself."""
     from ray import serve
 
-    from jobs.serve.app import StoreService
+    from features.ann import build_index
+    from jobs.serve.app import store_app
 
     store = FeatureStore(str(tmp_path / "store"))
     first = write_synthetic_feature_set(store, "syn", per_class=4, files=1)
-    serve.run(StoreService.bind(store.uri, poll_seconds=0.2), name="swap", route_prefix="/swap")
+    build_index(store, "syn", "image_emb", queries=8)
+    serve.run(store_app(store.uri, poll_seconds=0.2), name="swap", route_prefix="/swap")
     url = f"{serve_http}/swap"
     query = {"feature_set": "syn", "column": "image_emb", "k": 5, "vector": [1.0] * 48}
+    exact, ann = (requests.post(f"{url}/search", json={**query, "method": m}, timeout=60).json()
+                  for m in ("exact", "ann"))  # fmt: skip
+    assert ann["method"] == "ann"
+    assert {h["sample_id"] for h in ann["hits"]} == {h["sample_id"] for h in exact["hits"]}
     seen, failures, stop = set(), [], threading.Event()
 
     def loop() -> None:
@@ -211,12 +218,15 @@ def test_a_new_version_is_swapped_in_without_losing_a_request(serve_http, tmp_pa
         deadline = time.monotonic() + 60
         while second not in seen and time.monotonic() < deadline:
             time.sleep(0.2)
+        no_index = requests.post(f"{url}/search", json={**query, "method": "ann"}, timeout=60)
     finally:
         stop.set()
         worker.join()
         serve.delete("swap")
     assert not failures
     assert {first, second} <= seen
+    assert no_index.status_code == 400  # the new version has no index yet: say how to build one
+    assert "mmfp store index syn --column image_emb" in no_index.json()["error"]
 
 
 def test_mmfp_serve_runs_the_app_from_the_command_line(tmp_path):
@@ -288,7 +298,9 @@ def test_the_serve_config_file_builds_the_app(tmp_path, monkeypatch):
     monkeypatch.setenv("MMFP_SERVE_TOKEN", TOKEN)
     built = builder({**app["args"], "store": str(tmp_path)})
     assert type(built).__name__ == "Application"
-    assert app["deployments"][0]["name"] == "StoreService"
+    from jobs.serve.app import QueryEncoders, StoreService
+
+    assert {d["name"] for d in app["deployments"]} == {StoreService.name, QueryEncoders.name}
     monkeypatch.delenv("MMFP_SERVE_TOKEN")
     with pytest.raises(Exception, match="MMFP_SERVE_TOKEN"):
         builder({**app["args"], "store": str(tmp_path)})
@@ -453,3 +465,80 @@ def test_the_browser_view_in_headless_chromium(service, tmp_path):
     assert errors == []
     assert {f.name for f in tmp_path.glob("*.png")} == {
         "overview.png", "sample.png", "search.png", "map.png"}  # fmt: skip
+
+
+def test_concurrent_queries_are_embedded_in_batches(service):
+    """Sixteen text queries at once reach the encoder deployment together: it runs them
+    in fewer, larger batches, and a batched embedding is the one a lone query gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    url, _ = service
+    texts = [f"a red circle number {i}" for i in range(16)]
+
+    def embed(text: str) -> list[float]:
+        body = {"feature_set": "clip", "text": text}
+        return requests.post(f"{url}/embed", json=body, headers=AUTH, timeout=60).json()[
+            "embedding"
+        ]
+
+    encoders = serve.get_deployment_handle("QueryEncoders", app_name="demo")
+    before = encoders.stats.remote().result()
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(embed, texts))
+    after = encoders.stats.remote().result()
+    assert after["queries"] - before["queries"] == 16
+    assert after["batches"] - before["batches"] < 16  # some queries shared a batch
+    assert after["largest"] > 1
+    alone = embed(texts[5])
+    np.testing.assert_allclose(together[5], alone, atol=1e-5)
+
+
+def test_serve_refuses_what_it_cannot_start(ray_session, tmp_path):
+    """Asking for GPUs a local Ray lacks, or a metrics port on a cluster it only joins,
+    is a one-line error before anything is deployed."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--store", store, "--encoder-gpus", "1"])
+    assert result.exit_code != 0
+    assert "--encoder-gpus 1: this machine's Ray has 0 GPUs" in result.output
+    result = runner.invoke(app, ["serve", "--store", store, "--metrics-port", "9999",
+                                 "--address", "127.0.0.2:6379"])  # fmt: skip
+    assert result.exit_code != 0
+    assert "--metrics-port is for a local run" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_hits_show_the_held_samples_and_follow_a_new_samples_version(demo, tmp_path):
+    """A replica attaches each hit's sample columns from memory (what a read of the
+    table gives), and a commit to ``samples`` alone is picked up by the next poll."""
+    import shutil
+
+    from features.search import ResidentSamples, _with_samples
+    from jobs.serve.resident import ServedStore
+
+    workdir, _ = demo
+    shutil.copytree(workdir / "store", tmp_path / "store")  # the demo store stays as it is
+    store = FeatureStore(str(tmp_path / "store"))
+    served = ServedStore(store, ["clip"])
+    column = served.get("clip").column("image_emb")
+    q = column.matrix[0]
+    hits = column.search(store, q, 10, samples=served.samples)
+    assert hits.equals(column.search(store, q, 10))
+    keys = hits.select(["sample_id", "view", "score", "split", "label"])
+    ids = ["nope", *keys["sample_id"].to_pylist()[1:]]
+    unknown = keys.set_column(0, "sample_id", pa.array(ids))
+    assert served.samples.attach(unknown).equals(_with_samples(store, unknown))
+    assert ResidentSamples.load(FeatureStore(str(tmp_path / "empty"))).attach(unknown)[
+        "text"].null_count == 10  # fmt: skip
+
+    first = hits["sample_id"][0].as_py()
+    store.delta("samples").update({"text": "'renamed'"}, predicate=f"sample_id = '{first}'")
+    assert served.refresh() == ["samples"]
+    again = column.search(store, q, 10, samples=served.samples)
+    assert again["text"][0].as_py() == "renamed"

@@ -36,6 +36,7 @@ from features.runs import recent_runs
 from features.store import FeatureStore
 from features.summary import table_summary
 from features.tables import string_field
+from jobs.serve.encoders import QueryEncoders
 from jobs.serve.resident import NotServed, ServedStore
 from pipelines.errors import MmfpError
 
@@ -140,6 +141,7 @@ class SearchRequest(BaseModel):
     column: str | None = None  # the embedding column; may be left out when there is one
     k: int = Field(10, ge=1, le=1000)
     where: str | None = Field(None, max_length=2000)  # the same filter as `mmfp search`
+    method: Literal["exact", "ann"] = "exact"  # ann: the version's index (`mmfp store index`)
     text: str | None = Field(None, max_length=10_000)
     image: str | None = None
     audio: str | None = None
@@ -207,12 +209,12 @@ class StoreService:
         feature_sets: list[str] | None = None,
         token: str | None = None,
         poll_seconds: float = 5.0,
-        trust_store_code: bool = False,
+        encoders: Any = None,  # the QueryEncoders deployment's handle (`store_app` binds it)
     ) -> None:
         api.state.token = token  # read by `_authorized` (one deployment per replica process)
         self.store = FeatureStore(store_uri, storage_options=storage_options)
         self.served = ServedStore(self.store, feature_sets)
-        self.trust = trust_store_code
+        self.encoders = encoders
         self.poll_seconds = poll_seconds
         threading.Thread(target=self._poll, name="mmfp-serve-poll", daemon=True).start()
 
@@ -248,11 +250,14 @@ class StoreService:
         else:
             modality, value = _query_input(body.text, body.image, body.audio)
             q, exclude = _unit(self._embed(served, modality, value), column.column.dim), []
-        hits = column.search(self.store, q, body.k, where=body.where, exclude=exclude)
+        index = served.index(self.store, column) if body.method == "ann" else None
+        hits = column.search(self.store, q, body.k, where=body.where, exclude=exclude,
+                             index=index, samples=self.served.samples)  # fmt: skip
         return {
             "feature_set": served.name,
             "version": served.version,
             "column": column.column.column,
+            "method": body.method,
             "hits": hits.to_pylist(),
         }
 
@@ -384,19 +389,45 @@ class StoreService:
         return rows.slice(0, 1).to_pylist()[0]
 
     def _embed(self, served: Any, modality: str, value: str | bytes) -> np.ndarray:
-        from pipelines.encode import embed_value, query_encoder
+        """The query's embedding from the encoder deployment (batched with others there)."""
+        result = self.encoders.embed.remote(served.name, served.version, modality, value).result()
+        if isinstance(result, str):
+            raise StoreError(result)
+        return result
 
-        encoder = served.encoders.get(modality)
-        if encoder is None:  # loaded once per served version and modality
-            encoder = query_encoder(self.store, served.name, modality, version=served.version,
-                                    trust_store_code=self.trust)  # fmt: skip
-            served.encoders[modality] = encoder
-        return embed_value(encoder, modality, value)
+
+def store_app(
+    store_uri: str,
+    *,
+    storage_options: dict[str, str] | None = None,
+    feature_sets: list[str] | None = None,
+    token: str | None = None,
+    poll_seconds: float = 5.0,
+    trust_store_code: bool = False,
+    replicas: int = 1,
+    encoder_replicas: int = 1,
+    encoder_gpus: float = 0,
+) -> Any:
+    """The Serve application: the store replicas, and the query encoders as their own
+    deployment (on ``encoder_gpus`` GPUs each, where the cluster has them)."""
+    encoders = QueryEncoders.options(
+        num_replicas=encoder_replicas,
+        ray_actor_options={"num_cpus": 0, "num_gpus": encoder_gpus},
+    ).bind(store_uri, storage_options=storage_options, trust_store_code=trust_store_code)
+    return StoreService.options(num_replicas=replicas).bind(
+        store_uri,
+        storage_options=storage_options,
+        feature_sets=feature_sets,
+        token=token,
+        poll_seconds=poll_seconds,
+        encoders=encoders,
+    )
 
 
 def app_builder(args: dict[str, str]) -> Any:
     """For ``serve run jobs.serve.app:app_builder store=URI [feature_sets=a,b]
-    [token_env=VAR] [poll_seconds=5]`` and a Serve config file (``deploy/serve.yaml``)."""
+    [token_env=VAR] [poll_seconds=5] [encoder_gpus=1]`` and a Serve config file
+    (``deploy/serve.yaml``, where ``num_replicas`` of each deployment is set too)."""
     import os
 
     token_env = args.get("token_env")
@@ -404,9 +435,10 @@ def app_builder(args: dict[str, str]) -> Any:
     if token_env and not token:
         raise MmfpError(f"token_env={token_env}: that environment variable is empty")
     names = [n for n in args.get("feature_sets", "").split(",") if n] or None
-    return StoreService.bind(
+    return store_app(
         args["store"],
         feature_sets=names,
         token=token,
         poll_seconds=float(args.get("poll_seconds", 5.0)),
+        encoder_gpus=float(args.get("encoder_gpus", 0)),
     )

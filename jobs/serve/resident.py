@@ -9,12 +9,12 @@ the next one sees the new version, and none waits for the load.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+from features.ann import AnnIndex, read_index
 from features.errors import StoreError
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import FEATURES_PREFIX
-from features.search import ResidentColumn
+from features.search import ResidentColumn, ResidentSamples
 from features.tables import TableStore
 
 
@@ -29,7 +29,7 @@ class Served:
     name: str
     version: int
     columns: dict[str, ResidentColumn]
-    encoders: dict[str, Any] = field(default_factory=dict)  # modality -> loaded query encoder
+    indexes: dict[str, AnnIndex] = field(default_factory=dict)  # column -> its ANN index
 
     def column(self, name: str | None) -> ResidentColumn:
         if name is None and len(self.columns) == 1:
@@ -39,6 +39,14 @@ class Served:
             raise NotServed(f"{self.name} v{self.version}: no embedding column {name!r} ({known})")
         return self.columns[name]
 
+    def index(self, store: TableStore, column: ResidentColumn) -> AnnIndex:
+        """This version's ANN index of ``column``, read on first use (a 400 when the
+        version has none: `mmfp store index` builds it)."""
+        name = column.column.column
+        if name not in self.indexes:
+            self.indexes[name] = read_index(store, column.column)
+        return self.indexes[name]
+
 
 class ServedStore:
     """The served feature sets of one store (all of them unless named)."""
@@ -47,6 +55,7 @@ class ServedStore:
         self.store = store
         self.named = feature_sets
         self.served: dict[str, Served] = {}  # replaced whole by refresh, never changed in place
+        self.samples = ResidentSamples.load(store)  # what hits show of their samples
         self.refresh()
         missing = sorted(set(feature_sets or []) - set(self.served))
         if missing:
@@ -60,9 +69,12 @@ class ServedStore:
 
     def refresh(self) -> list[str]:
         """Load every feature set whose latest version is newer than the served one, then
-        swap them in; returns the names that changed."""
-        current = dict(self.served)
+        swap them in; returns the names that changed (and ``samples`` when it did)."""
         changed = []
+        if self.store.exists("samples") and self.store.version("samples") != self.samples.version:
+            self.samples = ResidentSamples.load(self.store)  # one assignment, like the sets
+            changed.append("samples")
+        current = dict(self.served)
         for name in self.names():
             table = feature_table(name)
             latest = self.store.version(table)
