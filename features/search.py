@@ -110,12 +110,45 @@ class ResidentColumn:
         """Top-``k`` by cosine to the normalised query ``q``, with the samples' columns
         (from ``samples`` when held, else read); with ``index`` (this version's),
         approximate through it instead."""
-        if index is not None:
-            hits = index.search(store, q, k, where=where, exclude=list(exclude))
-        else:
+        if index is None:
             rows = None if where is None else where_rows(store, self.keys, where)
-            hits = _top_k_dense(self.keys, self.matrix, q, k, rows=rows, exclude=list(exclude))
+            return self.search_many(store, [ExactQuery(q, k, rows, exclude)], samples=samples)[0]
+        hits = index.search(store, q, k, where=where, exclude=list(exclude))
         return samples.attach(hits) if samples is not None else _with_samples(store, hits)
+
+    def search_many(
+        self,
+        store: TableStore,
+        queries: Sequence[ExactQuery],
+        *,
+        samples: ResidentSamples | None = None,
+    ) -> list[pa.Table]:
+        """Exact top-``k`` of several queries from one pass over the matrix: the product
+        is bound by reading the matrix, so a batch of queries costs about what one does
+        (a service batches the queries that arrive together)."""
+        scores = np.stack([x.q for x in queries]) @ self.matrix.T  # (queries, rows)
+        out = []
+        for x, row in zip(queries, scores, strict=True):
+            if x.rows is not None:
+                row, kept = np.full(len(row), -np.inf, np.float32), row
+                row[x.rows] = kept[x.rows]
+            row[excluded_rows(self.keys, list(x.exclude))] = -np.inf
+            top = top_indices(row, x.k)
+            hits = hits_table(self.keys.take(top), row[top])
+            out.append(samples.attach(hits) if samples is not None else _with_samples(store, hits))
+        return out
+
+
+@dataclass(frozen=True)
+class ExactQuery:
+    """One exact search of a batch: a normalised vector, how many hits, the rows a filter
+    allows (``where_rows`` of ``search``'s ``where``; None: all) and the sample ids to
+    leave out."""
+
+    q: np.ndarray
+    k: int
+    rows: np.ndarray | None = None
+    exclude: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -211,23 +244,6 @@ def _merge(parts: list[pa.Table], scores: np.ndarray, k: int) -> tuple[list[pa.T
     keys = pa.concat_tables(parts)
     top = top_indices(scores, k)
     return [keys.take(top)], scores[top]
-
-
-def _top_k_dense(
-    keys: pa.Table,
-    matrix: np.ndarray,
-    q: np.ndarray,
-    k: int,
-    *,
-    rows: np.ndarray | None = None,
-    exclude: list[str],
-) -> pa.Table:
-    scores = matrix @ q if rows is None else np.full(len(matrix), -np.inf, np.float32)
-    if rows is not None:
-        scores[rows] = matrix[rows] @ q
-    scores[excluded_rows(keys, exclude)] = -np.inf
-    top = top_indices(scores, k)
-    return hits_table(keys.take(top), scores[top])
 
 
 def _cached(store: TableStore, dt: DeltaTable, col: EmbeddingColumn, rows: int) -> ResidentColumn:

@@ -122,6 +122,30 @@ def test_sample_id_query_finds_its_label_and_leaves_itself_out(store):
     assert (np.diff(scores) <= 0).all()
 
 
+def test_a_batch_of_queries_answers_what_each_query_alone_does(store):
+    """One product for several queries (what a service batches), each with its own k,
+    filter and exclusions: the same hits as searching one at a time."""
+    from features.search import ExactQuery, ResidentColumn, ResidentSamples
+    from features.vectors import where_rows
+
+    column = ResidentColumn.load(store, "clip", "image_emb")
+    rng = np.random.default_rng(5)
+    me = column.keys.column("sample_id")[0].as_py()
+    asked = [(unit(rng.standard_normal(DIM)), 3, None, ()),
+             (unit(rng.standard_normal(DIM)), 7, "split = 'train'", ()),
+             (column.vector_of(me), 4, None, (me,))]  # fmt: skip
+    alone = [column.search(store, q, k, where=w, exclude=x) for q, k, w, x in asked]
+    queries = [ExactQuery(q, k, None if w is None else where_rows(store, column.keys, w), x)
+               for q, k, w, x in asked]  # fmt: skip
+    together = column.search_many(store, queries, samples=ResidentSamples.load(store))
+    assert [t.num_rows for t in together] == [3, 7, 4]
+    for one, batched in zip(alone, together, strict=True):  # scores: a matrix product's rounding
+        np.testing.assert_allclose(one["score"].to_numpy(), batched["score"].to_numpy(), 1e-6)
+        assert one.drop_columns(["score"]).equals(batched.drop_columns(["score"]))
+    assert set(together[1]["split"].to_pylist()) == {"train"}
+    assert me not in together[2]["sample_id"].to_pylist()
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_where_filters_on_feature_and_sample_columns(store, cache):
     q = unit(np.random.default_rng(2).standard_normal(DIM))

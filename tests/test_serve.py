@@ -542,3 +542,32 @@ def test_hits_show_the_held_samples_and_follow_a_new_samples_version(demo, tmp_p
     assert served.refresh() == ["samples"]
     again = column.search(store, q, 10, samples=served.samples)
     assert again["text"][0].as_py() == "renamed"
+
+
+def test_concurrent_exact_searches_each_get_their_own_answer(service):
+    """Exact queries that arrive together share one product in the replica: each still
+    gets its own top-k, filter and exclusion, as the library gives them one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from features.search import search
+
+    url, store = service
+    rng = np.random.default_rng(3)
+    vectors = [rng.standard_normal(12) for _ in range(12)]  # the demo's clip is 12-d
+    sid = _a_sample(store)["sample_id"]
+    bodies = [{"vector": v.tolist(), "k": 3 + i % 4, **({"where": "split = 'train'"} if i % 3
+               else {})} for i, v in enumerate(vectors)] + [{"sample_id": sid, "k": 5}]  # fmt: skip
+
+    def ask(body: dict) -> list[str]:
+        body = {"feature_set": "clip", "column": "image_emb", **body}
+        reply = requests.post(f"{url}/search", headers=AUTH, json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return [h["sample_id"] for h in reply.json()["hits"]]
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        got = list(pool.map(ask, bodies))
+    for body, ids in zip(bodies, got, strict=True):
+        query = {"vector": body["vector"]} if "vector" in body else {"sample_id": sid}
+        want = search(store, "clip", column="image_emb", k=body["k"], where=body.get("where"),
+                      **query)  # fmt: skip
+        assert ids == want.column("sample_id").to_pylist()

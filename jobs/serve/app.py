@@ -11,6 +11,7 @@ one-line JSON error too, never a traceback.
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations at
 # run time, and Serve's class-based view does not resolve them from strings.
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -33,9 +34,11 @@ from features import browse
 from features.errors import StoreError
 from features.metadata import feature_table
 from features.runs import recent_runs
+from features.search import ExactQuery, ResidentColumn
 from features.store import FeatureStore
 from features.summary import table_summary
 from features.tables import string_field
+from features.vectors import where_rows
 from jobs.serve.encoders import QueryEncoders
 from jobs.serve.resident import NotServed, ServedStore
 from pipelines.errors import MmfpError
@@ -43,6 +46,7 @@ from pipelines.errors import MmfpError
 log = logging.getLogger("mmfp.serve")
 MAX_BODY_BYTES = 32 * 2**20  # an uploaded query file, base64 included
 MAX_IDS = 1000
+EXACT_BATCH = 16  # exact queries that arrive together share one pass over the matrix
 MAX_PAGE = 500  # rows per page of samples, quarantine, runs
 MAP_POINTS = 5000  # the most points an embedding map draws
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
@@ -196,7 +200,7 @@ def _unit(vector: Any, dim: int) -> np.ndarray:
     return q / np.linalg.norm(q)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * EXACT_BATCH)
 @serve.ingress(api)
 class StoreService:
     """One replica: the served feature sets in memory, a poller that swaps versions."""
@@ -240,19 +244,29 @@ class StoreService:
         return [table_summary(self.store, name) for name in self.store.tables()]
 
     @api.post("/search", dependencies=[Depends(_authorized)])
-    def search(self, body: SearchRequest) -> dict[str, Any]:
+    async def search(self, body: SearchRequest) -> dict[str, Any]:
+        """Exact queries that arrive together are answered from one pass over the matrix
+        (``_exact``); ANN queries each go through the version's index."""
         served = self.served.get(body.feature_set)
         column = served.column(body.column)
         if body.sample_id is not None:
-            q, exclude = column.vector_of(body.sample_id), [body.sample_id]
+            q = await asyncio.to_thread(column.vector_of, body.sample_id)
+            exclude = [body.sample_id]
         elif body.vector is not None:
             q, exclude = _unit(body.vector, column.column.dim), []
         else:
             modality, value = _query_input(body.text, body.image, body.audio)
-            q, exclude = _unit(self._embed(served, modality, value), column.column.dim), []
-        index = served.index(self.store, column) if body.method == "ann" else None
-        hits = column.search(self.store, q, body.k, where=body.where, exclude=exclude,
-                             index=index, samples=self.served.samples)  # fmt: skip
+            q, exclude = _unit(await self._embed(served, modality, value), column.column.dim), []
+        if body.method == "ann":
+            index = await asyncio.to_thread(served.index, self.store, column)
+            hits = await asyncio.to_thread(column.search, self.store, q, body.k, where=body.where,
+                                           exclude=exclude, index=index,
+                                           samples=self.served.samples)  # fmt: skip
+        else:
+            rows = None
+            if body.where is not None:  # a bad filter fails its own request, not a batch
+                rows = await asyncio.to_thread(where_rows, self.store, column.keys, body.where)
+            hits = await self._exact((column, ExactQuery(q, body.k, rows, exclude)))
         return {
             "feature_set": served.name,
             "version": served.version,
@@ -262,10 +276,10 @@ class StoreService:
         }
 
     @api.post("/embed", dependencies=[Depends(_authorized)])
-    def embed(self, body: EmbedRequest) -> dict[str, Any]:
+    async def embed(self, body: EmbedRequest) -> dict[str, Any]:
         served = self.served.get(body.feature_set)
         modality, value = _query_input(body.text, body.image, body.audio)
-        vector = self._embed(served, modality, value)
+        vector = await self._embed(served, modality, value)
         return {"feature_set": served.name, "version": served.version, "modality": modality,
                 "embedding": vector.tolist()}  # fmt: skip
 
@@ -388,12 +402,30 @@ class StoreService:
             raise NotServed(f"no sample {sample_id!r}")
         return rows.slice(0, 1).to_pylist()[0]
 
-    def _embed(self, served: Any, modality: str, value: str | bytes) -> np.ndarray:
+    async def _embed(self, served: Any, modality: str, value: str | bytes) -> np.ndarray:
         """The query's embedding from the encoder deployment (batched with others there)."""
-        result = self.encoders.embed.remote(served.name, served.version, modality, value).result()
+        result = await self.encoders.embed.remote(served.name, served.version, modality, value)
         if isinstance(result, str):
             raise StoreError(result)
         return result
+
+    @serve.batch(max_batch_size=EXACT_BATCH, batch_wait_timeout_s=0.001)
+    async def _exact(self, items: list[tuple[ResidentColumn, ExactQuery]]) -> list[Any]:
+        return await asyncio.to_thread(self._exact_now, items)
+
+    def _exact_now(self, items: list[tuple[ResidentColumn, ExactQuery]]) -> list[Any]:
+        """Each query's hits; the queries of one column (and version) share its product."""
+        out: list[Any] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (column, _) in enumerate(items):
+            groups.setdefault(id(column), []).append(i)
+        for where in groups.values():
+            column = items[where[0]][0]
+            queries = [items[i][1] for i in where]
+            hits = column.search_many(self.store, queries, samples=self.served.samples)
+            for i, found in zip(where, hits, strict=True):
+                out[i] = found
+        return out
 
 
 def store_app(
