@@ -53,17 +53,18 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def replica_rss() -> int:
-    """Resident bytes of the Serve replica processes (their command line names them)."""
-    total = 0
+def replica_rss(deployment: str = "StoreService") -> list[int]:
+    """Resident bytes of each replica of ``deployment`` (its processes' command line
+    names it: ``ray::ServeReplica:<app>:<deployment>``)."""
+    found = []
     for proc in Path("/proc").iterdir():
         try:
-            if b"ServeReplica" in (proc / "cmdline").read_bytes():
+            if f"ServeReplica:bench:{deployment}".encode() in (proc / "cmdline").read_bytes():
                 status = (proc / "status").read_text()
-                total += int(status.split("VmRSS:")[1].split()[0]) * 1024
+                found.append(int(status.split("VmRSS:")[1].split()[0]) * 1024)
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return found
 
 
 def write_samples(store: FeatureStore, rows: int) -> None:
@@ -198,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{percentile(latencies, 50) * 1e3:.1f} ms, p99 "
                   f"{percentile(latencies, 99) * 1e3:.1f} ms")  # fmt: skip
 
-        matrix_bytes = vectors.nbytes
-        rss = replica_rss()
-        print(f"replica memory: {rss / 2**20:,.0f} MiB resident for a "
-              f"{matrix_bytes / 2**20:,.0f} MiB matrix ({args.replicas} replica(s))")  # fmt: skip
+        each = ", ".join(f"{b / 2**20:,.0f}" for b in replica_rss())
+        encoders = sum(replica_rss("QueryEncoders")) / 2**20
+        print(f"replica memory: {each} MiB resident per store replica for a "
+              f"{vectors.nbytes / 2**20:,.0f} MiB matrix"
+              f"{' and its ANN index' if args.ann else ''}; the query encoders' replica "
+              f"{encoders:,.0f} MiB")  # fmt: skip
 
         before = requests.get(f"{url}/healthz", timeout=30).json()["feature_sets"]["bench"]
         write_store(Path(tmp) / "store", vectors[:1000], "sink")  # a new version
