@@ -18,6 +18,7 @@ import typer
 
 from jobs.build import build_command
 from jobs.cli_cluster import register as register_cluster
+from jobs.cli_export import export_command
 from jobs.cli_query import register as register_query
 from jobs.cli_runs import register as register_runs
 from jobs.cli_serve import serve_command
@@ -103,6 +104,7 @@ app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("tune")(tune)
 app.command("serve")(serve_command)
+app.command("export")(export_command)
 register_cluster(app)  # submit, jobs, schedule
 register_query(app, store_app)  # query, search, store diff/vacuum/optimize/stats/index/lineage
 register_runs(app)  # runs ls / show

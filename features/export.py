@@ -1,0 +1,191 @@
+"""Export one version of a store to the formats other trainers read: plain Parquet and
+WebDataset tar shards.
+
+Rows go out ordered by sample id, a batch at a time (DuckDB streams the ordered join),
+so an export of a large store never holds it in memory. The same version exports to the
+same bytes: no clock, user or random name reaches a file. Each export records where it
+came from (store, table versions, splits, feature set) in ``_mmfp-export.json`` beside
+its files and, for Parquet, in each file's metadata. It is written under a temporary
+name in the destination's folder and renamed into place at the end, so a killed export
+leaves no half-written ``DIR``.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.duck import connect
+from features.errors import StoreError
+from features.metadata import FeatureSetMeta, feature_table
+from features.tables import TableStore, Version
+
+Format = Literal["parquet", "webdataset"]
+MANIFEST = "_mmfp-export.json"  # "_": Parquet readers of the folder skip it
+BATCH_ROWS = 1024
+EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp",
+              "wav": "wav", "flac": "flac", "mp3": "mp3", "ogg": "ogg"}  # fmt: skip
+# what a WebDataset sample's .json holds (media, text and embeddings have their own files)
+JSON_FIELDS = ["sample_id", "split", "label", "labels", "label_source", "label_confidence",
+               "source", "source_uri", "group_id", "modalities", "metadata", "image_width",
+               "image_height", "audio_sample_rate", "audio_duration"]  # fmt: skip
+
+
+def export(
+    store: TableStore,
+    dest: Path,
+    *,
+    to: Format,
+    version: Version = None,
+    splits: list[str] | None = None,
+    feature_set: str | None = None,
+    feature_version: Version = None,
+    shard_rows: int = 1000,
+) -> dict[str, Any]:
+    """Write ``samples`` at ``version`` (of ``splits``; with ``feature_set``, each sample's
+    embedding columns beside it) to ``dest`` as ``to``; returns the manifest."""
+    if dest.exists():
+        raise StoreError(f"{dest} exists; export writes a new folder (remove it, or pick another)")
+    if shard_rows < 1:
+        raise StoreError(f"shard_rows must be at least 1, got {shard_rows}")
+    if not store.exists("samples"):
+        raise StoreError(f"{store.uri} has no samples table to export")
+    samples = store.delta("samples", version)
+    tables: dict[str, Any] = {"s": store.dataset_of("samples", samples)}
+    manifest: dict[str, Any] = {
+        "format": to,
+        "store": store.uri,
+        "versions": {"samples": samples.version()},
+        "splits": sorted(splits) if splits else None,
+        "feature_set": feature_set,
+    }
+    embeddings: list[str] = []
+    if feature_set is not None:
+        table = feature_table(feature_set)
+        if not store.exists(table):
+            raise StoreError(f"{store.uri} has no feature set {feature_set!r}")
+        features = store.delta(table, feature_version)
+        embeddings = sorted(FeatureSetMeta.of(store, features, table=table).embeddings())
+        if not embeddings:
+            raise StoreError(f"{table} has no embedding columns to export")
+        tables["f"] = store.dataset_of(table, features)
+        manifest["versions"][table] = features.version()
+    manifest["embeddings"] = embeddings
+    partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        batches = _ordered(tables, splits, embeddings)
+        writer = _write_parquet if to == "parquet" else _write_webdataset
+        manifest["files"], manifest["rows"] = writer(batches, partial, manifest, shard_rows)
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        partial.rename(dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _ordered(
+    tables: dict[str, Any], splits: list[str] | None, embeddings: list[str]
+) -> Iterator[pa.RecordBatch]:
+    """The samples (with their original rows' embeddings) by sample id, a batch at a time."""
+    con = connect(tables)
+    picked = ", ".join(f'f."{c}"' for c in embeddings)
+    join = "LEFT JOIN f ON f.sample_id = s.sample_id AND f.view = -1" if embeddings else ""
+    where = "WHERE s.split IN (SELECT unnest($splits))" if splits else ""
+    sql = f"SELECT s.*{', ' + picked if picked else ''} FROM s {join} {where} ORDER BY s.sample_id"
+    reader = con.sql(sql, params={"splits": splits} if splits else None).to_arrow_reader(BATCH_ROWS)
+    yield from reader
+
+
+def _write_parquet(
+    batches: Iterator[pa.RecordBatch], root: Path, manifest: dict[str, Any], shard_rows: int
+) -> tuple[list[str], int]:
+    """``part-NNNNN.parquet`` files of ``shard_rows`` rows, the manifest in their metadata."""
+    files: list[str] = []
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    note = {"mmfp.export": json.dumps(manifest, sort_keys=True)}
+    for batch in batches:
+        while batch.num_rows:
+            if writer is None:
+                files.append(f"part-{len(files):05d}.parquet")
+                writer = pq.ParquetWriter(root / files[-1], batch.schema.with_metadata(note),
+                                          compression="zstd")  # fmt: skip
+            take = min(batch.num_rows, shard_rows - rows % shard_rows)
+            writer.write_batch(batch.slice(0, take))
+            rows += take
+            batch = batch.slice(take)
+            if rows % shard_rows == 0:
+                writer.close()
+                writer = None
+    if writer is not None:
+        writer.close()
+    return files, rows
+
+
+def _write_webdataset(
+    batches: Iterator[pa.RecordBatch], root: Path, manifest: dict[str, Any], shard_rows: int
+) -> tuple[list[str], int]:
+    """``shard-NNNNNN.tar`` files of ``shard_rows`` samples: per sample id, its image
+    (.jpg/.png/...), audio (.wav/...), text (.txt), everything else (.json) and each
+    embedding (.<column>.npy). Entries carry no time, owner or mode of this machine."""
+    files: list[str] = []
+    rows = 0
+    pending = (row for batch in batches for row in batch.to_pylist())
+    while (first := next(pending, None)) is not None:
+        files.append(f"shard-{len(files):06d}.tar")
+        with tarfile.open(root / files[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
+            for row in itertools.chain([first], itertools.islice(pending, shard_rows - 1)):
+                key = row["sample_id"]
+                if not key or any(c in key for c in "./\\"):  # a key ends at its first dot
+                    raise StoreError(f"sample id {key!r} cannot be a WebDataset key")
+                for suffix, data in _entries(row, manifest["embeddings"]):
+                    _add(tar, f"{key}.{suffix}", data)
+                rows += 1
+    return files, rows
+
+
+def _entries(row: dict[str, Any], embeddings: list[str]) -> Iterator[tuple[str, bytes]]:
+    if row.get("image") is not None:
+        yield _extension(row.get("image_format"), "image"), row["image"]
+    if row.get("audio") is not None:
+        yield _extension(row.get("audio_format"), "audio"), row["audio"]
+    if row.get("text") is not None:
+        yield "txt", row["text"].encode("utf-8")
+    info = {k: row.get(k) for k in JSON_FIELDS}
+    yield "json", json.dumps(info, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    for column in embeddings:
+        if row.get(column) is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(row[column], np.float32), allow_pickle=False)
+            yield f"{column}.npy", buffer.getvalue()
+
+
+def _extension(kind: str | None, modality: str) -> str:
+    ext = EXTENSIONS.get(str(kind or "").lower())
+    if ext is None:  # a format WebDataset's decoders do not know by name: keep the bytes
+        return f"{modality}.bin"
+    return ext
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
