@@ -200,6 +200,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     corpus_args(parser, samples=2000, image_size=256, repeats=3, cores=cores)
     parser.add_argument("--no-peer", action="store_true", help="skip the datasets peer")
     parser.add_argument(
+        "--quality",
+        action="store_true",
+        help="a `quality: {}` section: every step also computes the per-sample quality stats",
+    )
+    parser.add_argument(
         "--worker-niceness",
         type=int,
         default=0,
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in (("batch_size", args.batch_size), ("blocks_per_cpu", args.blocks_per_cpu))
         if v is not None
     }
+    sections: dict = {"resources": resources, **({"quality": {}} if args.quality else {})}
     peer_note = "skipped: --no-peer" if args.no_peer else peer_available()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mmfp-bench-collect-") as tmp:
@@ -229,10 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             f"corpus: {n} samples (jpg {args.image_size}px + wav 0.5 s + txt) in 10 class "
             f"folders, written in {time.perf_counter() - t0:.1f} s (not timed)"
         )
-        spec = make_spec(corpus, work / "store-ideal", resources=resources)
+        spec = make_spec(corpus, work / "store-ideal", **sections)
         print(
             f"spec: batch_size={spec.resources.batch_size} "
-            f"blocks_per_cpu={spec.resources.blocks_per_cpu}; "
+            f"blocks_per_cpu={spec.resources.blocks_per_cpu} "
+            f"quality stats {'on' if spec.quality else 'off'}; "
             "order: ideal, ray.init, cold build, (ideal, warm build) x repeats, ray.shutdown, "
             "(loop in `cores` processes, peer) x repeats"
         )
@@ -248,13 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.worker_niceness}"
             )
             os.sync()
-            m.builds.append(
-                run_build(make_spec(corpus, work / "store-cold", resources=resources), "cold")
-            )
+            m.builds.append(run_build(make_spec(corpus, work / "store-cold", **sections), "cold"))
             for i in range(args.repeats):
                 os.sync()
                 m.ideal.append(run_ideal(spec))
-                warm = make_spec(corpus, work / f"store-warm{i + 1}", resources=resources)
+                warm = make_spec(corpus, work / f"store-warm{i + 1}", **sections)
                 os.sync()
                 m.builds.append(run_build(warm, f"warm{i + 1}"))
         for i in range(args.repeats):

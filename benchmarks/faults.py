@@ -11,6 +11,9 @@ process in its own process group, killed with SIGKILL):
   ``train`` trials kill one Ray Train worker instead of the whole run);
 - ``worker``: a Ray worker process (not the driver) is killed inside the build's Ray
   Data job; the same command is then run again (it may have finished on its own);
+- ``filter``: ``mmfp filter`` with new quality thresholds (moving kept samples out,
+  reading refused inputs back in, relabelling others) killed on a store built with the
+  old ones, then run again; the reference is a fresh build with the new thresholds;
 - ``race``: four refreshes at once (two with ``on_removed: delete``, two ``keep``), or
   a refresh against ``store optimize`` or ``store vacuum --force --retention-hours 0``;
   then one more refresh.
@@ -52,7 +55,13 @@ KEYS = {
     "features/inputs": ["sample_id", "view"],
 }
 KEYS["quarantine"] = ["uri", "stage", "error_type"]
-SCENARIOS = ("build", "refresh", "encode", "worker", "race", "train")
+SCENARIOS = ("build", "refresh", "encode", "worker", "filter", "race", "train")
+# the filter scenario: a store built with the first, then `mmfp filter` with the second, which
+# moves some kept samples out and lets some refused inputs back in
+QUALITY = (
+    {"filters": [{"stat": "image_blur", "min": 1200}]},
+    {"filters": [{"stat": "image_blur", "min": 700}, {"stat": "image_brightness", "max": 0.3}]},
+)
 
 
 @dataclass
@@ -98,8 +107,11 @@ class Report:
 # ---- the corpus, its spec and the commands ------------------------------------------------
 
 
-def write_spec(root: Path, store: Path, *, delete: bool = False) -> Path:
-    """A spec over ``root/data``: labels, one augmented view, a weight-free feature set."""
+def write_spec(
+    root: Path, store: Path, *, delete: bool = False, quality: int | None = None
+) -> Path:
+    """A spec over ``root/data``: labels, one augmented view, a weight-free feature set,
+    and ``QUALITY[quality]`` when given."""
     spec = {
         "name": "faults",
         "sources": [{"kind": "directory", "uri": str(root / "data"), "class_folders": True}],
@@ -118,7 +130,12 @@ def write_spec(root: Path, store: Path, *, delete: bool = False) -> Path:
         "refresh": {"on_removed": "delete" if delete else "keep"},
         "store": {"uri": str(store)},
     }
-    path = store.parent / f"{store.name}-{'delete' if delete else 'keep'}.yaml"
+    if quality is not None:
+        spec["quality"] = QUALITY[quality]
+    name = f"{store.name}-{'delete' if delete else 'keep'}" + (
+        f"-quality{quality}" if quality is not None else ""
+    )
+    path = store.parent / f"{name}.yaml"
     path.write_text(json.dumps(spec))
     return path
 
@@ -276,8 +293,8 @@ class Bench:
         run(command("build", str(self.spec())))
         self.reference_grown = keys(self.root / "store")
 
-    def spec(self, *, delete: bool = False) -> Path:
-        return write_spec(self.root, self.root / "store", delete=delete)
+    def spec(self, *, delete: bool = False, quality: int | None = None) -> Path:
+        return write_spec(self.root, self.root / "store", delete=delete, quality=quality)
 
     def fresh(self, *, grown: bool, with_base: bool) -> Path:
         """Restore the base corpus (and store), plus the new inputs; returns the store."""
@@ -307,6 +324,32 @@ class Bench:
         run(command("refresh" if scenario == "refresh" else "build", str(spec)))
         reference = self.reference_grown if grown else self.reference_base
         return compare(scenario, f"{ran.killed} at {delay:.1f} s", store, reference)
+
+    def filtered(self, i: int) -> Trial:
+        """``mmfp filter`` killed while it moves samples out and reads refused ones again;
+        a rerun of it must end where a fresh build with the new filters ends."""
+        base = self.work / "filter-base"
+        if not base.exists():  # once: the store built with the first filters, and the reference
+            self.fresh(grown=False, with_base=False)
+            run(command("build", str(self.spec(quality=1))))
+            self.reference_filtered = keys(self.root / "store")
+            self.fresh(grown=False, with_base=False)
+            run(command("build", str(self.spec(quality=0))))
+            shutil.copytree(self.root, base)
+        if "filter" not in self.seconds:
+            self._restore(base)
+            self.seconds["filter"] = run(command("filter", str(self.spec(quality=1)))).seconds
+        store = self._restore(base)
+        args = command("filter", str(self.spec(quality=1)))  # the spec lives in the trial folder
+        delay = self.rng.uniform(0.0, self.seconds["filter"])
+        ran = run(args, kill_after=delay)
+        run(args)
+        return compare("filter", f"{ran.killed} at {delay:.1f} s", store, self.reference_filtered)
+
+    def _restore(self, snapshot: Path) -> Path:
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.copytree(snapshot, self.root)
+        return self.root / "store"
 
     def race(self, i: int) -> Trial:
         store = self.fresh(grown=True, with_base=True)
@@ -382,14 +425,16 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(Path(tmp), args.samples, random.Random(args.seed))
         kills = [s for s in ("build", "refresh", "encode", "worker") if s in args.scenarios]
         plan = [(s, i) for i in range(args.trials) for s in kills]
+        if "filter" in args.scenarios:
+            plan += [("filter", i) for i in range(args.trials)]
         if "race" in args.scenarios:
             plan += [("race", i) for i in range(args.races)]
         if "train" in args.scenarios:
             plan += [("train", i) for i in range(args.train_trials)]
         for n, (scenario, i) in enumerate(plan, start=1):
             try:
-                if scenario in ("race", "train"):
-                    trial = getattr(bench, scenario)(i)
+                if scenario in ("race", "train", "filter"):
+                    trial = getattr(bench, {"filter": "filtered"}.get(scenario, scenario))(i)
                 else:
                     trial = bench.killed(scenario, i)
             except Exception as e:  # the rerun failed: the store did not converge

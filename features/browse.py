@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from features.duck import connect
 from features.schema import ORIGINAL_VIEW
+from features.stats import stats
 from features.tables import TableStore, string_field
 
 SAMPLE_COLUMNS = (
@@ -85,6 +86,16 @@ def counts(store: TableStore) -> dict[str, Any]:
             "SELECT error_type, count(*) AS inputs FROM t GROUP BY ALL ORDER BY 2 DESC, 1"
         ).to_arrow_table().to_pylist()  # fmt: skip
     return out
+
+
+def quality(store: TableStore) -> dict[str, Any]:
+    """Each numeric stat's percentiles and histogram per split (``features.stats``) and the
+    languages found; empty when the store has no ``quality`` table."""
+    if not store.exists("quality"):
+        return {"stats": {}, "version": None}
+    summary = stats(store, "quality")
+    return {"stats": summary["stats"], "version": summary["version"],
+            "languages": summary["by_text_lang"]}  # fmt: skip
 
 
 def media(

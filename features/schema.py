@@ -140,10 +140,59 @@ STAGES = pa.schema(
     ]
 )
 
+# per-sample quality stats (``pipelines.quality``); null where the sample lacks the modality
+QUALITY_STATS = pa.schema(
+    [
+        pa.field("text_chars", pa.int32()),
+        pa.field("text_words", pa.int32()),
+        pa.field("text_alpha_ratio", pa.float32()),  # letters / characters
+        pa.field("text_digit_ratio", pa.float32()),
+        pa.field("text_upper_ratio", pa.float32()),  # upper-case letters / letters
+        pa.field("text_space_ratio", pa.float32()),
+        pa.field("text_special_ratio", pa.float32()),  # punctuation, symbols, control characters
+        # share of word 3-grams that occur more than once
+        pa.field("text_repeat_ratio", pa.float32()),
+        pa.field("text_lang", pa.string()),  # ISO 639-1 code from py3langid's bundled model
+        pa.field("text_lang_score", pa.float32()),  # its probability (0..1)
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
+        pa.field("image_aspect", pa.float32()),  # width / height
+        # variance of the Laplacian of the grey image: low = blurred
+        pa.field("image_blur", pa.float32()),
+        pa.field("image_brightness", pa.float32()),  # mean luma, 0..1
+        # Hasler & Suesstrunk (2003), 0 for grey images
+        pa.field("image_colourfulness", pa.float32()),
+        pa.field("image_phash", pa.string()),  # 64-bit DCT perceptual hash, 16 hex digits
+        pa.field("audio_duration", pa.float32()),  # seconds
+        pa.field("audio_rms_db", pa.float32()),  # level in dB relative to full scale
+        pa.field("audio_clip_ratio", pa.float32()),  # share of samples with |x| >= 0.999
+        # share of 25 ms frames 40 dB under the loudest
+        pa.field("audio_silence_ratio", pa.float32()),
+        # 95th over 10th percentile of frame power: speech's pauses measure the noise floor
+        # (a sound with no pause measures ~0 dB)
+        pa.field("audio_snr_db", pa.float32()),
+    ]
+)
+
+# Written once per sample when a spec has a `quality` section, for kept and filtered
+# samples alike, so changed thresholds can be evaluated again (``mmfp filter``). A
+# sample's stats depend only on its content: where a sample has two rows they agree.
+QUALITY = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("source_uri", pa.string()),
+        *QUALITY_STATS,
+        pa.field("computed_at", UTC_MICROS),
+        pa.field("run_id", pa.string()),
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "quarantine": QUARANTINE,
     "views": VIEWS,
+    "quality": QUALITY,
     "_inputs": INPUTS,
     "_runs": RUNS,
     "_stages": STAGES,

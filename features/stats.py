@@ -14,13 +14,17 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from features.duck import connect
+from features.schema import QUALITY_STATS
 from features.tables import TableStore, Version
 from features.vectors import chunks, embedding_column
 
 COUNTED = ("split", "label", "source", "label_source", "error_type", "stage")
 HISTOGRAMS = ("image_width", "image_height", "audio_duration")
+# the latest stats row of each sample (rows of one sample agree; see ``features.schema.QUALITY``)
+LATEST_STATS = "row_number() OVER (PARTITION BY sample_id ORDER BY computed_at DESC) = 1"
 TOP_LABELS = 10
 
 
@@ -32,7 +36,11 @@ def stats(store: TableStore, table: str = "samples", version: Version = None) ->
     """
     dt = store.delta(table, version)
     names = {f.name for f in dt.schema().fields}
-    con = connect({"t": store.dataset_of(table, dt)})
+    if table == "quality":  # a sample may have two identical stats rows: count it once
+        con = connect({"raw": store.dataset_of(table, dt)})
+        con.execute(f"CREATE VIEW t AS SELECT * FROM raw QUALIFY {LATEST_STATS}")
+    else:
+        con = connect({"t": store.dataset_of(table, dt)})
     out: dict[str, Any] = {"table": table, "version": dt.version()}
     out["rows"] = con.sql("SELECT count(*) FROM t").fetchall()[0][0]
     for column in COUNTED:
@@ -40,13 +48,51 @@ def stats(store: TableStore, table: str = "samples", version: Version = None) ->
             out[f"by_{column}"] = _counts(con, f'SELECT "{column}" AS k FROM t')
     if "modalities" in names:
         out["by_modality"] = _counts(con, "SELECT unnest(modalities) AS k FROM t")
-    for column in HISTOGRAMS:
+    for column in HISTOGRAMS if table != "quality" else ():
         if column in names:
             values = con.sql(f'SELECT "{column}" FROM t WHERE "{column}" IS NOT NULL').fetchnumpy()
             out[column] = _histogram(values[column])
+    if table == "quality":
+        out["by_text_lang"] = _counts(
+            con, "SELECT text_lang AS k FROM t WHERE text_lang IS NOT NULL"
+        )
+        out["stats"] = quality_summary(con, [n for n in QUALITY_STATS.names if n in names])
     if table != "quarantine" and store.exists("quarantine"):
         con.register("q", store.dataset("quarantine"))
         out["quarantine"] = _counts(con, "SELECT error_type AS k FROM q")
+    return out
+
+
+def quality_summary(con: duckdb.DuckDBPyConnection, columns: list[str]) -> dict[str, Any]:
+    """Per numeric stat and split: count, mean, 5th/50th/95th percentile and a histogram with
+    edges shared across splits (so the splits' bars line up), over every measured sample,
+    kept or filtered: where a threshold would cut is what the numbers are for."""
+    out: dict[str, Any] = {}
+    for column in columns:
+        if pa.types.is_string(QUALITY_STATS.field(column).type):
+            continue
+        rows = con.sql(
+            f"SELECT coalesce(split, '(none)') AS split, \"{column}\" AS v FROM t "
+            f'WHERE "{column}" IS NOT NULL AND isfinite("{column}")'
+        ).fetchnumpy()
+        values = np.asarray(rows["v"], dtype=np.float64)
+        if values.size == 0:
+            continue
+        edges = np.histogram_bin_edges(values, bins=20)
+        splits = np.asarray(rows["split"], dtype=object)
+        per_split = {}
+        for split in sorted(set(splits.tolist())):
+            part = values[splits == split]
+            p5, p50, p95 = np.percentile(part, [5, 50, 95])
+            per_split[split] = {
+                "n": int(part.size),
+                "mean": float(part.mean()),
+                "p5": float(p5),
+                "p50": float(p50),
+                "p95": float(p95),
+                "counts": [int(c) for c in np.histogram(part, bins=edges)[0]],
+            }
+        out[column] = {"edges": [float(e) for e in edges], "splits": per_split}
     return out
 
 
@@ -68,12 +114,20 @@ def plot_stats(summary: dict[str, Any], out_png: str | Path) -> Path:
     plt = _pyplot()
     bars = [k for k in summary if k.startswith("by_") or k == "quarantine"]
     hists = [k for k in HISTOGRAMS if summary.get(k, {}).get("counts")]
-    panels = [k for k in bars if summary[k]] + hists
-    cols = 3
+    measured = list(summary.get("stats", {}))
+    panels = [k for k in bars if summary[k]] + hists + measured
+    cols = 4 if measured else 3
     rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, key in zip(axes.flat, panels, strict=False):
-        if key in hists:
+        if key in measured:
+            h = summary["stats"][key]
+            edges = np.asarray(h["edges"])
+            for split, part in h["splits"].items():
+                ax.stairs(part["counts"], edges, label=f"{split} ({part['n']})")
+            ax.set_xlabel(key.replace("_", " "))
+            ax.legend(fontsize=6)
+        elif key in hists:
             h = summary[key]
             edges = np.asarray(h["edges"])
             ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color="#4c72b0")

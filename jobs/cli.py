@@ -25,6 +25,7 @@ from jobs.cli_serve import serve_command
 from jobs.cli_train import evaluate, train, tune
 from jobs.encode import encode_command
 from jobs.errors import open_store, user_errors
+from jobs.filter import filter_command
 from jobs.options import DEFAULT_STORE, RayAddressOpt, StoreOpt, TableArg
 from jobs.refresh import refresh_command
 from jobs.report import print_describe, print_history, print_tables
@@ -99,6 +100,7 @@ def store_history(table: TableArg, store: StoreOpt = DEFAULT_STORE) -> None:
 
 app.command("build")(build_command)
 app.command("refresh")(refresh_command)
+app.command("filter")(filter_command)
 app.command("encode")(encode_command)
 app.command("train")(train)
 app.command("evaluate")(evaluate)

@@ -243,7 +243,8 @@ def stats(
     column: Annotated[str | None, typer.Option(help="Embedding column for --map.")] = None,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
-    """Counts per split / label / modality, media histograms and quarantine reasons."""
+    """Counts per split / label / modality, media histograms and quarantine reasons
+    (``quality``: every stat's percentiles per split)."""
     fs = open_store(store)
     summary = table_stats(fs, table, version)
     console.print(f"{clean(table)} v{summary['version']}: {summary['rows']} rows")
@@ -251,6 +252,17 @@ def stats(
         if key.startswith("by_") or key == "quarantine":
             title = "quarantine reasons" if key == "quarantine" else key.replace("_", " ")
             console.print(grid(title, ["value", "rows"], [[k, v] for k, v in counts.items()]))
+    measured = summary.get("stats", {})
+    if measured:
+        rows = [
+            [stat, split, p["n"], *(f"{p[k]:.4g}" for k in ("p5", "p50", "p95", "mean"))]
+            for stat, h in measured.items()
+            for split, p in h["splits"].items()
+        ]
+        columns = ["stat", "split", "samples", "p5", "p50", "p95", "mean"]
+        console.print(
+            grid("quality stats (every measured sample, kept or filtered)", columns, rows)
+        )
     if plot is not None:
         console.print(f"stats plot -> {plot_stats(summary, plot)}")
     if embedding_map is not None:

@@ -73,7 +73,8 @@ def print_build(result: BuildResult, store: FeatureStore) -> None:
     console.print(
         f"run {result.run_id}: {result.inputs} inputs -> "
         f"{c['samples']} new samples, {c['quarantined']} quarantined, "
-        f"{c['duplicates']} duplicates, {c['already_stored']} already stored"
+        + (f"{c['filtered']} filtered by quality, " if c["filtered"] else "")
+        + f"{c['duplicates']} duplicates, {c['already_stored']} already stored"
         + (f", {c['already_quarantined']} already quarantined" if c["already_quarantined"] else "")
     )
     if not result.changed:

@@ -23,14 +23,20 @@ from pipelines import errors
 from pipelines.decode import decode_audio, decode_image, decode_text, modality_of
 from pipelines.identity import sample_id
 from pipelines.listing import is_hidden
+from pipelines.quality import STATS, sample_stats
 from pipelines.quarantine import ERROR_COLUMNS, ERROR_FIELDS, error_columns, row_or_error
 from pipelines.spec import DecodeLimits, PipelineSpec, WebDatasetSource
 
 MODALITIES = ("text", "image", "audio")
 
+# the quality stats that are not sample columns already (width, height, duration are)
+STAT_FIELDS = [pa.field(name, kind) for name, kind in STATS.items() if name not in SAMPLES.names]
+STAT_COLUMNS = [f.name for f in STAT_FIELDS]
+
 COLLECTED = pa.schema(
     [
         *SAMPLES,
+        *STAT_FIELDS,  # null unless the spec has a `quality` section
         *ERROR_FIELDS,
         # what a refresh compares: the unit it lists (a sample's files, or a whole shard) ...
         pa.field("input_container", pa.string()),
@@ -48,9 +54,14 @@ def make_sample(
     key: str,
     parts: dict[str, tuple[bytes | str, str]],
     limits: DecodeLimits,
+    *,
+    stats: bool = False,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Decode every part of one input and return its sample row; raise ``InputError``."""
+    """Decode every part of one input and return its sample row; raise ``InputError``.
+
+    ``stats``: add the quality stats (``pipelines.quality``) of the decoded media.
+    """
     row: dict[str, Any] = {"source": source, "source_uri": key, **extra}
     text = pixels = audio = None
     if "text" in parts:
@@ -87,6 +98,13 @@ def make_sample(
     )
     if row.get("label"):
         row["labels"] = [row["label"]]
+    if stats:
+        row |= sample_stats(
+            text,
+            pixels,
+            None if audio is None else audio.samples,
+            None if audio is None else audio.sample_rate,
+        )
     return row
 
 
@@ -103,16 +121,25 @@ class RefReader:
     """
 
     def __init__(
-        self, sources: dict[str, tuple[str, dict[str, str]]], limits: DecodeLimits
+        self,
+        sources: dict[str, tuple[str, dict[str, str]]],
+        limits: DecodeLimits,
+        *,
+        stats: bool = False,
     ) -> None:
         self.sources = sources  # source name -> (uri, storage options)
         self.limits = limits
+        self.stats = stats  # compute quality stats
         self._fs: dict[str, pafs.FileSystem] = {}
 
     @classmethod
     def for_spec(cls, spec: PipelineSpec) -> RefReader:
         """A reader for every source of ``spec``, with its decode limits."""
-        return cls({s.source_name: (s.uri, s.storage_options) for s in spec.sources}, spec.decode)
+        return cls(
+            {s.source_name: (s.uri, s.storage_options) for s in spec.sources},
+            spec.decode,
+            stats=spec.quality is not None,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [
@@ -153,6 +180,7 @@ class RefReader:
             ref["key"],
             parts,
             self.limits,
+            stats=self.stats,
             group_id=ref["group_id"],
             label=ref["label"],
             label_source=ref["label_source"],
@@ -192,9 +220,12 @@ def check_size(name: str, size: int | None, limits: DecodeLimits) -> None:
 class ShardReader:
     """Reads WebDataset tar shards: members ``<key>.<ext>`` grouped by key, in order."""
 
-    def __init__(self, source: WebDatasetSource, limits: DecodeLimits) -> None:
+    def __init__(
+        self, source: WebDatasetSource, limits: DecodeLimits, *, stats: bool = False
+    ) -> None:
         self.source = source
         self.limits = limits
+        self.stats = stats  # compute quality stats
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Shard items (``shard``, ``fingerprint``, ``state``: its members' ledger state as
@@ -328,4 +359,6 @@ class ShardReader:
             parts[modality] = (data, ext)
         if not parts:
             raise errors.BadManifestRow(f"no text, image or audio member for {key}")
-        return make_sample(self.source.source_name, key, parts, self.limits, **extra)
+        return make_sample(
+            self.source.source_name, key, parts, self.limits, stats=self.stats, **extra
+        )

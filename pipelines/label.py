@@ -11,7 +11,6 @@ into a quarantine row instead of a silent new class. New kinds plug in through
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.errors import InputError, SpecError, UnknownLabel
+from pipelines.imports import check_function_path, import_function
 from pipelines.quarantine import with_errors
 from pipelines.zeroshot import ZeroShotLabeller, ZeroShotLabels
 
@@ -82,9 +82,6 @@ class RulesLabels(_Model):
         return list(dict.fromkeys([r.label for r in self.rules] + list(self.keywords)))
 
 
-_FUNCTION_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
-
 class FunctionLabels(_Model):
     """A user function ``f(batch: pa.Table) -> list[str | list[str] | None]``, one per row."""
 
@@ -94,9 +91,7 @@ class FunctionLabels(_Model):
     @field_validator("path")
     @classmethod
     def _module_colon_attr(cls, path: str) -> str:
-        if not _FUNCTION_PATH.match(path):
-            raise ValueError(f"function path {path!r} must look like 'package.module:function'")
-        return path
+        return check_function_path(path)
 
 
 LabelSource = Annotated[
@@ -237,19 +232,7 @@ class FunctionLabeller(SourceLabeller):
     def function(self) -> Callable[[pa.Table], Any]:
         """Import the user function once per worker; a bad path is a ``SpecError``."""
         if self._fn is None:
-            module, _, attr = self.source.path.partition(":")
-            try:
-                obj: Any = importlib.import_module(module)
-                for part in attr.split("."):
-                    obj = getattr(obj, part)
-            except (ImportError, AttributeError) as e:
-                raise SpecError(
-                    f"label function {self.source.path!r} cannot be imported: {e} "
-                    "(HINT: the module must be importable on every Ray worker)"
-                ) from e
-            if not callable(obj):
-                raise SpecError(f"label function {self.source.path!r} is not callable")
-            self._fn = obj
+            self._fn = import_function(self.source.path, "label function")
         return self._fn
 
     def labels_for(self, batch: pa.Table) -> list[list[str]]:

@@ -63,17 +63,28 @@ def plan_inputs(
     incremental: bool,
     delete_removed: bool,
     run_id: str,
+    retry: pa.Array | None = None,
 ) -> InputPlan:
-    """The run's input plan: what to read, what disappeared, which sample ids go."""
+    """The run's input plan: what to read, what disappeared, which sample ids go.
+
+    ``retry``: input keys an incremental run reads again although they did not change
+    (inputs a quality filter refused, when the filters changed: ``mmfp filter``).
+    """
     refs = _with_previous(listing.refs, state)
     shards = listing.shards
     removed = state.slice(0, 0)
     if incremental:
+        retry = pa.array([], pa.string()) if retry is None else retry
         fresh = pc.invert(pc.equal(refs.column("fingerprint"), refs.column("prev_fingerprint")))
-        refs = refs.filter(fresh.fill_null(True))
+        fresh = pc.or_(fresh.fill_null(True), pc.is_in(refs.column("key"), retry))
+        refs = refs.filter(fresh)
         known = _container_fingerprints(state)
+        members = state.filter(pc.is_in(state.column("input_key"), retry))
+        again = set(members.column("container").drop_null().to_pylist())
         shards = {
-            source: {path: fp for path, fp in found.items() if known.get(path) != fp}
+            source: {
+                path: fp for path, fp in found.items() if known.get(path) != fp or path in again
+            }
             for source, found in listing.shards.items()
         }
         removed = _removed(listing, state)

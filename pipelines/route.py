@@ -15,8 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.keys import key_mask, rows_where
-from pipelines.collect import INPUT_COLUMNS
+from pipelines.collect import INPUT_COLUMNS, STAT_COLUMNS
+from pipelines.filters import is_filtered
 from pipelines.ledger import news_mask
+from pipelines.quality import STATS
 from pipelines.quarantine import ERROR_COLUMNS, is_error, quarantine_rows
 
 STAMP = pa.timestamp("us", tz="UTC")
@@ -51,7 +53,7 @@ class Router:
         counts: Counter[str] = Counter()
         failed = is_error(batch)
         good = self.select_new(rows_where(batch, pc.invert(failed)), counts)
-        extra = [*ERROR_COLUMNS, *INPUT_COLUMNS, "status"]
+        extra = [*ERROR_COLUMNS, *INPUT_COLUMNS, *STAT_COLUMNS, "status"]
         good = _stamp(
             good.drop_columns([c for c in extra if c in good.column_names]), now, self.run_id
         )
@@ -61,9 +63,12 @@ class Router:
         known = key_mask(quarantine, self.known, ["quarantine_id"])
         counts["already_quarantined"] += int(known.sum())
         quarantine = rows_where(quarantine, ~known)
-        duplicate = pc.equal(quarantine.column("error_type"), "DuplicateSample")
-        counts["duplicates"] += pc.sum(duplicate).as_py() or 0
-        counts["quarantined"] += quarantine.num_rows - (pc.sum(duplicate).as_py() or 0)
+        kinds = quarantine.column("error_type")
+        duplicates = pc.sum(pc.equal(kinds, "DuplicateSample")).as_py() or 0
+        filtered = pc.sum(is_filtered(kinds)).as_py() or 0
+        counts["duplicates"] += duplicates
+        counts["filtered"] += filtered
+        counts["quarantined"] += quarantine.num_rows - duplicates - filtered
         routed = {self.table: good, **self.extra_tables(batch, now)}
         if quarantine.num_rows:
             routed["quarantine"] = quarantine
@@ -72,9 +77,15 @@ class Router:
 
 class SampleRouter(Router):
     """Collect output: only ``status == "new"`` rows are written; ``stored`` ones are counted,
-    and each input gets an ``_inputs`` ledger row when it tells something new."""
+    and each input gets an ``_inputs`` ledger row when it tells something new. With
+    ``quality``, new and filtered samples get a ``quality`` row (a filtered one only when
+    its ledger row is new: a rebuild re-reads it and must not repeat its stats)."""
 
     table = "samples"
+
+    def __init__(self, run_id: str, known_quarantine: pa.Table, *, quality: bool = False) -> None:
+        super().__init__(run_id, known_quarantine)
+        self.quality = quality
 
     def input_uris(self, errors: pa.Table) -> list[str]:
         return errors.column("source_uri").to_pylist()
@@ -112,8 +123,19 @@ class SampleRouter(Router):
             }
         )
         # a rebuild sees every input again: only rows that tell something new are written
-        news = rows_where(ledger, news_mask(ledger))
-        return {"_inputs": news.drop_columns(["prev_fingerprint", "prev_outcome"])}
+        news = news_mask(ledger)
+        tables = {
+            "_inputs": rows_where(ledger, news).drop_columns(["prev_fingerprint", "prev_outcome"])
+        }
+        if self.quality:
+            measured = pc.or_(
+                pc.equal(status, "new"), pc.and_(pc.equal(status, "filtered"), news)
+            ).fill_null(False)
+            rows = rows_where(batch, measured).select(["sample_id", "split", "source_uri", *STATS])
+            tables["quality"] = rows.append_column(
+                "computed_at", pa.repeat(pa.scalar(now, STAMP), rows.num_rows)
+            ).append_column("run_id", pa.repeat(pa.scalar(self.run_id), rows.num_rows))
+        return tables
 
 
 class ViewRouter(Router):

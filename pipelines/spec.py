@@ -18,6 +18,7 @@ from features.storage import normalize_uri, redact
 from pipelines.augment_spec import AugmentSpec
 from pipelines.encode import EncodeSpec
 from pipelines.errors import SpecError
+from pipelines.filters import QualitySpec
 from pipelines.label import LabelSpec
 
 M = TypeVar("M", bound=BaseModel)
@@ -145,6 +146,7 @@ class PipelineSpec(_Model):
     decode: DecodeLimits = Field(default_factory=DecodeLimits)
     split: SplitSpec = Field(default_factory=SplitSpec)
     label: LabelSpec | None = None  # none: keep the labels inputs came with
+    quality: QualitySpec | None = None  # none: no stats, no filters, no quality table
     augment: AugmentSpec | None = None  # none: no views table
     encode: EncodeSpec | None = None  # none: no feature sets
     store: StoreSpec = Field(default_factory=StoreSpec)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import requests
 
@@ -71,7 +74,7 @@ def test_every_other_route_needs_the_token(service):
     url, _ = service
     routes = [("get", "/tables"), ("post", "/search"), ("get", "/samples/x"), ("get", "/samples"),
               ("get", "/overview"), ("get", "/quarantine"), ("get", "/runs"), ("get", "/map/clip"),
-              ("get", "/samples/x/views")]  # fmt: skip
+              ("get", "/samples/x/views"), ("get", "/quality")]  # fmt: skip
     for method, path in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             reply = requests.request(method, f"{url}{path}", headers=headers, timeout=30)
@@ -318,6 +321,11 @@ def test_the_pages_the_browser_view_reads(service):
     assert overview["served"]["clip"]["columns"] == ["image_emb", "text_emb"]
     quarantine = store.to_arrow("quarantine", columns=["error_type"])
     assert sum(r["inputs"] for r in overview["quarantine"]) == quarantine.num_rows
+    quality = get("/quality")  # the demo spec filters nothing out: every sample was measured
+    per_split = {s: p["n"] for s, p in quality["stats"]["text_chars"]["splits"].items()}
+    with_text = samples.join(store.to_arrow("samples", columns=["sample_id", "text"]), "sample_id")
+    with_text = with_text.filter(pc.is_valid(pc.field("text")))
+    assert per_split == dict(Counter(with_text.column("split").to_pylist()))
 
     train = [r["sample_id"] for r in samples.to_pylist() if r["split"] == "train"]
     first, second = get("/samples", split="train", limit=5), get("/samples", split="train",
@@ -458,13 +466,21 @@ def test_the_browser_view_in_headless_chromium(service, tmp_path):
         assert shown == [hostile, 0]  # no element was made of it
         page.wait_for_timeout(200)
         assert page.evaluate("window.pwned") is None
+        page.click("#tab-quality")
+        blur = page.locator("#qs-grid figure[data-stat='image_blur']")
+        blur.wait_for()
+        splits = set(store.to_arrow("samples", columns=["split"]).column("split").to_pylist())
+        assert blur.locator("svg polyline").count() == len(splits)  # one outline per split
+        measured = sum(int(n) for n in re.findall(r"\((\d+)\):", blur.inner_text()))
+        assert measured == store.to_arrow("samples").filter(pc.is_valid(pc.field("image"))).num_rows
+        page.screenshot(path=tmp_path / "quality.png", full_page=True)
         page.click("#tab-runs")
         page.wait_for_selector("#r-table tr:nth-child(2)")
         assert page.locator("#r-table tr").count() - 1 == store.to_arrow("_runs").num_rows
         browser.close()
     assert errors == []
     assert {f.name for f in tmp_path.glob("*.png")} == {
-        "overview.png", "sample.png", "search.png", "map.png"}  # fmt: skip
+        "overview.png", "sample.png", "search.png", "map.png", "quality.png"}  # fmt: skip
 
 
 def test_concurrent_queries_are_embedded_in_batches(service):

@@ -108,7 +108,7 @@ def test_demo_then_store_commands(tmp_path):
     assert "WRITE" in history.output
     unknown = runner.invoke(app, ["store", "describe", "nope", "--store", store])
     assert unknown.exit_code == 2
-    tables = "_inputs, _runs, _stages, features/clip, features/inputs, quarantine, samples"
+    tables = "_inputs, _runs, _stages, features/clip, features/inputs, quality, quarantine, samples"
     assert tables in unknown.output
     # the demo is deterministic: a second run finds everything already stored
     again = runner.invoke(

@@ -41,6 +41,12 @@ label:
     - kind: rules
       keywords: {circle: [circle], square: [square], triangle: [triangle]}
   vocabulary: [circle, square, triangle, star, cross, ring, diamond, bars, dots, wave]
+quality:
+  # per-sample stats go to the `quality` table (`mmfp store stats quality`); a sample that
+  # fails a filter moves to quarantine as Filtered:<name> (`mmfp filter` applies changes)
+  filters:
+    - {stat: audio_clip_ratio, max: 0.2}
+    - {stat: image_blur, min: 5}
 augment:
   views_per_sample: 2
   seed: 0

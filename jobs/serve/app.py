@@ -344,6 +344,11 @@ class StoreService:
             **browse.counts(self.store),
         }
 
+    @api.get("/quality", dependencies=[Depends(_authorized)])
+    def quality(self) -> dict[str, Any]:
+        """Quality stats per split: percentiles and histograms (``mmfp store stats quality``)."""
+        return browse.quality(self.store)
+
     @api.get("/samples", dependencies=[Depends(_authorized)])
     def samples(
         self,

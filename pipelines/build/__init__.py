@@ -21,7 +21,8 @@ from features.commit import SlotCommitted
 from features.keys import anti_join
 from features.leases import Lease
 from pipelines.build.feature_sets import encode_feature_set
-from pipelines.build.run import BuildResult, Execution, Run, new_run_id
+from pipelines.build.refilter import refilter_stage
+from pipelines.build.run import BuildResult, Execution, Run, dependent_tables, new_run_id
 from pipelines.build.samples import collect_samples
 from pipelines.build.views import augment_samples
 from pipelines.encode import FeatureSetSpec
@@ -43,6 +44,7 @@ def build(
     incremental: bool = False,
     slot: int | None = None,
     execution: Execution | None = None,
+    refilter: bool = False,
 ) -> BuildResult:
     """Collect, label, split, deduplicate, augment and encode the sources of ``spec``.
 
@@ -54,7 +56,9 @@ def build(
     received rows; nothing at all when there is nothing new. Ray must be
     initialised, unless ``execution`` says how to start it (jobs pass one: Ray
     starts when a stage first has work for it, progress goes to a live display,
-    and small stages may stay in this process).
+    and small stages may stay in this process). ``refilter`` (``mmfp filter``)
+    first applies the spec's quality filters again to what the store holds
+    (``pipelines.build.refilter``) and reads again the inputs they now let in.
     """
     run = Run.start(spec, run_id=run_id, kind=kind, slot=slot, execution=execution)
     if run.slot_done():
@@ -66,7 +70,7 @@ def build(
         check_split_unchanged(run.store.properties("samples"), spec.split)
     try:
         with no_op_reservation(), Lease(run.store, run.result.run_id):
-            _run_stages(run, incremental=incremental)  # (vacuum leaves this run's files)
+            _run_stages(run, incremental=incremental, refilter=refilter)  # (vacuum spares it)
             return run.finish()
     except SlotCommitted:
         run.result.already_done = True  # another run of this slot committed first
@@ -92,9 +96,14 @@ def no_op_reservation() -> Iterator[None]:
         context.op_resource_reservation_enabled = reserved
 
 
-def _run_stages(run: Run, *, incremental: bool) -> None:
+def _run_stages(run: Run, *, incremental: bool, refilter: bool = False) -> None:
     """Plan the inputs, then collect, augment and encode in order, committing each table once."""
     spec, store, result = run.spec, run.store, run.result
+    retry = None
+    if refilter:
+        with run.stage("filter") as timing:
+            retry = refilter_stage(run)
+            timing.rows = (result.filter_plan or {}).get("evaluated", 0)
     with run.stage("plan") as timing:  # listing and the ledger, on the driver
         plan = plan_inputs(
             list_inputs(spec),
@@ -102,6 +111,7 @@ def _run_stages(run: Run, *, incremental: bool) -> None:
             incremental=incremental,
             delete_removed=spec.refresh.on_removed == "delete",
             run_id=result.run_id,
+            retry=retry,
         )
         timing.rows = plan.todo.refs.num_rows + sum(map(len, plan.todo.shards.values()))
     result.skipped_inputs = plan.skipped
@@ -114,8 +124,7 @@ def _run_stages(run: Run, *, incremental: bool) -> None:
         pa.table({"sample_id": plan.delete_ids}), pa.table({"sample_id": kept}), ["sample_id"]
     )
     if plan.removed.num_rows:
-        feature_sets = [n for n in store.tables() if n.startswith("features/")]
-        for name in ("samples", "views", *feature_sets):
+        for name in dependent_tables(store):
             run.commits.remove_rows(name, "sample_id", delete.column("sample_id"))
         result.removed = {"inputs": plan.removed.num_rows, "samples": delete.num_rows}
     run.commit("samples")

@@ -34,8 +34,15 @@ from pipelines.build.in_process import no_cuda
 from pipelines.progress import Listener, StageProgress, watching
 from pipelines.spec import PipelineSpec
 
-OUTCOMES = ("samples", "quarantined", "duplicates", "already_stored", "already_quarantined")
-BASE_TABLES = ("samples", "quarantine", "views", "_inputs")
+OUTCOMES = (
+    "samples",
+    "quarantined",
+    "filtered",
+    "duplicates",
+    "already_stored",
+    "already_quarantined",
+)
+BASE_TABLES = ("samples", "quarantine", "views", "quality", "_inputs")
 MODEL_SHARE = 8  # a stage with a model stays in process up to in_process_rows / this
 
 
@@ -106,6 +113,7 @@ class BuildResult:
     skipped_inputs: int = 0  # unchanged inputs a refresh did not read again
     already_done: bool = False  # the slot was committed by an earlier attempt
     stages: dict[str, StageTiming] = field(default_factory=dict)  # in the order they ran
+    filter_plan: dict[str, Any] | None = None  # what `mmfp filter` evaluated (per filter)
 
     @property
     def inputs(self) -> int:
@@ -211,7 +219,12 @@ class Run:
 
     def _quarantined(self) -> int:
         """Inputs and views this run sent to quarantine so far."""
-        return self.result.counts["quarantined"] + self.result.view_counts.get("quarantined", 0)
+        counts = self.result.counts
+        return (
+            counts["quarantined"]
+            + counts["filtered"]
+            + self.result.view_counts.get("quarantined", 0)
+        )
 
     def measure(
         self, ds: ray.data.Dataset, accelerator: str | None = None, gpus: float = 0.0
@@ -266,6 +279,12 @@ class Run:
         version = self.commits.commit("_runs")
         if version is not None:
             self.result.versions["_runs"] = version
+
+
+def dependent_tables(store: TableStore) -> list[str]:
+    """The tables whose rows belong to a sample: a sample that leaves goes from all of them."""
+    feature_sets = [n for n in store.tables() if n.startswith("features/")]
+    return ["samples", "views", *(["quality"] if store.exists("quality") else []), *feature_sets]
 
 
 def stage_rows(result: BuildResult) -> pa.Table:
@@ -347,7 +366,7 @@ def run_record(spec: PipelineSpec, result: BuildResult, kind: str) -> dict[str, 
         "finished_at": result.finished_at,
         "inputs": result.inputs,
         "samples_written": result.counts["samples"],
-        "quarantined": result.counts["quarantined"],
+        "quarantined": result.counts["quarantined"] + result.counts["filtered"],
         "duplicates": result.counts["duplicates"],
         "already_stored": result.counts["already_stored"],
         "views_written": result.view_counts.get("views", 0),

@@ -23,6 +23,7 @@ from pipelines.build.in_process import run_steps
 from pipelines.build.run import OUTCOMES, Run
 from pipelines.collect import COLLECTED, RefReader, ShardReader
 from pipelines.dedup import IdRegistry, Ids, mark_duplicates
+from pipelines.filters import filter_samples
 from pipelines.label import Labeller, label_vocabulary
 from pipelines.ledger import InputPlan
 from pipelines.route import SampleRouter
@@ -49,9 +50,11 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         "quarantine": run.commits.declare("quarantine"),
         "_inputs": run.commits.declare("_inputs"),
     }
+    if spec.quality:
+        schemas["quality"] = run.commits.declare("quality")
     sink = StoreSink(
         store,
-        SampleRouter(result.run_id, run.known_quarantine),
+        SampleRouter(result.run_id, run.known_quarantine, quality=spec.quality is not None),
         run_id=result.run_id,
         schemas=schemas,
     )
@@ -65,6 +68,7 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
             *([labeller] if labeller else []),
             functools.partial(split_batch, **splitting),
             functools.partial(mark_duplicates, registry=ids),
+            *([functools.partial(filter_samples, quality=spec.quality)] if spec.quality else []),
         ]
         run_steps(
             [plan.todo.refs],
@@ -91,11 +95,16 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         ds = ds.map_batches(
             mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry}
         )
+        if spec.quality and spec.quality.filters:
+            ds = ds.map_batches(
+                filter_samples, batch_format="pyarrow", fn_kwargs={"quality": spec.quality}
+            )
         ds.write_datasink(sink)
         run.measure(ds)
         kept = ray.get(registry.produced.remote(plan.delete_ids))
         ray.kill(registry)
-    result.counts.update({k: sink.counts.get(k, 0) for k in OUTCOMES})
+    for outcome in OUTCOMES:  # added: a `mmfp filter` run counted what it moved out
+        result.counts[outcome] += sink.counts.get(outcome, 0)
     for name, files in sink.files.items():
         run.commits.add(name, files)
     return kept
@@ -123,7 +132,10 @@ def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
             ]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             datasets.append(
-                ds.map_batches(ShardReader(source, spec.decode), batch_format="pyarrow")
+                ds.map_batches(
+                    ShardReader(source, spec.decode, stats=spec.quality is not None),
+                    batch_format="pyarrow",
+                )
             )
     if not datasets:
         return ray.data.from_arrow(COLLECTED.empty_table())
