@@ -23,7 +23,13 @@ from pipelines.build import build
 from pipelines.build.refilter import latest_stats
 from pipelines.errors import SpecError
 from pipelines.filters import QualitySpec, stat_table
-from pipelines.quality import audio_stats, image_stats, perceptual_hash, text_stats
+from pipelines.quality import (
+    audio_stats,
+    image_stats,
+    perceptual_hash,
+    sample_stats,
+    text_stats,
+)
 from pipelines.spec import parse_spec, write_spec
 from tests.helpers import make_spec
 
@@ -109,6 +115,26 @@ def test_audio_stats_on_known_inputs():
     silent = audio_stats(np.zeros((SR, 2), np.float32), SR)
     assert silent["audio_rms_db"] == -100.0
     assert silent["audio_snr_db"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("pixels", "audio", "text"),
+    [
+        (np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.float32), "😀😀😀"),
+        (np.zeros((1, 500, 4), np.uint8), np.ones((10, 2), np.float32), "\u200b"),
+        ((np.arange(1200) * 50).astype(np.uint16).reshape(20, 20, 3), None, "x" * 20_000),
+        (np.linspace(0, 1, 300, dtype=np.float32).reshape(10, 10, 3), None, "日本語のテキストです"),
+    ],
+)
+def test_stats_of_degenerate_media_are_defined(pixels, audio, text):
+    """A stat that raised would refuse a good input (``UnreadableInput``): none does on
+    one-pixel, four-channel, 16-bit or float images, one-frame or full-scale audio, or
+    text with no letters."""
+    stats = sample_stats(text, pixels, audio, SR if audio is not None else None)
+    numeric = [v for k, v in stats.items() if isinstance(v, float)]
+    assert numeric
+    assert all(np.isfinite(numeric))
+    assert len(stats["image_phash"]) == 16
 
 
 @pytest.mark.parametrize(
