@@ -1,5 +1,5 @@
-"""Export one version of a store to the formats other trainers read: plain Parquet and
-WebDataset tar shards.
+"""Export one version of a store to the formats other trainers read: plain Parquet,
+WebDataset tar shards and a Hugging Face ``datasets`` folder (``load_from_disk``).
 
 Rows go out ordered by sample id, a batch at a time (DuckDB streams the ordered join),
 so an export of a large store never holds it in memory. The same version exports to the
@@ -12,6 +12,7 @@ leaves no half-written ``DIR``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -19,6 +20,7 @@ import os
 import shutil
 import tarfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +33,7 @@ from features.errors import StoreError
 from features.metadata import FeatureSetMeta, feature_table
 from features.tables import TableStore, Version
 
-Format = Literal["parquet", "webdataset"]
+Format = Literal["parquet", "webdataset", "hf"]
 MANIFEST = "_mmfp-export.json"  # "_": Parquet readers of the folder skip it
 BATCH_ROWS = 1024
 EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp",
@@ -87,7 +89,7 @@ def export(
     partial.mkdir(parents=True)
     try:
         batches = _ordered(tables, splits, embeddings)
-        writer = _write_parquet if to == "parquet" else _write_webdataset
+        writer = {"parquet": _write_parquet, "webdataset": _write_webdataset, "hf": _write_hf}[to]
         manifest["files"], manifest["rows"] = writer(batches, partial, manifest, shard_rows)
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         partial.rename(dest)
@@ -156,6 +158,100 @@ def _write_webdataset(
                     _add(tar, f"{key}.{suffix}", data)
                 rows += 1
     return files, rows
+
+
+def _write_hf(
+    batches: Iterator[pa.RecordBatch], root: Path, manifest: dict[str, Any], shard_rows: int
+) -> tuple[list[str], int]:
+    """What ``Dataset.save_to_disk`` writes (``data-NNNNN-of-NNNNN.arrow``, ``state.json``,
+    ``dataset_info.json``), a shard at a time through ``datasets``' own ``ArrowWriter``,
+    with ``image`` and ``audio`` as ``Image()`` and ``Audio()`` features (their stored bytes
+    and a ``<sample_id>.<ext>`` name, so they decode as they are). Writing never decodes
+    media, so it needs neither torch nor torchcodec; the fingerprint comes from the
+    manifest, so the same version gives the same bytes."""
+    try:
+        from datasets import Audio, DatasetInfo, Features, Image
+        from datasets.arrow_writer import ArrowWriter
+    except ImportError as e:
+        raise StoreError(
+            f"--to hf needs Hugging Face datasets: pip install 'mmfp[hf]' ({e})"
+        ) from e
+
+    files: list[str] = []
+    rows = 0
+    features: Features | None = None
+    pending: list[pa.Table] = []
+
+    def flush() -> None:
+        assert features is not None
+        files.append(f"data-{len(files):05d}.arrow")
+        writer = ArrowWriter(features=features, path=str(root / files[-1]))
+        try:
+            for part in pending:
+                writer.write_table(part)
+            writer.finalize()
+        finally:
+            writer.close()
+        pending.clear()
+
+    for batch in batches:
+        table = _hf_table(pa.Table.from_batches([batch]))
+        if features is None:
+            features = Features.from_arrow_schema(table.schema)
+            for modality, feature in (("image", Image()), ("audio", Audio())):
+                if modality in features:
+                    features[modality] = feature
+        while table.num_rows:
+            take = min(table.num_rows, shard_rows - rows % shard_rows)
+            pending.append(table.slice(0, take))
+            rows += take
+            table = table.slice(take)
+            if rows % shard_rows == 0:
+                flush()
+    if pending or not files:
+        if features is None:
+            raise StoreError("nothing to export: no sample matches")
+        flush()
+    named = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
+    for old, new in zip(files, named, strict=True):
+        (root / old).rename(root / new)
+    state = {
+        "_data_files": [{"filename": name} for name in named],
+        "_fingerprint": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[
+            :16
+        ],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (root / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    info = asdict(DatasetInfo(description=json.dumps(manifest, sort_keys=True), features=features))
+    (root / "dataset_info.json").write_text(
+        json.dumps({k: info[k] for k in sorted(info)}, indent=2)
+    )
+    return [*named, "state.json", "dataset_info.json"], rows
+
+
+def _hf_table(table: pa.Table) -> pa.Table:
+    """Media columns as ``datasets``' storage for ``Image``/``Audio``: {bytes, path}."""
+    ids = table.column("sample_id").to_pylist()
+    for modality in ("image", "audio"):
+        if modality not in table.column_names:
+            continue
+        data = table.column(modality).combine_chunks()
+        kinds = table.column(f"{modality}_format").to_pylist()
+        paths = pa.array(
+            [f"{i}.{_extension(k, modality)}" if b else None
+             for i, k, b in zip(ids, kinds, data.is_valid().to_pylist(), strict=True)],
+            pa.string(),
+        )  # fmt: skip
+        column = pa.StructArray.from_arrays(
+            [data.cast(pa.binary()), paths], names=["bytes", "path"], mask=data.is_null()
+        )
+        table = table.set_column(table.schema.get_field_index(modality), modality, column)
+    return table
 
 
 def _entries(row: dict[str, Any], embeddings: list[str]) -> Iterator[tuple[str, bytes]]:

@@ -1,11 +1,12 @@
-"""``mmfp export``: the demo store out as Parquet and WebDataset, read back with each
-format's own reader and compared to the store, byte for byte."""
+"""``mmfp export``: the demo store out as Parquet, WebDataset and a Hugging Face datasets
+folder, read back with each format's own reader and compared to the store, byte for byte."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,45 @@ def test_a_failed_export_leaves_nothing_and_a_user_mistake_is_one_line(store, tm
     assert set(pq.read_table(tmp_path / "y").column("split").to_pylist()) == {"test"}
     with pytest.raises(StoreError, match="shard_rows"):
         export(store, tmp_path / "z", to="parquet", shard_rows=0)
+
+
+def test_hf_round_trip_loads_with_datasets_and_is_the_store(store, tmp_path):
+    import datasets
+
+    manifest = export(store, tmp_path / "a", to="hf", feature_set="clip",
+                      splits=["train", "val"], shard_rows=100)  # fmt: skip
+    loaded = datasets.load_from_disk(str(tmp_path / "a"))  # the library's own reader
+    assert isinstance(loaded.features["image"], datasets.Image)
+    assert isinstance(loaded.features["audio"], datasets.Audio)
+    want, vectors = stored(store, {"train", "val"}), embeddings(store)
+    assert loaded.num_rows == manifest["rows"] == len(want)
+    assert len(loaded.cache_files) == -(-len(want) // 100)
+    raw = loaded.cast_column("image", datasets.Image(decode=False))
+    raw = raw.cast_column("audio", datasets.Audio(decode=False))  # decoding needs torchcodec
+    for row in raw:
+        original = want[row["sample_id"]]
+        for modality in ("image", "audio"):
+            media = row[modality]
+            assert (media and media["bytes"]) == original[modality]  # the stored bytes
+            if media:
+                assert media["path"].startswith(row["sample_id"] + ".")
+        assert row["text"] == original["text"]
+        assert row["labels"] == original["labels"]
+        assert row["image_emb"] == pytest.approx(vectors[row["sample_id"]]["image_emb"])
+    with_image = next(i for i, r in enumerate(raw) if r["image"])
+    images = loaded.cast_column("audio", datasets.Audio(decode=False))
+    picture, sid = images[with_image]["image"], images[with_image]["sample_id"]  # PIL decodes
+    assert picture.size == (want[sid]["image_width"], want[sid]["image_height"])
+    assert json.loads(loaded.info.description) == {k: manifest[k] for k in manifest
+                                                   if k not in ("files", "rows")}  # fmt: skip
+    export(store, tmp_path / "b", to="hf", feature_set="clip", splits=["val", "train"],
+           shard_rows=100)  # fmt: skip
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")  # same version, same bytes
+
+
+def test_hf_without_datasets_installed_is_one_clear_error(store, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what an install without it sees
+    with pytest.raises(StoreError, match=r"pip install 'mmfp\[hf\]'"):
+        export(store, tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists()
+    assert list(tmp_path.iterdir()) == []  # no partial folder left either
