@@ -1,9 +1,12 @@
 """Export one version of a store to the formats other trainers read: plain Parquet,
-WebDataset tar shards and a Hugging Face ``datasets`` folder (``load_from_disk``).
+WebDataset tar shards, a Hugging Face ``datasets`` folder (``load_from_disk``) and a
+Lance dataset.
 
 Rows go out ordered by sample id, a batch at a time (DuckDB streams the ordered join),
 so an export of a large store never holds it in memory. The same version exports to the
-same bytes: no clock, user or random name reaches a file. Each export records where it
+same bytes: no clock, user or random name reaches a file (except Lance's own manifests,
+which carry UUIDs and times: there the same version gives the same rows in the same
+order, and the manifest records their SHA-256). Each export records where it
 came from (store, table versions, splits, feature set) in ``_mmfp-export.json`` beside
 its files and, for Parquet, in each file's metadata. It is written under a temporary
 name in the destination's folder and renamed into place at the end, so a killed export
@@ -33,7 +36,7 @@ from features.errors import StoreError
 from features.metadata import FeatureSetMeta, feature_table
 from features.tables import TableStore, Version
 
-Format = Literal["parquet", "webdataset", "hf"]
+Format = Literal["parquet", "webdataset", "hf", "lance"]
 MANIFEST = "_mmfp-export.json"  # "_": Parquet readers of the folder skip it
 BATCH_ROWS = 1024
 EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp",
@@ -89,7 +92,9 @@ def export(
     partial.mkdir(parents=True)
     try:
         batches = _ordered(tables, splits, embeddings)
-        writer = {"parquet": _write_parquet, "webdataset": _write_webdataset, "hf": _write_hf}[to]
+        writers = {"parquet": _write_parquet, "webdataset": _write_webdataset, "hf": _write_hf,
+                   "lance": _write_lance}  # fmt: skip
+        writer = writers[to]
         manifest["files"], manifest["rows"] = writer(batches, partial, manifest, shard_rows)
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         partial.rename(dest)
@@ -232,6 +237,40 @@ def _write_hf(
         json.dumps({k: info[k] for k in sorted(info)}, indent=2)
     )
     return [*named, "state.json", "dataset_info.json"], rows
+
+
+def _write_lance(
+    batches: Iterator[pa.RecordBatch], root: Path, manifest: dict[str, Any], shard_rows: int
+) -> tuple[list[str], int]:
+    """A Lance dataset (``lance.dataset(DIR)``), ``shard_rows`` rows per data file, the
+    manifest in its schema metadata; ``manifest["rows_sha256"]`` hashes the rows in order
+    (Arrow IPC of each batch), the determinism Lance's own UUID-named files allow."""
+    try:
+        import lance
+    except ImportError as e:
+        raise StoreError(f"--to lance needs pylance: pip install 'mmfp[lance]' ({e})") from e
+    first = next(batches, None)
+    if first is None:
+        raise StoreError("nothing to export: no sample matches")
+    digest = hashlib.sha256()
+    rows = 0
+
+    def counted() -> Iterator[pa.RecordBatch]:
+        nonlocal rows
+        for batch in itertools.chain([first], batches):
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, batch.schema) as stream:
+                stream.write_batch(batch)
+            digest.update(sink.getvalue().to_pybytes())
+            rows += batch.num_rows
+            yield batch
+
+    note = {"mmfp.export": json.dumps(manifest, sort_keys=True)}
+    reader = pa.RecordBatchReader.from_batches(first.schema.with_metadata(note), counted())
+    lance.write_dataset(reader, str(root), mode="create", max_rows_per_file=shard_rows)
+    manifest["rows_sha256"] = digest.hexdigest()
+    data = sorted(p.relative_to(root).as_posix() for p in (root / "data").glob("*.lance"))
+    return data, rows
 
 
 def _hf_table(table: pa.Table) -> pa.Table:

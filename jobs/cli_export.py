@@ -16,10 +16,11 @@ from jobs.report import console
 def export_command(
     dest: Annotated[Path, typer.Argument(help="A new folder to write (refused if it exists).")],
     to: Annotated[
-        Literal["parquet", "webdataset", "hf"],
+        Literal["parquet", "webdataset", "hf", "lance"],
         typer.Option(
             help="parquet: part files; webdataset: tar shards (.jpg .wav .txt .npy); "
-            "hf: a Hugging Face datasets folder (load_from_disk; needs `pip install datasets`)."
+            "hf: a Hugging Face datasets folder (load_from_disk; needs mmfp[hf]); "
+            "lance: a Lance dataset (needs mmfp[lance])."
         ),
     ],
     version: VersionOpt = None,

@@ -1,5 +1,5 @@
-"""``mmfp export``: the demo store out as Parquet, WebDataset and a Hugging Face datasets
-folder, read back with each format's own reader and compared to the store, byte for byte."""
+"""``mmfp export``: the demo store out as Parquet, WebDataset, a Hugging Face datasets
+folder and Lance, read back with each format's own reader and compared to the store."""
 
 from __future__ import annotations
 
@@ -162,9 +162,30 @@ def test_hf_round_trip_loads_with_datasets_and_is_the_store(store, tmp_path):
     assert digests(tmp_path / "a") == digests(tmp_path / "b")  # same version, same bytes
 
 
-def test_hf_without_datasets_installed_is_one_clear_error(store, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # what an install without it sees
-    with pytest.raises(StoreError, match=r"pip install 'mmfp\[hf\]'"):
-        export(store, tmp_path / "hf", to="hf")
-    assert not (tmp_path / "hf").exists()
-    assert list(tmp_path.iterdir()) == []  # no partial folder left either
+@pytest.mark.parametrize(("to", "module"), [("hf", "datasets"), ("lance", "lance")])
+def test_a_format_without_its_library_is_one_clear_error(store, tmp_path, monkeypatch, to, module):
+    monkeypatch.setitem(sys.modules, module, None)  # what an install without it sees
+    with pytest.raises(StoreError, match=rf"pip install 'mmfp\[{to}\]'"):
+        export(store, tmp_path / to, to=to)
+    assert list(tmp_path.iterdir()) == []  # neither DIR nor a partial folder
+
+
+def test_lance_round_trip_is_the_store_and_the_same_rows_each_time(store, tmp_path):
+    import lance
+
+    manifest = export(store, tmp_path / "a", to="lance", feature_set="clip", shard_rows=150)
+    dataset = lance.dataset(str(tmp_path / "a"))  # the library's own reader
+    want, vectors = stored(store), embeddings(store)
+    table = dataset.to_table()
+    assert table.num_rows == manifest["rows"] == len(want)
+    assert len(dataset.get_fragments()) == len(manifest["files"]) == -(-len(want) // 150)
+    got = table.to_pylist()
+    assert [r["sample_id"] for r in got] == sorted(want)
+    for row in got:
+        assert {k: row[k] for k in want[row["sample_id"]]} == want[row["sample_id"]]
+        assert row["text_emb"] == vectors[row["sample_id"]]["text_emb"]
+    recorded = json.loads(dataset.schema.metadata[b"mmfp.export"])
+    assert recorded["versions"]["samples"] == store.version("samples")
+    again = export(store, tmp_path / "b", to="lance", feature_set="clip", shard_rows=150)
+    assert again["rows_sha256"] == manifest["rows_sha256"]  # Lance names its files by UUID
+    assert lance.dataset(str(tmp_path / "b")).to_table().equals(table)
