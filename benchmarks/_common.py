@@ -347,6 +347,17 @@ def process_tree(root: int) -> list[int]:
     return _tree(_processes(), root)
 
 
+def pss_bytes(pid: int) -> int:
+    """The process's proportional set size; 0 once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def map_workers() -> dict[str, str]:
     """Actor id -> class name of the Ray Data map actors so far. The name shows operator
     fusion: ``MapWorker(MapBatches(Preprocess)->MapBatches(Encode))`` means preprocessing ran

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import load_average, print_table, process_tree  # noqa: E402
+from benchmarks._common import load_average, print_table, process_tree, pss_bytes  # noqa: E402
 from benchmarks.build_cli import clean_env, corpus  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from jobs.demo.tiny_models import tiny_clip  # noqa: E402
@@ -41,17 +41,6 @@ from jobs.demo.tiny_models import tiny_clip  # noqa: E402
 COMMANDS = ("build", "encode", "train", "search")
 TARGET = 1.2
 POLL_S = 0.25
-
-
-def pss_bytes(pid: int) -> int:
-    """The process's proportional set size; 0 once it has exited."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def peak_memory(command: list[str], env: dict[str, str], cwd: Path) -> tuple[int, float]:

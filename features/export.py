@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.duck import connect
+from features.duplicates import TABLE as DUPLICATES_TABLE
+from features.duplicates import excluded_ids
 from features.errors import StoreError
 from features.metadata import FeatureSetMeta, feature_table
 from features.tables import TableStore, Version
@@ -57,9 +59,11 @@ def export(
     feature_set: str | None = None,
     feature_version: Version = None,
     shard_rows: int = 1000,
+    exclude_duplicates: bool = False,
 ) -> dict[str, Any]:
     """Write ``samples`` at ``version`` (of ``splits``; with ``feature_set``, each sample's
-    embedding columns beside it) to ``dest`` as ``to``; returns the manifest."""
+    embedding columns beside it; with ``exclude_duplicates``, without the near duplicates
+    the latest ``duplicates`` version marks) to ``dest`` as ``to``; returns the manifest."""
     if dest.exists():
         raise StoreError(f"{dest} exists; export writes a new folder (remove it, or pick another)")
     if shard_rows < 1:
@@ -87,11 +91,18 @@ def export(
         tables["f"] = store.dataset_of(table, features)
         manifest["versions"][table] = features.version()
     manifest["embeddings"] = embeddings
+    where = "WHERE s.split IN (SELECT unnest($splits))" if splits else "WHERE true"
+    if exclude_duplicates:
+        excluded = excluded_ids(store, samples.version())
+        tables["x"] = pa.table({"sample_id": excluded})
+        where += " AND s.sample_id NOT IN (SELECT sample_id FROM x)"
+        manifest["versions"]["duplicates"] = store.version(DUPLICATES_TABLE)
+        manifest["excluded_duplicates"] = len(excluded)
     partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        batches = _ordered(tables, splits, embeddings)
+        batches = _ordered(tables, where, splits, embeddings)
         writers = {"parquet": _write_parquet, "webdataset": _write_webdataset, "hf": _write_hf,
                    "lance": _write_lance}  # fmt: skip
         writer = writers[to]
@@ -105,13 +116,12 @@ def export(
 
 
 def _ordered(
-    tables: dict[str, Any], splits: list[str] | None, embeddings: list[str]
+    tables: dict[str, Any], where: str, splits: list[str] | None, embeddings: list[str]
 ) -> Iterator[pa.RecordBatch]:
     """The samples (with their original rows' embeddings) by sample id, a batch at a time."""
     con = connect(tables)
     picked = ", ".join(f'f."{c}"' for c in embeddings)
     join = "LEFT JOIN f ON f.sample_id = s.sample_id AND f.view = -1" if embeddings else ""
-    where = "WHERE s.split IN (SELECT unnest($splits))" if splits else ""
     sql = f"SELECT s.*{', ' + picked if picked else ''} FROM s {join} {where} ORDER BY s.sample_id"
     reader = con.sql(sql, params={"splits": splits} if splits else None).to_arrow_reader(BATCH_ROWS)
     yield from reader

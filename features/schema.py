@@ -188,11 +188,29 @@ QUALITY = pa.schema(
     ]
 )
 
+# Written whole by each `mmfp dedup` (one Delta version per search, older ones kept):
+# a sample marked here is near ``duplicate_of``, which was kept. Nothing is deleted;
+# readers leave marked samples out when asked (``features.duplicates``).
+DUPLICATES = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("duplicate_of", pa.string(), nullable=False),
+        pa.field("method", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("split", pa.string()),
+        pa.field("duplicate_of_split", pa.string()),
+        pa.field("samples_version", pa.int64()),
+        pa.field("run_id", pa.string()),
+        pa.field("found_at", UTC_MICROS),
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "quarantine": QUARANTINE,
     "views": VIEWS,
     "quality": QUALITY,
+    "duplicates": DUPLICATES,
     "_inputs": INPUTS,
     "_runs": RUNS,
     "_stages": STAGES,
@@ -202,6 +220,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "samples": ("sample_id",),
     "quarantine": ("quarantine_id",),
     "views": ("sample_id", "view"),
+    "duplicates": ("sample_id",),
     "_runs": ("run_id",),
     "_stages": ("run_id", "stage"),
 }

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from features.duck import connect
+from features.duplicates import summary as duplicates_summary
 from features.schema import QUALITY_STATS
 from features.tables import TableStore, Version
 from features.vectors import chunks, embedding_column
@@ -57,6 +58,8 @@ def stats(store: TableStore, table: str = "samples", version: Version = None) ->
             con, "SELECT text_lang AS k FROM t WHERE text_lang IS NOT NULL"
         )
         out["stats"] = quality_summary(con, [n for n in QUALITY_STATS.names if n in names])
+    if table == "samples" and (marked := duplicates_summary(store)) is not None:
+        out["near_duplicates"] = marked
     if table != "quarantine" and store.exists("quarantine"):
         con.register("q", store.dataset("quarantine"))
         out["quarantine"] = _counts(con, "SELECT error_type AS k FROM q")

@@ -23,6 +23,7 @@ from jobs.cli_query import register as register_query
 from jobs.cli_runs import register as register_runs
 from jobs.cli_serve import serve_command
 from jobs.cli_train import evaluate, train, tune
+from jobs.dedup import dedup_command
 from jobs.encode import encode_command
 from jobs.errors import open_store, user_errors
 from jobs.filter import filter_command
@@ -101,6 +102,7 @@ def store_history(table: TableArg, store: StoreOpt = DEFAULT_STORE) -> None:
 app.command("build")(build_command)
 app.command("refresh")(refresh_command)
 app.command("filter")(filter_command)
+app.command("dedup")(dedup_command)
 app.command("encode")(encode_command)
 app.command("train")(train)
 app.command("evaluate")(evaluate)

@@ -34,6 +34,9 @@ def export_command(
         str | None, typer.Option(help="The feature set's version; default: latest.")
     ] = None,
     shard_rows: Annotated[int, typer.Option(min=1, help="Samples per file or shard.")] = 1000,
+    exclude_duplicates: Annotated[
+        bool, typer.Option(help="Leave out the near duplicates `mmfp dedup` marked.")
+    ] = False,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Export ``samples`` at a version (and a feature set's embeddings) to DEST; the same
@@ -43,6 +46,7 @@ def export_command(
     manifest = export(
         open_store(store), dest, to=to, version=version, splits=split,
         feature_set=feature_set, feature_version=feature_version, shard_rows=shard_rows,
+        exclude_duplicates=exclude_duplicates,
     )  # fmt: skip
     versions = ", ".join(f"{t} v{v}" for t, v in manifest["versions"].items())
     console.print(f"exported {manifest['rows']:,} samples ({versions}) to {dest} as {to}: "

@@ -252,6 +252,17 @@ def stats(
         if key.startswith("by_") or key == "quarantine":
             title = "quarantine reasons" if key == "quarantine" else key.replace("_", " ")
             console.print(grid(title, ["value", "rows"], [[k, v] for k, v in counts.items()]))
+    marked = summary.get("near_duplicates")
+    if marked:
+        rows = [[split, n] for split, n in marked["by_split"].items()]
+        rows += [[f"{pair} (cross-split)", n] for pair, n in marked["cross_split"].items()]
+        console.print(
+            grid(
+                f"near duplicates marked by mmfp dedup (samples v{marked.get('samples_version')})",
+                ["split", "samples"],
+                rows,
+            )
+        )
     measured = summary.get("stats", {})
     if measured:
         rows = [

@@ -83,14 +83,7 @@ def image_stats(pixels: np.ndarray) -> dict[str, Any]:
     (OpenCV order: grey, BGR or BGRA; 8- or 16-bit)."""
     import cv2
 
-    image = _as_uint8(pixels)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 3:
-        bgr = image[:, :, :3]
-        grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    else:
-        bgr, grey = None, image
+    bgr, grey = colour_and_grey(pixels)
     height, width = grey.shape
     return {
         "image_width": width,
@@ -101,6 +94,27 @@ def image_stats(pixels: np.ndarray) -> dict[str, Any]:
         "image_colourfulness": 0.0 if bgr is None else colourfulness(bgr),
         "image_phash": perceptual_hash(grey),
     }
+
+
+def colour_and_grey(pixels: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(BGR or None for a grey image, grey), both uint8, from any decoded pixels."""
+    import cv2
+
+    image = _as_uint8(pixels)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return None, image
+    bgr = image[:, :, :3]
+    return bgr, cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+
+
+def grey_thumbnail(pixels: np.ndarray) -> np.ndarray:
+    """The 32x32 float32 grey thumbnail that pHash and the image fingerprint transform."""
+    import cv2
+
+    grey = colour_and_grey(pixels)[1]
+    return cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
 def _as_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -126,8 +140,7 @@ def perceptual_hash(grey: np.ndarray) -> str:
     (the DC term left out). Re-encoding or resizing an image moves few bits."""
     import cv2
 
-    small = cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low = cv2.dct(small)[:8, :8].flatten()
+    low = cv2.dct(grey_thumbnail(grey))[:8, :8].flatten()
     bits = low > np.median(low[1:])
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 

@@ -20,6 +20,7 @@ from pipelines.encode import EncodeSpec
 from pipelines.errors import SpecError
 from pipelines.filters import QualitySpec
 from pipelines.label import LabelSpec
+from pipelines.neardup import NearDupSpec
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -147,6 +148,7 @@ class PipelineSpec(_Model):
     split: SplitSpec = Field(default_factory=SplitSpec)
     label: LabelSpec | None = None  # none: keep the labels inputs came with
     quality: QualitySpec | None = None  # none: no stats, no filters, no quality table
+    near_duplicates: NearDupSpec | None = None  # for `mmfp dedup`; none: not searched
     augment: AugmentSpec | None = None  # none: no views table
     encode: EncodeSpec | None = None  # none: no feature sets
     store: StoreSpec = Field(default_factory=StoreSpec)
@@ -176,6 +178,8 @@ class PipelineSpec(_Model):
     def spec_hash(self) -> str:
         """Hash of the validated spec without secrets, recorded with every run."""
         data = self.model_dump(mode="json")
+        if data["near_duplicates"] is None:  # added later: specs without it keep their hash
+            del data["near_duplicates"]
         for source in data["sources"]:
             source["storage_options"] = redact(source["storage_options"])
         data["store"]["storage_options"] = redact(data["store"]["storage_options"])

@@ -40,10 +40,16 @@ def dense(column: pa.Array | pa.ChunkedArray, shape: list[int], dtype: Any) -> t
     return out.reshape(len(column), *shape), present
 
 
-def row_filter(split: str, *, include_views: bool) -> pc.Expression:
+def row_filter(
+    split: str, *, include_views: bool, exclude: pa.Array | None = None
+) -> pc.Expression:
+    """Rows of ``split`` (originals only unless ``include_views``), without the samples in
+    ``exclude`` (marked near duplicates: ``features.duplicates.excluded_ids``)."""
     expr = string_field("split") == split
     if not include_views:
         expr = expr & (pc.field("view") == ORIGINAL_VIEW)
+    if exclude is not None and len(exclude):
+        expr = expr & ~string_field("sample_id").isin(exclude)
     return expr
 
 
@@ -64,6 +70,7 @@ def to_tensors(
     split: str,
     include_views: bool,
     labels: bool = False,
+    exclude: pa.Array | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows of ``split`` as ``x_<modality>`` arrays and ``has_<modality>`` masks, plus
     ``label`` codes (``label_codes``) with ``labels``.
@@ -71,7 +78,7 @@ def to_tensors(
     ``inputs`` maps modality -> (column, per-row shape, dtype name). A pure
     function of the batch, so it runs in Ray Data tasks and in unit tests alike.
     """
-    batch = batch.filter(row_filter(split, include_views=include_views))
+    batch = batch.filter(row_filter(split, include_views=include_views, exclude=exclude))
     out: dict[str, np.ndarray] = {}
     for modality, (column, shape, dtype) in sorted(inputs.items()):
         x, present = dense(batch.column(column), shape, np.dtype(dtype))

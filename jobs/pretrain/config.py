@@ -220,6 +220,8 @@ class TrainConfig(_Model):
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None: no clipping
     amp: Literal["bf16", "fp16", "off"] = "bf16"  # autocast on CUDA only; CPU runs float32
     include_views: bool = False  # also train on augmented views (view >= 0)
+    # leave out samples `mmfp dedup` marked as near duplicates (their kept twin stays)
+    exclude_duplicates: bool = False
     shuffle_buffer: int = Field(1024, ge=0)  # rows in each worker's seeded local shuffle
     prefetch_batches: int = Field(2, ge=0)
     num_workers: int = Field(2, gt=0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from features.metadata import ColumnMeta, FeatureSetMeta, feature_table
 from features.tables import TableStore
 from jobs.pretrain.arrays import row_filter, to_tensors
@@ -175,13 +177,14 @@ def count_rows(
     *,
     include_views: bool,
     labelled: bool = False,
+    exclude: pa.Array | None = None,
 ) -> int:
-    """Rows of ``split`` (only those with a label, with ``labelled``)."""
+    """Rows of ``split`` (only those with a label, with ``labelled``), ``exclude`` left out."""
     table = store.to_arrow(
         info.table,
         info.version,
         columns=["split", "view", "label"],
-        filter=row_filter(split, include_views=include_views),
+        filter=row_filter(split, include_views=include_views, exclude=exclude),
     )
     return table.num_rows - (table.column("label").null_count if labelled else 0)
 
@@ -194,6 +197,7 @@ def split_dataset(
     *,
     views: bool,
     labels: bool = False,
+    exclude: pa.Array | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of dense tensor batches for one split, read at the pinned version
     (with ``labels``, each row's ``label`` code too).
@@ -207,6 +211,7 @@ def split_dataset(
     inputs = tower_inputs(info, config)
     columns = sorted({"split", "view", *(c for c, _, _ in inputs.values())})
     columns += ["label"] if labels else []
+    columns += ["sample_id"] if exclude is not None and len(exclude) else []
     dt = store.delta(info.table, info.version)
     ds = ray.data.read_delta(
         store.table_uri(info.table),
@@ -216,6 +221,7 @@ def split_dataset(
         override_num_blocks=read_blocks(dt),
     )
     kwargs = {"inputs": inputs, "split": split, "include_views": views, "labels": labels}
+    kwargs["exclude"] = exclude
     return ds.map_batches(to_tensors, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from features.duplicates import excluded_ids
 from features.storage import filesystem_for, is_local, join_uri
 from features.store import FeatureStore
 from jobs.pretrain import checkpoint as ckpt
@@ -327,7 +328,8 @@ def run_training(
     if previous is not None:
         check_compatible(previous, info, columns)
 
-    rows = count_rows(store, info, "train", include_views=config.include_views)
+    exclude = excluded_ids(store) if config.exclude_duplicates else None
+    rows = count_rows(store, info, "train", include_views=config.include_views, exclude=exclude)
     steps_per_epoch = rows // config.num_workers // config.batch_size
     if steps_per_epoch == 0:
         raise SpecError(
@@ -336,21 +338,33 @@ def run_training(
             "(lower batch_size or num_workers)"
         )
     if config.loss.supervised_weight > 0 and not count_rows(
-        store, info, "train", include_views=config.include_views, labelled=True
+        store, info, "train", include_views=config.include_views, labelled=True, exclude=exclude
     ):
         raise SpecError(
             f"loss.supervised_weight: feature set {info.name!r} v{info.version} has no "
             "labelled train rows; label the samples (the spec's `label` section) or set it to 0"
         )
-    val_rows = count_rows(store, info, "val", include_views=False) if config.val_max_rows else 0
+    val_rows = (
+        count_rows(store, info, "val", include_views=False, exclude=exclude)
+        if config.val_max_rows
+        else 0
+    )
     supervised = config.loss.supervised_weight > 0
     datasets = {
         "train": split_dataset(
-            store, info, config, "train", views=config.include_views, labels=supervised
+            store,
+            info,
+            config,
+            "train",
+            views=config.include_views,
+            labels=supervised,
+            exclude=exclude,
         )
     }
     if val_rows:
-        datasets["val"] = split_dataset(store, info, config, "val", views=False, labels=True)
+        datasets["val"] = split_dataset(
+            store, info, config, "val", views=False, labels=True, exclude=exclude
+        )
     elif config.select:
         raise SpecError(
             f"select: feature set {info.name!r} v{info.version} has no val rows to select by "

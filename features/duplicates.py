@@ -1,0 +1,114 @@
+"""The ``duplicates`` table: near duplicates marked, never deleted, and left out on request.
+
+``mmfp dedup`` writes the whole table at once (one Delta version per search;
+earlier searches stay in its history). Readers that take
+``exclude_duplicates`` leave out a marked sample only while the sample it
+duplicates is still stored, so a kept sample that was later filtered or
+removed brings its duplicates back instead of losing the content altogether.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, write_deltalake
+
+from features.errors import StoreError
+from features.schema import DUPLICATES, conform
+from features.tables import RUN_ID_KEY, TableStore, Version
+
+TABLE = "duplicates"
+
+
+def duplicate_rows(
+    store: TableStore, marks: pa.Table, *, samples_version: int, run_id: str
+) -> pa.Table:
+    """``marks`` (sample_id, duplicate_of, method, score) as rows of the table: with both
+    samples' splits, the samples version searched and the run."""
+    stored = store.to_arrow("samples", samples_version, columns=["sample_id", "split"])
+    split = dict(zip(*(c.to_pylist() for c in stored.columns), strict=True))
+    count = marks.num_rows
+    columns = {
+        "split": [split.get(s) for s in marks.column("sample_id").to_pylist()],
+        "duplicate_of_split": [split.get(s) for s in marks.column("duplicate_of").to_pylist()],
+        "samples_version": [samples_version] * count,
+        "run_id": [run_id] * count,
+        "found_at": [datetime.now(UTC)] * count,
+    }
+    rows = marks
+    for name, values in columns.items():
+        rows = rows.append_column(name, pa.array(values, DUPLICATES.field(name).type))
+    return conform(rows, DUPLICATES)
+
+
+def write_duplicates(
+    store: TableStore, rows: pa.Table, *, samples_version: int, run_id: str
+) -> int:
+    """Replace the table with ``rows`` as one commit; returns its version. A search of an
+    older samples version than the one already marked is refused (it would hide what a
+    newer search found)."""
+    if store.exists(TABLE):
+        marked = store.to_arrow(TABLE, columns=["samples_version"]).column(0)
+        newest = pc.max(marked).as_py() if len(marked) else None
+        if newest is not None and newest > samples_version:
+            raise StoreError(
+                f"duplicates already mark samples version {newest}; this search read version "
+                f"{samples_version}: run it again on the latest version"
+            )
+    store.ensure_table(TABLE)
+    write_deltalake(
+        store.table_uri(TABLE),
+        rows,
+        mode="overwrite",
+        storage_options=store.storage_options or None,
+        commit_properties=CommitProperties(
+            custom_metadata={RUN_ID_KEY: run_id, "mmfp.samples_version": str(samples_version)}
+        ),
+    )
+    return store.version(TABLE)
+
+
+def excluded_ids(store: TableStore, samples_version: Version = None) -> pa.Array:
+    """Sample ids a reader leaves out: marked duplicates whose kept sample is stored at
+    ``samples_version`` too (empty when nothing was ever searched)."""
+    if not store.exists(TABLE):
+        return pa.array([], pa.string())
+    marks = store.to_arrow(TABLE, columns=["sample_id", "duplicate_of"])
+    stored = store.column_values("samples", "sample_id", samples_version)
+    both = pc.and_(
+        pc.is_in(marks.column("sample_id"), value_set=stored),
+        pc.is_in(marks.column("duplicate_of"), value_set=stored),
+    )
+    return marks.filter(both).column("sample_id").combine_chunks()
+
+
+def leakage(marks: pa.Table) -> dict[str, int]:
+    """Marked duplicates whose kept sample is in another split, per ``split<-kept split``:
+    what a train/test split would leak without ``exclude_duplicates``."""
+    pairs = zip(
+        marks.column("split").to_pylist(),
+        marks.column("duplicate_of_split").to_pylist(),
+        strict=True,
+    )
+    counts = Counter(f"{a}<-{b}" for a, b in pairs if a != b)
+    return dict(sorted(counts.items()))
+
+
+def summary(store: TableStore) -> dict[str, object] | None:
+    """Counts for ``mmfp store stats``: marked samples per method and split, and leakage."""
+    if not store.exists(TABLE):
+        return None
+    marks = store.to_arrow(TABLE)
+    if not marks.num_rows:
+        return {"marked": 0, "by_method": {}, "by_split": {}, "cross_split": {}}
+    version = marks.column("samples_version")[0].as_py()
+    return {
+        "marked": marks.num_rows,
+        "samples_version": version,
+        "by_method": dict(Counter(marks.column("method").to_pylist())),
+        "by_split": dict(Counter(marks.column("split").to_pylist())),
+        "cross_split": leakage(marks),
+    }
