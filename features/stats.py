@@ -15,10 +15,12 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from features.crossmodal import similarities
 from features.duck import connect
 from features.duplicates import summary as duplicates_summary
-from features.schema import QUALITY_STATS
+from features.schema import FEATURES_PREFIX, QUALITY_STATS
 from features.tables import TableStore, Version
 from features.vectors import chunks, embedding_column
 
@@ -58,6 +60,8 @@ def stats(store: TableStore, table: str = "samples", version: Version = None) ->
             con, "SELECT text_lang AS k FROM t WHERE text_lang IS NOT NULL"
         )
         out["stats"] = quality_summary(con, [n for n in QUALITY_STATS.names if n in names])
+    if table.startswith(FEATURES_PREFIX):
+        out |= cross_modal_summary(store, table.removeprefix(FEATURES_PREFIX), dt.version())
     if table == "samples" and (marked := duplicates_summary(store)) is not None:
         out["near_duplicates"] = marked
     if table != "quarantine" and store.exists("quarantine"):
@@ -66,13 +70,30 @@ def stats(store: TableStore, table: str = "samples", version: Version = None) ->
     return out
 
 
+def cross_modal_summary(
+    store: TableStore, feature_set: str, version: int, lowest: int = 5
+) -> dict[str, Any]:
+    """A feature set's cross-modal similarities (``features.crossmodal``) as ``stats``, plus
+    the ``lowest`` samples of each: the captions that agree least with their media."""
+    sims = similarities(store, feature_set, version)
+    names = [c for c in sims.column_names if c.endswith("_similarity")]
+    if not names:
+        return {}
+    least = {}
+    for name in names:
+        present = sims.filter(pc.is_valid(sims.column(name)))
+        worst = present.sort_by(name).slice(0, lowest)
+        least[name] = worst.select(["sample_id", "split", name]).to_pylist()
+    return {"stats": quality_summary(connect({"t": sims}), names), "least_agreeing": least}
+
+
 def quality_summary(con: duckdb.DuckDBPyConnection, columns: list[str]) -> dict[str, Any]:
     """Per numeric stat and split: count, mean, 5th/50th/95th percentile and a histogram with
     edges shared across splits (so the splits' bars line up), over every measured sample,
     kept or filtered: where a threshold would cut is what the numbers are for."""
     out: dict[str, Any] = {}
     for column in columns:
-        if pa.types.is_string(QUALITY_STATS.field(column).type):
+        if column in QUALITY_STATS.names and pa.types.is_string(QUALITY_STATS.field(column).type):
             continue
         rows = con.sql(
             f"SELECT coalesce(split, '(none)') AS split, \"{column}\" AS v FROM t "

@@ -271,9 +271,15 @@ def stats(
             for split, p in h["splits"].items()
         ]
         columns = ["stat", "split", "samples", "p5", "p50", "p95", "mean"]
-        console.print(
-            grid("quality stats (every measured sample, kept or filtered)", columns, rows)
+        title = (
+            "quality stats (every measured sample, kept or filtered)"
+            if table == "quality"
+            else "cross-modal similarity (cosine in the encoder's joint space, original rows)"
         )
+        console.print(grid(title, columns, rows))
+    for name, worst in summary.get("least_agreeing", {}).items():
+        rows = [[r["sample_id"], r["split"], f"{r[name]:.4f}"] for r in worst]
+        console.print(grid(f"lowest {name}", ["sample_id", "split", "cosine"], rows))
     if plot is not None:
         console.print(f"stats plot -> {plot_stats(summary, plot)}")
     if embedding_map is not None:

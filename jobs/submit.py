@@ -35,7 +35,7 @@ from pipelines.errors import MmfpError
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
 
-Kind = Literal["build", "encode", "refresh", "filter", "train", "evaluate"]
+Kind = Literal["build", "encode", "refresh", "filter", "dedup", "train", "evaluate"]
 KINDS: tuple[str, ...] = get_args(Kind)
 JOBS_MODULE = "jobs"  # a job is `python -m jobs KIND ARGS...` in the job's working_dir
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

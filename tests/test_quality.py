@@ -321,3 +321,53 @@ def test_a_broken_predicate_is_a_clear_error(tmp_path, source):
     unfiltered = runner.invoke(app, ["filter", str(spec_path), "--dry-run"])
     assert unfiltered.exit_code == 2
     assert "the spec has no `quality` section" in unfiltered.output
+
+
+def test_cross_modal_similarity_of_a_joint_encoders_columns(tmp_path):
+    from deltalake import write_deltalake
+
+    from features.crossmodal import joint_pairs, similarities
+    from features.metadata import ColumnMeta, EncoderMeta, FeatureSetMeta
+    from features.schema import conform, feature_schema, list_of
+
+    meta = FeatureSetMeta(
+        encoders=[EncoderMeta(name="joint"), EncoderMeta(name="other")],
+        columns={
+            "image_emb": ColumnMeta(shape=[2], encoder="joint"),
+            "text_emb": ColumnMeta(shape=[2], encoder="joint"),
+            "audio_emb": ColumnMeta(shape=[3], encoder="other"),  # another space: no pair
+        },
+        samples_version=0,
+    )
+    assert joint_pairs(meta) == [("image_emb", "text_emb")]
+    floats = list_of(pa.float32())
+    rows = pa.table(
+        {
+            "sample_id": ["same", "orthogonal", "opposite", "no-text", "flat", "same"],
+            "view": pa.array([-1, -1, -1, -1, -1, 0], pa.int32()),  # a view's row is left out
+            "split": ["train", "train", "test", "test", "test", "train"],
+            "image_emb": pa.array([[1, 0], [2, 0], [1, 1], [1, 0], [0, 0], [0, 1]], floats),
+            "text_emb": pa.array([[3, 0], [0, 1], [-1, -1], None, [1, 0], [1, 0]], floats),
+            "audio_emb": pa.array([[1, 0, 0]] * 6, floats),
+        }
+    )
+    store = TableStore(str(tmp_path / "store"))
+    schema = feature_schema({c: floats for c in ("image_emb", "text_emb", "audio_emb")})
+    store.ensure_table("features/fs", schema=schema, properties=meta.to_properties())
+    write_deltalake(store.table_uri("features/fs"), conform(rows, schema), mode="append")
+
+    sims = similarities(store, "fs").sort_by("sample_id").to_pylist()
+    got = {r["sample_id"]: r["image_text_similarity"] for r in sims}
+    assert got["no-text"] is None  # a missing modality
+    assert got["flat"] is None  # an all-zero embedding has no direction
+    known = {k: got[k] for k in ("same", "orthogonal", "opposite")}
+    assert known == pytest.approx({"same": 1.0, "orthogonal": 0.0, "opposite": -1.0})
+    plot = tmp_path / "fs.png"
+    result = CliRunner().invoke(
+        app, ["store", "stats", "features/fs", "--store", store.uri, "--plot", str(plot)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "cross-modal similarity" in result.output
+    lowest = result.output[result.output.index("lowest image_text_similarity") :]
+    assert lowest.index("opposite") < lowest.index("orthogonal") < lowest.index("same")
+    assert plot.stat().st_size > 5_000
