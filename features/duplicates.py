@@ -14,13 +14,15 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from features.errors import StoreError
 from features.schema import DUPLICATES, conform
 from features.tables import RUN_ID_KEY, TableStore, Version
 
 TABLE = "duplicates"
+SAMPLES_VERSION_KEY = "mmfp.samples_version"  # commit metadata: the samples version searched
 
 
 def duplicate_rows(
@@ -50,33 +52,46 @@ def write_duplicates(
     """Replace the table with ``rows`` as one commit; returns its version. A search of an
     older samples version than the one already marked is refused (it would hide what a
     newer search found)."""
-    if store.exists(TABLE):
-        marked = store.to_arrow(TABLE, columns=["samples_version"]).column(0)
-        newest = pc.max(marked).as_py() if len(marked) else None
-        if newest is not None and newest > samples_version:
-            raise StoreError(
-                f"duplicates already mark samples version {newest}; this search read version "
-                f"{samples_version}: run it again on the latest version"
-            )
     store.ensure_table(TABLE)
-    write_deltalake(
-        store.table_uri(TABLE),
-        rows,
-        mode="overwrite",
-        storage_options=store.storage_options or None,
-        commit_properties=CommitProperties(
-            custom_metadata={RUN_ID_KEY: run_id, "mmfp.samples_version": str(samples_version)}
-        ),
-    )
+    dt = store.delta(TABLE)  # the snapshot checked is the one the commit must still see
+    newest = marked_version(dt)
+    if newest is not None and newest > samples_version:
+        raise StoreError(
+            f"duplicates already mark samples version {newest}; this search read version "
+            f"{samples_version}: run it again on the latest version"
+        )
+    try:
+        write_deltalake(
+            dt,
+            rows,
+            mode="overwrite",
+            commit_properties=CommitProperties(
+                custom_metadata={RUN_ID_KEY: run_id, SAMPLES_VERSION_KEY: str(samples_version)}
+            ),
+        )
+    except CommitFailedError as e:
+        raise StoreError(
+            "another `mmfp dedup` committed while this one ran; nothing was written by this "
+            "one: run it again"
+        ) from e
     return store.version(TABLE)
 
 
-def excluded_ids(store: TableStore, samples_version: Version = None) -> pa.Array:
-    """Sample ids a reader leaves out: marked duplicates whose kept sample is stored at
-    ``samples_version`` too (empty when nothing was ever searched)."""
+def marked_version(dt: DeltaTable) -> int | None:
+    """The samples version the table's latest commit marked (None: never searched)."""
+    value = dt.history(1)[0].get(SAMPLES_VERSION_KEY)
+    return int(value) if value is not None else None
+
+
+def excluded_ids(
+    store: TableStore, samples_version: Version = None, duplicates_version: Version = None
+) -> pa.Array:
+    """Sample ids a reader leaves out: marked duplicates (at ``duplicates_version``, default
+    latest) whose kept sample is stored at ``samples_version`` too (empty when nothing was
+    ever searched). A reader that records what it read pins both versions first."""
     if not store.exists(TABLE):
         return pa.array([], pa.string())
-    marks = store.to_arrow(TABLE, columns=["sample_id", "duplicate_of"])
+    marks = store.to_arrow(TABLE, duplicates_version, columns=["sample_id", "duplicate_of"])
     stored = store.column_values("samples", "sample_id", samples_version)
     both = pc.and_(
         pc.is_in(marks.column("sample_id"), value_set=stored),

@@ -93,10 +93,11 @@ def export(
     manifest["embeddings"] = embeddings
     where = "WHERE s.split IN (SELECT unnest($splits))" if splits else "WHERE true"
     if exclude_duplicates:
-        excluded = excluded_ids(store, samples.version())
+        pinned = store.version(DUPLICATES_TABLE) if store.exists(DUPLICATES_TABLE) else None
+        excluded = excluded_ids(store, samples.version(), pinned)
         tables["x"] = pa.table({"sample_id": excluded})
         where += " AND s.sample_id NOT IN (SELECT sample_id FROM x)"
-        manifest["versions"]["duplicates"] = store.version(DUPLICATES_TABLE)
+        manifest["versions"]["duplicates"] = pinned
         manifest["excluded_duplicates"] = len(excluded)
     partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)

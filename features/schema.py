@@ -171,6 +171,11 @@ QUALITY_STATS = pa.schema(
         # 95th over 10th percentile of frame power: speech's pauses measure the noise floor
         # (a sound with no pause measures ~0 dB)
         pa.field("audio_snr_db", pa.float32()),
+        # cosine of a sample's two embeddings in a joint encoder's space (CLIP, CLAP), from
+        # the feature set named by the spec's `quality.cross_modal`; set by `mmfp filter`
+        pa.field("image_text_similarity", pa.float32()),
+        pa.field("audio_text_similarity", pa.float32()),
+        pa.field("audio_image_similarity", pa.float32()),
     ]
 )
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipelines.errors import InputError, SpecError
 from pipelines.imports import check_function_path, import_function
-from pipelines.quality import NUMERIC_STATS, STATS
+from pipelines.quality import CROSS_MODAL_STATS, NUMERIC_STATS, STATS
 from pipelines.quarantine import error_columns
 
 FILTERED = "Filtered:"  # the quarantine type (and ledger outcome) of a filtered sample
@@ -114,6 +114,9 @@ class QualitySpec(_Model):
     """The ``quality:`` section: stats are computed for every sample, filters reject some."""
 
     filters: list[StatFilter | PredicateFilter] = Field(default_factory=list)
+    # a feature set with a joint encoder (clip, clap): `mmfp filter` records its samples'
+    # cross-modal similarities (CROSS_MODAL_STATS) so filters can use them
+    cross_modal: str | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> QualitySpec:
@@ -121,6 +124,12 @@ class QualitySpec(_Model):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"filter names must be unique, repeated: {repeated} (set `name:`)")
+        needs = [f.stat for f in self.filters if getattr(f, "stat", None) in CROSS_MODAL_STATS]
+        if needs and self.cross_modal is None:
+            raise ValueError(
+                f"a filter on {needs[0]} needs `cross_modal: FEATURE_SET` (a feature set whose "
+                "encoder embeds both modalities, e.g. clip) in the quality section"
+            )
         return self
 
     def verdicts(self, stats: pa.Table) -> dict[str, list[str | None]]:

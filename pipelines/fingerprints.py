@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from features.schema import list_of
 from pipelines.decode import decode_audio, decode_image
+from pipelines.errors import InputError
 
 AUDIO_RATE = 8000  # the fingerprint's band: telephone speech and up
 AUDIO_MELS = 32
@@ -52,7 +53,10 @@ def image_fingerprint(pixels: np.ndarray) -> np.ndarray:
         cv2.cvtColor(colour, cv2.COLOR_BGR2YCrCb), (32, 32), interpolation=cv2.INTER_AREA
     )
     planes = np.moveaxis(small.astype(np.float32), 2, 0)
-    return _unit(np.concatenate([cv2.dct(p)[:8, :8].flatten()[1:] for p in planes]))
+    low = np.concatenate([cv2.dct(p)[:8, :8].flatten()[1:] for p in planes])
+    if not np.abs(low).max() > 1e-3:  # a flat image (blank page, placeholder): all alike
+        return _unit(np.ones_like(low))
+    return _unit(low)
 
 
 def audio_fingerprint(samples: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -92,31 +96,42 @@ def text_signature(text: str, num_perm: int = NUM_PERM) -> np.ndarray:
     return minhash.hashvalues.astype(np.uint32)
 
 
+def _fingerprint(
+    modality: str, value: Any, kind: str | None, max_pixels: int, max_seconds: float
+) -> np.ndarray:
+    if modality == "image":
+        return image_fingerprint(decode_image(value, max_pixels=max_pixels).pixels)
+    if modality == "audio":
+        audio = decode_audio(value, max_seconds=max_seconds, ext=kind or "")
+        return audio_fingerprint(audio.samples, audio.sample_rate)
+    return text_signature(value)
+
+
 def _unit(vector: np.ndarray) -> np.ndarray:
     vector = np.asarray(vector, np.float32)
     norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 0 else vector  # a flat image: the zero vector matches nothing
+    return vector / norm if norm > 0 else vector
 
 
 def fingerprint_batch(
     batch: pa.Table, *, modality: str, max_image_pixels: int, max_audio_seconds: float
 ) -> pa.Table:
     """``sample_id`` and ``fingerprint`` of each row of ``samples`` that has ``modality``
-    (rows without it are left out; stored media decoded once, within the spec's limits)."""
+    (rows without it are left out; stored media decoded once, within the spec's limits: a
+    stored file the limits refuse now, e.g. after ``max_image_pixels`` was lowered, is
+    left out rather than failing the search)."""
     ids = batch.column("sample_id").to_pylist()
     values = batch.column(modality).to_pylist()
+    formats = batch.column("audio_format").to_pylist() if modality == "audio" else [None] * len(ids)
     out_ids: list[str] = []
     prints: list[Any] = []
-    for sample_id, value in zip(ids, values, strict=True):
+    for sample_id, value, kind in zip(ids, values, formats, strict=True):
         if value is None:
             continue
-        if modality == "image":
-            print_ = image_fingerprint(decode_image(value, max_pixels=max_image_pixels).pixels)
-        elif modality == "audio":
-            audio = decode_audio(value, max_seconds=max_audio_seconds)
-            print_ = audio_fingerprint(audio.samples, audio.sample_rate)
-        else:
-            print_ = text_signature(value)
+        try:
+            print_ = _fingerprint(modality, value, kind, max_image_pixels, max_audio_seconds)
+        except InputError:
+            continue
         out_ids.append(sample_id)
         prints.append(print_)
     kind = pa.uint32() if modality == "text" else pa.float32()

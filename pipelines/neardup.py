@@ -27,7 +27,7 @@ from features.metadata import feature_table
 from features.schema import ORIGINAL_VIEW
 from features.tables import TableStore
 from pipelines.fingerprints import fingerprint_batch
-from pipelines.pairs import PAIRS, collect, cosine_pairs, matrix, minhash_pairs
+from pipelines.pairs import PAIRS, SLACK, collect, cosine_pairs, matrix, minhash_pairs
 
 MODALITY_METHODS = ("image", "audio", "text")
 DEFAULT_THRESHOLDS = {"image": 0.99, "audio": 0.99, "text": 0.9}  # measured: BENCHMARKS.md
@@ -131,8 +131,8 @@ def find_near_duplicates(
     samples = store.to_arrow("samples", version, columns=["sample_id", "modalities", "ingested_at"])
     found: dict[str, pa.Table] = {}
     prints: dict[str, Any] = {}
-    for method in spec.methods:
-        prints[method.name] = fingerprints(store, method, version, limits)
+    for method in spec.methods:  # computed once: the search reads them several times
+        prints[method.name] = fingerprints(store, method, version, limits).materialize()
     stored = samples.column("sample_id").cast(pa.string()).combine_chunks()
     first, *others = spec.methods
     if spec.match == "any":
@@ -165,7 +165,8 @@ def fingerprints(store: TableStore, method: NearDupMethod, version: int, limits:
         return ds.map_batches(
             embedding_prints, fn_kwargs={"column": method.column}, batch_format="pyarrow"
         )
-    ds = store.table("samples", version, columns=["sample_id", method.method])
+    media = [method.method, "audio_format"] if method.method == "audio" else [method.method]
+    ds = store.table("samples", version, columns=["sample_id", *media])
     return ds.map_batches(
         fingerprint_batch,
         fn_kwargs={
@@ -182,6 +183,13 @@ def embedding_prints(batch: pa.Table, *, column: str) -> pa.Table:
     """Original rows' embeddings (not views'), made unit length (cosine = dot product)."""
     batch = batch.filter(pc.equal(batch.column("view"), ORIGINAL_VIEW))
     batch = batch.filter(pc.is_valid(batch.column(column)))
+    if not batch.num_rows:  # a block of views only, or of samples without this modality
+        return pa.table(
+            {
+                "sample_id": pa.array([], pa.string()),
+                "fingerprint": pa.array([], pa.list_(pa.float32())),
+            }
+        )
     vectors = matrix(batch.column(column)).astype(np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True) if len(vectors) else vectors
     unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
@@ -261,7 +269,7 @@ def confirm_all(
                 keep[i] = False
                 continue
             score[i] = float(vx @ vy) if method.method != "text" else float(np.mean(vx == vy))
-            keep[i] &= score[i] >= method.cutoff
+            keep[i] &= score[i] >= method.cutoff - SLACK
         scores[method.name] = score
     out = candidates
     for name, score in scores.items():
@@ -279,6 +287,8 @@ def fetch(prints: Any, ids: list[str]) -> dict[str, np.ndarray]:
         return batch.filter(pc.is_in(batch.column("sample_id"), value_set=ray.get(wanted)))
 
     table = collect(prints.map_batches(only, batch_format="pyarrow"))
+    if not table.num_rows:
+        return {}
     vectors = matrix(table.column("fingerprint"))
     return dict(zip(table.column("sample_id").to_pylist(), vectors, strict=True))
 

@@ -23,6 +23,10 @@ import pyarrow.compute as pc
 PAIRS = pa.schema([("a", pa.string()), ("b", pa.string()), ("score", pa.float32())])
 BLOCK_CELLS = 2**24  # score cells compared at once: 64 MiB of float32
 FIT_ROWS = 100_000  # k-means fits on at most this many sampled vectors
+SLACK = 1e-6  # float32 rounding allowed under a threshold
+# more identical fingerprints than this in one group are linked to one of them (a star)
+# instead of every pair: 20k copies of one caption would otherwise be 2e8 pairs
+IDENTICAL_RUN = 1000
 
 
 def matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -82,6 +86,7 @@ def fit_centroids(ds: Any, rows: int, clusters: int, seed: int) -> np.ndarray:
 def assign_clusters(batch: pa.Table, *, centroids: np.ndarray, probes: int) -> pa.Table:
     """Each row once per nearest centroid (``probes`` of them), with a ``cluster`` column."""
     vectors = matrix(batch.column("fingerprint")).astype(np.float32, copy=False)
+    probes = min(probes, len(centroids))
     nearest = np.argsort(-(vectors @ centroids.T), axis=1)[:, :probes]
     rows = np.repeat(np.arange(batch.num_rows), probes)
     out = batch.take(pa.array(rows))
@@ -94,9 +99,10 @@ def pairs_in_group(group: pa.Table, *, threshold: float, kind: str) -> pa.Table:
     group = group.sort_by("sample_id")
     ids = group.column("sample_id").to_numpy(zero_copy_only=False)
     values = matrix(group.column("fingerprint"))
+    ids, values, stars = _collapse_identical(ids, values)
     count = len(ids)
     if count < 2:
-        return PAIRS.empty_table()
+        return stars
     step = max(1, BLOCK_CELLS // (count * (values.shape[1] if kind == "minhash" else 1)))
     found_a, found_b, found_s = [], [], []
     for start in range(0, count, step):
@@ -105,12 +111,14 @@ def pairs_in_group(group: pa.Table, *, threshold: float, kind: str) -> pa.Table:
             scores = block @ values[start:].T
         else:
             scores = (block[:, None, :] == values[None, start:, :]).mean(axis=2)
-        upper = np.triu(scores >= threshold, k=1)  # column j is row start + j: j > i
+        # column j is row start + j, so j > i; the slack keeps a float32 self-product of a
+        # unit vector (0.99999994) at a threshold of 1
+        upper = np.triu(scores >= threshold - SLACK, k=1)
         i, j = np.nonzero(upper)
         found_a.append(ids[start + i])
         found_b.append(ids[start + j])
         found_s.append(scores[i, j].astype(np.float32))
-    return pa.table(
+    found = pa.table(
         {
             "a": pa.array(np.concatenate(found_a), pa.string()),
             "b": pa.array(np.concatenate(found_b), pa.string()),
@@ -118,6 +126,32 @@ def pairs_in_group(group: pa.Table, *, threshold: float, kind: str) -> pa.Table:
         },
         schema=PAIRS,
     )
+    return pa.concat_tables([found, stars]) if stars.num_rows else found
+
+
+def _collapse_identical(
+    ids: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """Runs of more than ``IDENTICAL_RUN`` identical fingerprints (ids sorted) keep their
+    first member for the comparisons; the others become pairs with it at score 1."""
+    if len(ids) <= IDENTICAL_RUN:
+        return ids, values, PAIRS.empty_table()
+    keys = pd.util.hash_pandas_object(pd.DataFrame(values), index=False).to_numpy()
+    _, first, inverse, counts = np.unique(
+        keys, return_index=True, return_inverse=True, return_counts=True
+    )
+    folded = (counts[inverse] > IDENTICAL_RUN) & (np.arange(len(ids)) != first[inverse])
+    if not folded.any():
+        return ids, values, PAIRS.empty_table()
+    stars = pa.table(
+        {
+            "a": pa.array(ids[first[inverse][folded]], pa.string()),
+            "b": pa.array(ids[folded], pa.string()),
+            "score": pa.array(np.ones(int(folded.sum()), np.float32)),
+        },
+        schema=PAIRS,
+    )
+    return ids[~folded], values[~folded], stars
 
 
 def minhash_pairs(ds: Any, threshold: float) -> pa.Table:

@@ -23,6 +23,9 @@ from features.schema import QUALITY_STATS
 
 STATS: dict[str, pa.DataType] = {f.name: f.type for f in QUALITY_STATS}
 NUMERIC_STATS = [name for name, kind in STATS.items() if not pa.types.is_string(kind)]
+# measured after encoding, by `mmfp filter` (``pipelines.build.refilter``), not in collect:
+# a build's filters pass a sample on them until then
+CROSS_MODAL_STATS = [name for name in STATS if name.endswith("_similarity")]
 REPEAT_N = 3
 CLIP_LEVEL = 0.999
 FRAME_SECONDS = 0.025

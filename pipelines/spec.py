@@ -178,8 +178,10 @@ class PipelineSpec(_Model):
     def spec_hash(self) -> str:
         """Hash of the validated spec without secrets, recorded with every run."""
         data = self.model_dump(mode="json")
-        if data["near_duplicates"] is None:  # added later: specs without it keep their hash
+        if data["near_duplicates"] is None:  # added later: specs without them keep their hash
             del data["near_duplicates"]
+        if data["quality"] is not None and data["quality"]["cross_modal"] is None:
+            del data["quality"]["cross_modal"]
         for source in data["sources"]:
             source["storage_options"] = redact(source["storage_options"])
         data["store"]["storage_options"] = redact(data["store"]["storage_options"])

@@ -28,12 +28,13 @@ from pipelines.build import build
 from pipelines.errors import SpecError
 from pipelines.fingerprints import (
     audio_fingerprint,
+    fingerprint_batch,
     image_fingerprint,
     normalise_text,
     text_signature,
 )
-from pipelines.neardup import mark
-from pipelines.pairs import cosine_pairs, pairs_in_group
+from pipelines.neardup import embedding_prints, mark
+from pipelines.pairs import IDENTICAL_RUN, cosine_pairs, pairs_in_group
 from pipelines.spec import parse_spec, write_spec
 
 SPOKEN = "a small red circle drawn on a white page next to a blue square"
@@ -56,7 +57,8 @@ def test_image_fingerprint_survives_reencoding_and_separates_one_class():
     assert similar[np.triu_indices(12, 1)].max() < 0.99
     grey = cv2.cvtColor(images[0], cv2.COLOR_BGR2GRAY)  # a grey copy of a colour image
     assert float(image_fingerprint(grey) @ prints[0]) > 0.5
-    assert not image_fingerprint(np.full((16, 16), 90, np.uint8)).any()  # flat: matches nothing
+    blank = image_fingerprint(np.full((16, 16), 90, np.uint8))  # flat images are all alike
+    assert float(blank @ image_fingerprint(np.zeros((40, 30, 3), np.uint8))) == pytest.approx(1)
 
 
 def test_audio_fingerprint_survives_resampling_and_gain_and_separates_recordings():
@@ -116,6 +118,35 @@ def test_pairs_in_a_group_and_the_keep_rule():
     ]
 
 
+def test_edge_cases_of_the_search():
+    # identical fingerprints beyond IDENTICAL_RUN: a star around the first, not every pair
+    same = [[1.0, 0.0]] * (IDENTICAL_RUN + 5)
+    group = pa.table(
+        {
+            "sample_id": [f"s{i:05d}" for i in range(len(same) + 1)],
+            "fingerprint": [*same, [0.9999, 0.0141]],  # and one near them
+        }
+    )
+    pairs = pairs_in_group(group, threshold=0.99, kind="cosine")
+    assert pairs.num_rows == IDENTICAL_RUN + 4 + 1  # the star, plus the near one to its centre
+    assert set(pairs.column("a").to_pylist()) == {"s00000"}
+    # a threshold of 1 still finds identical unit vectors (float32 products round below 1)
+    unit = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    unit /= np.linalg.norm(unit)
+    twins = pa.table({"sample_id": ["a", "b"], "fingerprint": [unit.tolist()] * 2})
+    assert pairs_in_group(twins, threshold=1.0, kind="cosine").num_rows == 1
+    # a block of views only (or of samples without the column) fingerprints to nothing
+    views = pa.table({"sample_id": ["v"], "view": pa.array([0], pa.int32()), "e": [[1.0, 0.0]]})
+    assert embedding_prints(views, column="e").num_rows == 0
+    # a stored file the limits refuse now is left out, not a failed search
+    ok, png = cv2.imencode(".png", make_image(np.random.default_rng(1), 0))
+    batch = pa.table(
+        {"sample_id": ["good", "huge", "none"], "image": [png.tobytes(), png.tobytes()[:40], None]}
+    )
+    prints = fingerprint_batch(batch, modality="image", max_image_pixels=10**7, max_audio_seconds=1)
+    assert prints.column("sample_id").to_pylist() == ["good"]
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [
@@ -150,13 +181,14 @@ def test_cosine_pairs_across_clusters_find_the_injected_copies():
         }
     )
     ds = ray.data.from_arrow(table).repartition(4)
-    pairs = cosine_pairs(ds, 0.98, cluster_rows=500, probes=2, seed=0)  # 6 clusters
+    # 3 clusters, each vector compared in all of them (probes beyond the clusters: all)
+    pairs = cosine_pairs(ds, 0.98, cluster_rows=1000, probes=4, seed=0)
     found = {frozenset((r["a"], r["b"])) for r in pairs.to_pylist()}
     assert found >= set(truth)
     exact = vectors @ vectors.T
     assert len(found) == int((exact[np.triu_indices(len(vectors), 1)] >= 0.98).sum())
     assert pairs.column("score").to_numpy().min() >= 0.98
-    assert len(found) == pairs.num_rows  # each pair once, though found in two clusters
+    assert len(found) == pairs.num_rows  # each pair once, though found in every cluster
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -291,6 +323,9 @@ def test_keep_quality_keeps_the_larger_image_and_text_alone_can_match(tmp_path):
     for m in marks:
         assert width[m["duplicate_of"]] >= width[m["sample_id"]]
 
+    # match: all whose first method finds nothing: no candidates to confirm
+    strict = {"methods": [{"method": "image", "threshold": 0.999999}, {"method": "audio"}]}
+    assert _dry_run(path, spec, strict) == {"image": 0, "audio": 0}
     # match: any with text alone: every copy's caption differs only in spacing
     assert _dry_run(path, spec, {"methods": [{"method": "text"}], "match": "any"}) == {"text": 6}
 

@@ -30,10 +30,11 @@ from pipelines.quality import (
     sample_stats,
     text_stats,
 )
-from pipelines.spec import parse_spec, write_spec
+from pipelines.spec import load_spec, parse_spec, write_spec
 from tests.helpers import make_spec
 
 SR = 16_000
+COLOUR_JOINT = "tests.colour_encoder:ColourJoint"  # image and caption in one space
 SOURCE = {"kind": "directory", "name": "src"}
 CAPTIONS = [
     "a small red circle drawn on a white page",
@@ -371,3 +372,71 @@ def test_cross_modal_similarity_of_a_joint_encoders_columns(tmp_path):
     lowest = result.output[result.output.index("lowest image_text_similarity") :]
     assert lowest.index("opposite") < lowest.index("orthogonal") < lowest.index("same")
     assert plot.stat().st_size > 5_000
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_cross_modal_filter_moves_captions_that_do_not_match_their_image(tmp_path):
+    root = tmp_path / "colours"
+    root.mkdir()
+    bgr = {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0)}
+    for name, (colour, caption) in {
+        "red": ("red", "a red square"),
+        "blue": ("blue", "a blue square"),
+        "liar": ("green", "a red square"),  # the caption names another colour
+    }.items():
+        image = np.zeros((64, 64, 3), np.uint8)
+        image[8:56, 8:56] = bgr[colour]
+        cv2.imwrite(str(root / f"{name}.png"), image)
+        (root / f"{name}.txt").write_text(caption)
+    encode = {"feature_sets": [{"name": "colours", "encoders": [{"name": COLOUR_JOINT}]}]}
+
+    def spec_with(minimum: float) -> Path:
+        spec = make_spec(
+            tmp_path / "store",
+            [SOURCE | {"uri": str(root)}],
+            quality={
+                "cross_modal": "colours",
+                "filters": [{"stat": "image_text_similarity", "min": minimum, "name": "mismatch"}],
+            },
+            encode=encode,
+        )
+        path = tmp_path / "spec.yaml"
+        write_spec(spec, path)
+        return path
+
+    path = spec_with(0.5)
+    build(load_spec(str(path)))  # the spec as written: relative paths resolved
+    store = TableStore(str(tmp_path / "store"))
+    assert _state(store) == ({"red", "blue", "liar"}, {})  # measured after encoding only
+    runner = CliRunner()
+    dry = runner.invoke(app, ["filter", str(path), "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.output[dry.output.index("{") :])["move_out"] == 1
+    assert runner.invoke(app, ["filter", str(path)]).exit_code == 0
+    assert _state(store) == ({"red", "blue"}, {"liar": "Filtered:mismatch"})
+    stats = latest_stats(store, store.version("quality")).to_pylist()
+    by_name = {Path(r["source_uri"]).name: r["image_text_similarity"] for r in stats}
+    assert by_name == pytest.approx({"red": 1.0, "blue": 1.0, "liar": 0.0}, abs=1e-5)
+    quality_rows = store.to_arrow("quality").num_rows
+
+    # again: nothing moves, nothing comes back, no new stats rows
+    again = runner.invoke(app, ["filter", str(path), "--json"])
+    plan = json.loads(again.output[again.output.index("{") :])
+    assert (plan["move_out"], plan["bring_back"]) == (0, 0)
+    assert store.to_arrow("quality").num_rows == quality_rows
+    # a looser threshold brings the refused sample back, and it stays
+    path = spec_with(-0.5)
+    assert runner.invoke(app, ["filter", str(path)]).exit_code == 0
+    assert _state(store)[0] == {"red", "blue", "liar"}
+    assert runner.invoke(app, ["filter", str(path)]).exit_code == 0
+    assert _state(store)[0] == {"red", "blue", "liar"}
+
+
+def test_a_cross_modal_filter_needs_its_feature_set():
+    with pytest.raises(SpecError, match="needs `cross_modal: FEATURE_SET`"):
+        parse_spec(
+            {
+                "sources": [{"kind": "directory", "uri": "x"}],
+                "quality": {"filters": [{"stat": "audio_text_similarity", "min": 0.2}]},
+            }
+        )

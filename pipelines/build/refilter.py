@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from features.duck import connect
 from features.keys import anti_join, key_mask, rows_where
+from features.metadata import feature_table
 from features.schema import QUALITY, conform
 from features.stats import LATEST_STATS
 from features.tables import TableStore
@@ -44,7 +45,7 @@ from pipelines.errors import InputError, SpecError
 from pipelines.filters import FILTERED, QualitySpec, StatFilter, is_filtered, stat_table
 from pipelines.identity import short_hash
 from pipelines.ledger import read_state
-from pipelines.quality import sample_stats
+from pipelines.quality import CROSS_MODAL_STATS, sample_stats
 from pipelines.spec import DecodeLimits, PipelineSpec
 
 STAMP = pa.timestamp("us", tz="UTC")
@@ -135,6 +136,48 @@ def _stats_row(row: dict[str, Any], limits: DecodeLimits) -> dict[str, Any]:
     return keys | sample_stats(row["text"], pixels, audio, rate)
 
 
+def agreement_rows(
+    store: TableStore, feature_set: str, stats: pa.Table, kept: pa.Table, run_id: str
+) -> pa.Table:
+    """New stats rows for the kept samples whose cross-modal similarity in ``feature_set``
+    (``features.crossmodal``) is not the one their latest row records: that row with the
+    similarities set. A refused sample keeps the value it was refused on."""
+    from features.crossmodal import similarities
+
+    if not store.exists(feature_table(feature_set)):
+        raise SpecError(
+            f"quality.cross_modal: no feature set {feature_set!r} in {store.uri} "
+            "(encode it first, or fix the name)"
+        )
+    sims = similarities(store, feature_set)
+    names = [c for c in sims.column_names if c in CROSS_MODAL_STATS]
+    if not names:
+        raise SpecError(
+            f"quality.cross_modal: feature set {feature_set!r} has no two embedding columns "
+            "from one encoder (a joint encoder such as clip or clap)"
+        )
+    sims = sims.filter(
+        pc.is_in(sims.column("sample_id"), value_set=kept.column("sample_id").combine_chunks())
+    )
+    measured = {r["sample_id"]: r for r in sims.select(["sample_id", *names]).to_pylist()}
+    now = datetime.now(UTC)
+    rows = []
+    for row in stats.filter(
+        pc.is_in(stats.column("sample_id"), value_set=sims.column("sample_id").combine_chunks())
+    ).to_pylist():
+        new = measured[row["sample_id"]]
+        if all(_same(row[n], new[n]) for n in names):
+            continue
+        rows.append(row | {n: new[n] for n in names} | {"computed_at": now, "run_id": run_id})
+    return pa.Table.from_pylist(rows, schema=QUALITY)
+
+
+def _same(old: float | None, new: float | None) -> bool:
+    if old is None or new is None:
+        return old is new
+    return abs(old - new) <= 1e-6
+
+
 def evaluate(
     store: TableStore, spec: PipelineSpec, base: dict[str, int | None], run_id: str
 ) -> tuple[FilterPlan, pa.Table]:
@@ -153,8 +196,16 @@ def evaluate(
         ]
     )
     stats = pa.concat_tables([stats, filled])
-    ledger = read_state(store, base.get("_inputs"))
     kept_ids = store.to_arrow("samples", base["samples"], columns=["sample_id"])
+    if quality.cross_modal is not None:
+        agreed = agreement_rows(store, quality.cross_modal, stats, kept_ids, run_id)
+        stats = pa.concat_tables(
+            [anti_join(stats, agreed.select(["sample_id"]), ["sample_id"]), agreed]
+        )
+        filled = pa.concat_tables(
+            [anti_join(filled, agreed.select(["sample_id"]), ["sample_id"]), agreed]
+        )
+    ledger = read_state(store, base.get("_inputs"))
     return plan_filter(quality, stats, kept_ids, ledger, backfill=filled.num_rows), filled
 
 
