@@ -87,8 +87,8 @@ class NearDupSpec(_Model):
 
     methods: list[NearDupMethod] = Field(min_length=1)
     match: Literal["all", "any"] = "all"
-    keep: Literal["first", "quality"] = "first"
-    quality_stat: str | None = None  # keep: quality: the stat ranked (higher is better)
+    keep: Literal["keep_first", "keep_highest_quality"] = "keep_first"
+    quality_stat: str | None = None  # keep_highest_quality: the stat ranked
     lower_is_better: bool = False
     cluster_rows: int = Field(2000, ge=2)  # cosine methods: the k-means cluster size aimed at
     probes: int = Field(1, ge=1, le=4)  # cosine methods: clusters each vector is compared in
@@ -98,13 +98,14 @@ class NearDupSpec(_Model):
     def _keep_needs_a_stat(self) -> NearDupSpec:
         from pipelines.quality import NUMERIC_STATS
 
-        if self.keep == "quality":
+        if self.keep == "keep_highest_quality":
             if self.quality_stat not in NUMERIC_STATS:
                 raise ValueError(
-                    f"keep: quality needs `quality_stat`, one of {', '.join(NUMERIC_STATS)}"
+                    "keep: keep_highest_quality needs `quality_stat`, one of "
+                    + ", ".join(NUMERIC_STATS)
                 )
         elif self.quality_stat is not None:
-            raise ValueError("`quality_stat` is for keep: quality")
+            raise ValueError("`quality_stat` is for keep: keep_highest_quality")
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"methods repeat: {names}")
@@ -297,7 +298,7 @@ def keep_order(store: TableStore, spec: NearDupSpec, samples: pa.Table) -> dict[
     """Each sample's rank for keeping (0 is kept first): earliest ingested, or best by the
     quality stat (samples without the stat last); ties by sample_id."""
     ids = samples.column("sample_id").to_pylist()
-    if spec.keep == "first":
+    if spec.keep == "keep_first":
         when = samples.column("ingested_at").to_pylist()
         keys = [(w is None, w, sid) for w, sid in zip(when, ids, strict=True)]
     else:

@@ -152,7 +152,10 @@ def test_edge_cases_of_the_search():
     [
         ({"methods": [{"method": "semantic"}]}, "needs `feature_set` and `column`"),
         ({"methods": [{"method": "image", "column": "x"}]}, "for semantic, not image"),
-        ({"methods": [{"method": "image"}], "keep": "quality"}, "needs `quality_stat`"),
+        (
+            {"methods": [{"method": "image"}], "keep": "keep_highest_quality"},
+            "needs `quality_stat`",
+        ),
         ({"methods": [{"method": "image"}, {"method": "image"}]}, "methods repeat"),
         ({"methods": []}, "at least 1"),
         ({"methods": [{"method": "image", "threshold": 1.5}]}, "less than or equal to 1"),
@@ -252,7 +255,7 @@ def test_dedup_marks_copies_reports_leakage_and_readers_leave_them_out(tmp_path)
     assert "6 samples marked from 6 pairs; written as duplicates v" in done.output
     assert plot.stat().st_size > 10_000
     marks = store.to_arrow("duplicates").to_pylist()
-    # keep: first. A copy was listed after its original, so it was ingested with it or later;
+    # keep_first. A copy was listed after its original, so it was ingested with it or later;
     # either way each original-copy pair is one mark, and the kept one is the other
     assert {frozenset((m["sample_id"], m["duplicate_of"])) for m in marks} == {
         frozenset(p) for p in copies.items()
@@ -309,7 +312,7 @@ def test_dedup_marks_copies_reports_leakage_and_readers_leave_them_out(tmp_path)
 
 @pytest.mark.usefixtures("ray_session")
 def test_keep_quality_keeps_the_larger_image_and_text_alone_can_match(tmp_path):
-    path, spec = _dedup_spec(tmp_path, keep="quality", quality_stat="image_width")
+    path, spec = _dedup_spec(tmp_path, keep="keep_highest_quality", quality_stat="image_width")
     build(spec)
     store = TableStore(spec.store.uri)
     result = CliRunner().invoke(app, ["dedup", str(path), "--json"])
