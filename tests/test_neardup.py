@@ -372,3 +372,27 @@ def test_dedup_without_a_section_is_a_clear_error(tmp_path):
     assert result.exit_code != 0
     assert "no `near_duplicates` section" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_dedup_that_loses_a_race_writes_nothing(tmp_path, monkeypatch):
+    from features import duplicates
+    from features.schema import DUPLICATES, conform
+
+    store = TableStore(str(tmp_path / "store"))
+
+    def marks(sample: str, version: int) -> pa.Table:
+        row = {"sample_id": sample, "duplicate_of": "kept", "samples_version": version}
+        return conform(pa.Table.from_pylist([row]), DUPLICATES)
+
+    write_duplicates(store, marks("first", 1), samples_version=1, run_id="a")
+    checked = duplicates.marked_version
+
+    def a_second_writer_commits_meanwhile(dt):
+        answer = checked(dt)
+        write_deltalake(store.table_uri("duplicates"), marks("other", 3), mode="overwrite")
+        return answer
+
+    monkeypatch.setattr(duplicates, "marked_version", a_second_writer_commits_meanwhile)
+    with pytest.raises(StoreError, match="another `mmfp dedup` committed"):
+        write_duplicates(store, marks("mine", 2), samples_version=2, run_id="b")
+    assert store.to_arrow("duplicates").column("sample_id").to_pylist() == ["other"]
