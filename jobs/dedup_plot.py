@@ -31,7 +31,7 @@ def plot_duplicate_sets(store: TableStore, rows: pa.Table, out_png: str | Path) 
         "samples",
         rows.column("samples_version")[0].as_py() if rows.num_rows else None,
         columns=["sample_id", "text", "image", "audio"],
-        filter=string_field("sample_id").isin(wanted),
+        filter=string_field("sample_id").isin(pa.array(wanted, pa.string())),
     )
     by_id = {r["sample_id"]: r for r in samples.to_pylist()}
     plt = _pyplot()

@@ -328,7 +328,9 @@ def test_keep_quality_keeps_the_larger_image_and_text_alone_can_match(tmp_path):
 
     # match: all whose first method finds nothing: no candidates to confirm
     strict = {"methods": [{"method": "image", "threshold": 0.999999}, {"method": "audio"}]}
-    assert _dry_run(path, spec, strict) == {"image": 0, "audio": 0}
+    empty = tmp_path / "none.png"  # and a picture of no duplicates says so
+    assert _dry_run(path, spec, strict, "--plot", str(empty)) == {"image": 0, "audio": 0}
+    assert empty.stat().st_size > 1000
     # match: any with text alone: every copy's caption differs only in spacing
     assert _dry_run(path, spec, {"methods": [{"method": "text"}], "match": "any"}) == {"text": 6}
 
@@ -354,11 +356,11 @@ def test_keep_quality_keeps_the_larger_image_and_text_alone_can_match(tmp_path):
     assert found == {"semantic:fp:image_embedding": 6}
 
 
-def _dry_run(path: Path, spec: object, section: dict) -> dict[str, int]:
+def _dry_run(path: Path, spec: object, section: dict, *options: str) -> dict[str, int]:
     """``mmfp dedup --dry-run --json`` with another near_duplicates section: pairs per method."""
     changed = parse_spec({**json.loads(spec.model_dump_json()), "near_duplicates": section})
     write_spec(changed, path)
-    result = CliRunner().invoke(app, ["dedup", str(path), "--dry-run", "--json"])
+    result = CliRunner().invoke(app, ["dedup", str(path), "--dry-run", "--json", *options])
     assert result.exit_code == 0, result.output
     return json.loads(result.output[result.output.index("{") :])["pairs_by_method"]
 
