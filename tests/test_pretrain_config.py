@@ -318,3 +318,42 @@ def test_a_store_another_delta_writer_rewrote_still_filters(tmp_path):
     )
     found = rows_of(store, "features/syn", ["sample_id"], pa.table({"sample_id": [kept, gone]}))
     assert found.column("sample_id").to_pylist() == [kept]
+
+
+def test_a_run_keeps_the_duplicates_version_it_started_with(tmp_path):
+    from features.duplicates import write_duplicates
+    from features.schema import DUPLICATES, conform
+    from features.tables import TableStore
+    from jobs.pretrain.train import pinned_duplicates
+
+    store = TableStore(str(tmp_path / "store"))
+    excluding = parse_config(_raw(exclude_duplicates=True))
+    assert pinned_duplicates(store, excluding, None) is None  # never searched
+    row = {"sample_id": "dup", "duplicate_of": "kept", "samples_version": 1}
+    for _ in range(2):
+        write_duplicates(
+            store, conform(pa.Table.from_pylist([row]), DUPLICATES), samples_version=1, run_id="r"
+        )
+    latest = store.version("duplicates")
+    assert pinned_duplicates(store, excluding, None) == latest  # a new run: the latest
+    assert pinned_duplicates(store, excluding, {"duplicates_version": 1}) == 1  # resumed
+    assert pinned_duplicates(store, parse_config(_raw()), None) is None  # not excluding
+
+
+def test_training_reads_leave_excluded_samples_out(syn_store):
+    info = feature_set_info(syn_store, "syn", None)
+    train = syn_store.to_arrow(info.table, columns=["sample_id", "split", "view"])
+    ids = [r["sample_id"] for r in train.to_pylist() if r["split"] == "train"]
+    everything = count_rows(syn_store, info, "train", include_views=False)
+    left_out = pa.array(ids[:3] + ["not-a-sample"])
+    assert count_rows(syn_store, info, "train", include_views=False, exclude=left_out) == (
+        everything - 3
+    )
+    rows = to_tensors(
+        syn_store.to_arrow(info.table),
+        inputs={"image": ("image_emb", [48], "float32")},
+        split="train",
+        include_views=False,
+        exclude=left_out,
+    )
+    assert len(rows["x_image"]) == everything - 3

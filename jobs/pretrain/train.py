@@ -262,6 +262,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # ---- driver side ------------------------------------------------------------------
 
 
+def pinned_duplicates(
+    store: FeatureStore, config: TrainConfig, previous: dict[str, Any] | None
+) -> int | None:
+    """The ``duplicates`` version a run leaves marked samples out by: the one it started
+    with (a resumed run keeps it, so a newer ``mmfp dedup`` does not change its epochs),
+    else the latest; None without ``exclude_duplicates`` or any search."""
+    if not config.exclude_duplicates:
+        return None
+    if previous is not None and previous.get("duplicates_version") is not None:
+        return previous["duplicates_version"]
+    return store.version("duplicates") if store.exists("duplicates") else None
+
+
 def run_meta(
     store: FeatureStore,
     info: FeatureSetInfo,
@@ -328,7 +341,8 @@ def run_training(
     if previous is not None:
         check_compatible(previous, info, columns)
 
-    exclude = excluded_ids(store) if config.exclude_duplicates else None
+    duplicates = pinned_duplicates(store, config, previous)
+    exclude = excluded_ids(store, None, duplicates) if config.exclude_duplicates else None
     rows = count_rows(store, info, "train", include_views=config.include_views, exclude=exclude)
     steps_per_epoch = rows // config.num_workers // config.batch_size
     if steps_per_epoch == 0:
@@ -389,6 +403,7 @@ def run_training(
         train_rows=rows,
         has_val=bool(val_rows),
     )
+    loop_info["duplicates_version"] = duplicates
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
