@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from features.crossmodal import similarities
 from features.duck import connect
 from features.duplicates import summary as duplicates_summary
+from features.errors import StoreError
 from features.schema import FEATURES_PREFIX, QUALITY_STATS
 from features.tables import TableStore, Version
 from features.vectors import chunks, embedding_column
@@ -75,7 +76,10 @@ def cross_modal_summary(
 ) -> dict[str, Any]:
     """A feature set's cross-modal similarities (``features.crossmodal``) as ``stats``, plus
     the ``lowest`` samples of each: the captions that agree least with their media."""
-    sims = similarities(store, feature_set, version)
+    try:
+        sims = similarities(store, feature_set, version)
+    except StoreError:  # a features/ table another tool wrote: no description, no pairs
+        return {}
     names = [c for c in sims.column_names if c.endswith("_similarity")]
     if not names:
         return {}

@@ -354,6 +354,10 @@ def test_keep_quality_keeps_the_larger_image_and_text_alone_can_match(tmp_path):
     semantic = {"method": "semantic", "feature_set": "fp", "column": "image_embedding"}
     found = _dry_run(path, spec, {"methods": [dict(semantic, epsilon=0.01)]})
     assert found == {"semantic:fp:image_embedding": 6}
+    # a features/ table without mmfp's description still has its stats (no cross-modal part)
+    result = CliRunner().invoke(app, ["store", "stats", "features/fp", "--store", spec.store.uri])
+    assert result.exit_code == 0, result.output
+    assert "cross-modal" not in result.output
 
 
 def _dry_run(path: Path, spec: object, section: dict, *options: str) -> dict[str, int]:
