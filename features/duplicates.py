@@ -113,17 +113,22 @@ def leakage(marks: pa.Table) -> dict[str, int]:
 
 
 def summary(store: TableStore) -> dict[str, object] | None:
-    """Counts for ``mmfp store stats``: marked samples per method and split, and leakage."""
-    if not store.exists(TABLE):
-        return None
-    marks = store.to_arrow(TABLE)
-    if not marks.num_rows:
-        return {"marked": 0, "by_method": {}, "by_split": {}, "cross_split": {}}
-    version = marks.column("samples_version")[0].as_py()
+    """Counts for ``mmfp store stats`` of the latest marks (None: never searched)."""
+    return summarise(store.to_arrow(TABLE)) if store.exists(TABLE) else None
+
+
+def summarise(marks: pa.Table) -> dict[str, object]:
+    """Rows of the table (stored, or about to be): how many are marked, per method and
+    split, the samples version searched, and the cross-split leaks (``leakage``)."""
+    versions = marks.column("samples_version").unique().to_pylist()
     return {
         "marked": marks.num_rows,
-        "samples_version": version,
-        "by_method": dict(Counter(marks.column("method").to_pylist())),
-        "by_split": dict(Counter(marks.column("split").to_pylist())),
+        "samples_version": versions[0] if versions else None,
+        "by_method": _counted(marks.column("method").to_pylist()),
+        "by_split": _counted(marks.column("split").to_pylist()),
         "cross_split": leakage(marks),
     }
+
+
+def _counted(values: list[str | None]) -> dict[str, int]:
+    return dict(sorted(Counter(str(v) for v in values).items()))

@@ -10,13 +10,12 @@ near-duplicate sets side by side.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from features.duplicates import duplicate_rows, leakage, write_duplicates
+from features.duplicates import duplicate_rows, summarise, write_duplicates
 from features.tables import TableStore
 from jobs.errors import user_errors
 from jobs.options import RayAddressOpt, SpecArg
@@ -57,12 +56,10 @@ def dedup_command(
         store, found.marks, samples_version=found.samples_version, run_id=job.run_id
     )
     report = {
+        **summarise(rows),
         "samples_version": found.samples_version,
         "pairs_by_method": found.pairs_by_method,
         "pairs": found.pairs.num_rows,
-        "marked": rows.num_rows,
-        "marked_by_split": _counts(rows.column("split").to_pylist()),
-        "cross_split": leakage(rows),
         "written_version": None,
     }
     if not dry_run:
@@ -80,10 +77,6 @@ def dedup_command(
     print_log_file(job.log_file)
 
 
-def _counts(values: list) -> dict[str, int]:
-    return dict(sorted(Counter(str(v) for v in values).items()))
-
-
 def print_report(report: dict) -> None:
     console.print(
         grid(
@@ -92,9 +85,7 @@ def print_report(report: dict) -> None:
             [[m, n] for m, n in report["pairs_by_method"].items()],
         )
     )
-    console.print(
-        grid("marked duplicates", ["split", "samples"], list(report["marked_by_split"].items()))
-    )
+    console.print(grid("marked duplicates", ["split", "samples"], list(report["by_split"].items())))
     leaks = report["cross_split"]
     if leaks:
         console.print(

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from features.schema import list_of
 from pipelines.decode import decode_audio, decode_image
 from pipelines.errors import InputError
+from pipelines.pairs import vectors_column
 
 AUDIO_RATE = 8000  # the fingerprint's band: telephone speech and up
 AUDIO_MELS = 32
@@ -134,12 +134,5 @@ def fingerprint_batch(
             continue
         out_ids.append(sample_id)
         prints.append(print_)
-    kind = pa.uint32() if modality == "text" else pa.float32()
-    flat = np.concatenate(prints) if prints else np.zeros(0)
-    width = len(prints[0]) if prints else 0
-    column = pa.ListArray.from_arrays(
-        pa.array(np.arange(len(prints) + 1, dtype=np.int32) * width),
-        pa.array(flat.astype(kind.to_pandas_dtype()), kind),
-        type=list_of(kind),
-    )
+    column = vectors_column(prints, pa.uint32() if modality == "text" else pa.float32())
     return pa.table({"sample_id": pa.array(out_ids, pa.string()), "fingerprint": column})

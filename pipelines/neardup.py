@@ -27,9 +27,16 @@ from features.metadata import feature_table
 from features.schema import ORIGINAL_VIEW
 from features.tables import TableStore
 from pipelines.fingerprints import fingerprint_batch
-from pipelines.pairs import PAIRS, SLACK, collect, cosine_pairs, matrix, minhash_pairs
+from pipelines.pairs import (
+    PAIRS,
+    SLACK,
+    collect,
+    cosine_pairs,
+    matrix,
+    minhash_pairs,
+    vectors_column,
+)
 
-MODALITY_METHODS = ("image", "audio", "text")
 DEFAULT_THRESHOLDS = {"image": 0.99, "audio": 0.99, "text": 0.9}  # measured: BENCHMARKS.md
 
 
@@ -75,11 +82,6 @@ class NearDupMethod(_Model):
         if self.method == "semantic":
             return 1.0 - (self.epsilon if self.epsilon is not None else 0.05)
         return DEFAULT_THRESHOLDS[self.method]
-
-    @property
-    def modality(self) -> str | None:
-        """The sample modality the method needs (None: any sample in the feature set)."""
-        return self.method if self.method in MODALITY_METHODS else None
 
 
 class NearDupSpec(_Model):
@@ -184,20 +186,12 @@ def embedding_prints(batch: pa.Table, *, column: str) -> pa.Table:
     """Original rows' embeddings (not views'), made unit length (cosine = dot product)."""
     batch = batch.filter(pc.equal(batch.column("view"), ORIGINAL_VIEW))
     batch = batch.filter(pc.is_valid(batch.column(column)))
-    if not batch.num_rows:  # a block of views only, or of samples without this modality
-        return pa.table(
-            {
-                "sample_id": pa.array([], pa.string()),
-                "fingerprint": pa.array([], pa.list_(pa.float32())),
-            }
-        )
-    vectors = matrix(batch.column(column)).astype(np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True) if len(vectors) else vectors
-    unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
-    width = unit.shape[1] if unit.ndim == 2 else 0
-    column_out = pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1)), width).cast(
-        pa.list_(pa.float32())
-    )
+    unit = []  # a block of views only, or of samples without this modality: no rows
+    if batch.num_rows:
+        vectors = matrix(batch.column(column)).astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        unit = list(np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0))
+    column_out = vectors_column(unit, pa.float32())
     return pa.table({"sample_id": batch.column("sample_id"), "fingerprint": column_out})
 
 

@@ -20,6 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from features.schema import list_of
+
 PAIRS = pa.schema([("a", pa.string()), ("b", pa.string()), ("score", pa.float32())])
 BLOCK_CELLS = 2**24  # score cells compared at once: 64 MiB of float32
 FIT_ROWS = 100_000  # k-means fits on at most this many sampled vectors
@@ -42,6 +44,17 @@ def collect(ds: Any) -> pa.Table:
 
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
+def vectors_column(rows: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """Equal-length 1-D arrays as a ``list<value_type>`` column (``matrix``'s inverse)."""
+    width = len(rows[0]) if rows else 0
+    flat = np.concatenate(rows) if rows else np.zeros(0)
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(len(rows) + 1, dtype=np.int32) * width),
+        pa.array(flat.astype(value_type.to_pandas_dtype()), value_type),
+        type=list_of(value_type),
+    )
 
 
 def cosine_pairs(
