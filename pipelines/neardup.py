@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from features.metadata import feature_table
 from features.schema import ORIGINAL_VIEW
 from features.tables import TableStore
-from pipelines.fingerprints import fingerprint_batch
+from pipelines.fingerprints import NUM_PERM, fingerprint_batch
 from pipelines.pairs import (
     PAIRS,
     SLACK,
@@ -199,7 +199,7 @@ def search(method: NearDupMethod, prints: Any, spec: NearDupSpec, stored: pa.Arr
     """One method's pairs among the ``stored`` samples (a feature set may still hold rows of
     samples removed since it was encoded)."""
     if method.method == "text":
-        pairs = minhash_pairs(prints, method.cutoff)
+        pairs = minhash_pairs(prints, method.cutoff, NUM_PERM)
     else:
         pairs = cosine_pairs(
             prints,

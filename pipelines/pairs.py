@@ -167,15 +167,13 @@ def _collapse_identical(
     return ids[~folded], values[~folded], stars
 
 
-def minhash_pairs(ds: Any, threshold: float) -> pa.Table:
+def minhash_pairs(ds: Any, threshold: float, num_perm: int) -> pa.Table:
     """Pairs of rows of ``ds`` (``sample_id``, uint32 MinHash ``fingerprint``) whose estimated
     Jaccard similarity is at least ``threshold``, through LSH bands (datasketch's choice of
     bands and rows for the threshold, false positives and negatives weighted alike)."""
     from datasketch.lsh import _optimal_param
 
-    from pipelines.fingerprints import NUM_PERM
-
-    bands, width = _optimal_param(threshold, NUM_PERM, 0.5, 0.5)
+    bands, width = _optimal_param(threshold, num_perm, 0.5, 0.5)
     bucketed = ds.map_batches(
         band_buckets, fn_kwargs={"bands": bands, "width": width}, batch_format="pyarrow"
     )
