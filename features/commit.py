@@ -120,19 +120,33 @@ def rows_without(
     ids = pc.unique(ids.cast(pa.string()))
     if len(ids) == 0:
         return [], []
+
+    def without(rows: pa.Table) -> pa.Table | None:
+        hit = pc.is_in(rows.column(column), value_set=ids)
+        return rows.filter(pc.invert(hit)) if pc.any(hit).as_py() else None
+
+    return rewritten_rows(dt, storage_options, without, tag)
+
+
+def rewritten_rows(
+    dt: DeltaTable,
+    storage_options: dict[str, str],
+    change: Callable[[pa.Table], pa.Table | None],
+    tag: str,
+) -> tuple[list[RemoveAction], list[AddAction]]:
+    """Remove + add actions replacing each file of ``dt``'s version by ``change(rows)``
+    (``None``: the file stays as it is; no rows: the file goes)."""
     removes: list[RemoveAction] = []
     adds: list[AddAction] = []
     now = int(time.time() * 1000)
     for fragment in dt.to_pyarrow_dataset().get_fragments():
-        rows = fragment.to_table()
-        hit = pc.is_in(rows.column(column), value_set=ids)
-        if not pc.any(hit).as_py():
+        changed = change(fragment.to_table())
+        if changed is None:
             continue
         rel = fragment.path.rsplit("/", 1)[-1]
         removes.append(RemoveAction(path=rel, deletion_timestamp=now, data_change=True, size=None))
-        remaining = rows.filter(pc.invert(hit))
-        if remaining.num_rows:
-            adds.append(write_file(dt.table_uri, storage_options, remaining, tag))
+        if changed.num_rows:
+            adds.append(write_file(dt.table_uri, storage_options, changed, tag))
     return removes, adds
 
 
@@ -174,6 +188,13 @@ class Removal:
 
 
 @dataclass(frozen=True)
+class Rewrite:
+    """Rows a run changes in place: each file's rows through ``change`` (``None``: unchanged)."""
+
+    change: Callable[[pa.Table], pa.Table | None]
+
+
+@dataclass(frozen=True)
 class Committed:
     """What one commit did: its version (None: nothing to commit), the rows of this run's
     own files that landed, and the rows dropped because the table already had their key."""
@@ -184,9 +205,17 @@ class Committed:
 
 
 def removal_actions(
-    dt: DeltaTable, storage_options: dict[str, str], removals: Sequence[Removal], tag: str
+    dt: DeltaTable,
+    storage_options: dict[str, str],
+    removals: Sequence[Removal | Rewrite],
+    tag: str,
 ) -> tuple[list[RemoveAction], list[AddAction]]:
     """Remove actions (and rewritten files) for ``removals``, planned against ``dt``'s version."""
+    rewrites = [r for r in removals if isinstance(r, Rewrite)]
+    if rewrites:
+        if len(removals) > 1:
+            raise StoreError(f"{dt.table_uri}: a rewrite in place commits on its own")
+        return rewritten_rows(dt, storage_options, rewrites[0].change, tag)
     if any(r.column is None for r in removals):
         return remove_all(dt), []
     columns = {r.column for r in removals}
@@ -204,7 +233,7 @@ def commit_files(
     run_id: str,
     keys: Sequence[str] | None = None,
     base_version: int | None = None,
-    removals: Sequence[Removal] = (),
+    removals: Sequence[Removal | Rewrite] = (),
     transaction: Transaction | None = None,
     owned: bool = False,
     metadata: dict[str, str] | None = None,
@@ -338,7 +367,7 @@ class RunCommits:
         self.transaction = transaction
         self.base: dict[str, int | None] = {}
         self.pending: dict[str, list[AddAction]] = {}
-        self.removals: dict[str, list[Removal]] = {}
+        self.removals: dict[str, list[Removal | Rewrite]] = {}
         self.schemas: dict[str, pa.Schema] = {}
         self.properties: dict[str, dict[str, str]] = {}  # set with the table's next commit
         self.versions: dict[str, int] = {}
@@ -393,6 +422,11 @@ class RunCommits:
         """Remove every row the table has at its next commit (a re-encode replaces them)."""
         if self.base_version(name) is not None:
             self.removals.setdefault(name, []).append(Removal())
+
+    def rewrite(self, name: str, change: Callable[[pa.Table], pa.Table | None]) -> None:
+        """Change rows in place in the table's next commit (``Rewrite``), alone in it."""
+        if self.base_version(name) is not None:
+            self.removals.setdefault(name, []).append(Rewrite(change))
 
     def pending_bytes(self, name: str) -> int:
         """Bytes of the files waiting to be committed to ``name``."""

@@ -26,12 +26,21 @@ SAMPLES_VERSION_KEY = "mmfp.samples_version"  # commit metadata: the samples ver
 
 
 def duplicate_rows(
-    store: TableStore, marks: pa.Table, *, samples_version: int, run_id: str
+    store: TableStore,
+    marks: pa.Table,
+    *,
+    samples_version: int,
+    run_id: str,
+    moves: pa.Table | None = None,
 ) -> pa.Table:
     """``marks`` (sample_id, duplicate_of, method, score) as rows of the table: with both
-    samples' splits, the samples version searched and the run."""
+    samples' splits (after ``moves``: sample_id, split), the samples version searched
+    and the run."""
     stored = store.to_arrow("samples", samples_version, columns=["sample_id", "split"])
     split = dict(zip(*(c.to_pylist() for c in stored.columns), strict=True))
+    if moves is not None:
+        moved = (moves.column(c).to_pylist() for c in ("sample_id", "split"))
+        split.update(zip(*moved, strict=True))
     count = marks.num_rows
     columns = {
         "split": [split.get(s) for s in marks.column("sample_id").to_pylist()],

@@ -210,6 +210,18 @@ DUPLICATES = pa.schema(
     ]
 )
 
+# Groups ``mmfp dedup`` moved to another split so that near duplicates share one:
+# written whole by each dedup that moves a group, read by every build, so samples of
+# those groups that arrive later land where the group now is (``pipelines.same_split``).
+SPLIT_MOVES = pa.schema(
+    [
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("run_id", pa.string()),
+        pa.field("moved_at", UTC_MICROS),
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "quarantine": QUARANTINE,
@@ -219,6 +231,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "_inputs": INPUTS,
     "_runs": RUNS,
     "_stages": STAGES,
+    "_split_moves": SPLIT_MOVES,
 }
 
 TABLE_KEYS: dict[str, tuple[str, ...]] = {

@@ -257,12 +257,9 @@ def stats(
         rows = [[split, n] for split, n in marked["by_split"].items()]
         rows += [[f"{pair} (cross-split)", n] for pair, n in marked["cross_split"].items()]
         console.print(
-            grid(
-                f"near duplicates marked by mmfp dedup (samples v{marked.get('samples_version')})",
-                ["split", "samples"],
-                rows,
-            )
+            f"near duplicates marked by mmfp dedup (samples v{marked.get('samples_version')}):"
         )
+        console.print(grid("marked per split", ["split", "samples"], rows))
     measured = summary.get("stats", {})
     if measured:
         rows = [

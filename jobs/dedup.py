@@ -2,20 +2,24 @@
 
 Fingerprints and pair search run as Ray tasks (``pipelines.neardup``); the marks
 replace the ``duplicates`` table in one commit (``--dry-run``: printed only).
-The report counts pairs per method, marked samples per split, and the
-cross-split pairs a train/test split would leak; ``--plot`` draws the largest
-near-duplicate sets side by side.
+Near-duplicate sets that span splits are joined into one split with their
+groups (``pipelines.same_split``; ``same_split: false`` only reports them).
+The report counts pairs per method, marked samples per split, the samples
+moved, and the cross-split pairs still left (groups pinned apart); ``--plot``
+draws the largest near-duplicate sets side by side.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from features.duplicates import duplicate_rows, summarise, write_duplicates
+from features.duplicates import duplicate_rows, leakage, summarise, write_duplicates
+from features.split_moves import move_samples, record_moves
 from features.tables import TableStore
 from jobs.errors import user_errors
 from jobs.options import RayAddressOpt, SpecArg
@@ -24,6 +28,7 @@ from jobs.report import table as grid
 from jobs.runtime import new_job
 from pipelines.errors import SpecError
 from pipelines.neardup import find_near_duplicates
+from pipelines.same_split import join_near_sets, largest_joined
 from pipelines.spec import load_spec
 
 
@@ -52,17 +57,38 @@ def dedup_command(
     store = TableStore(loaded.store.uri, storage_options=loaded.store.storage_options)
     with console.status("fingerprinting and searching"):
         found = find_near_duplicates(store, loaded.near_duplicates, loaded.decode)
-    rows = duplicate_rows(
-        store, found.marks, samples_version=found.samples_version, run_id=job.run_id
+    near = loaded.near_duplicates
+    samples = store.to_arrow(
+        "samples", found.samples_version, columns=["sample_id", "group_id", "split"]
     )
+    joined = join_near_sets(
+        samples,
+        found.pairs if near.same_split else found.pairs.slice(0, 0),
+        by=loaded.split.by,
+        pinned=loaded.split.groups,
+        max_set=largest_joined(near.same_split_max, samples.num_rows),
+    )
+    marks = functools.partial(
+        duplicate_rows, store, found.marks, samples_version=found.samples_version, run_id=job.run_id
+    )
+    rows = marks(moves=joined.moves)
     report = {
         **summarise(rows),
+        "cross_split_found": leakage(marks()),
         "samples_version": found.samples_version,
         "pairs_by_method": found.pairs_by_method,
         "pairs": found.pairs.num_rows,
+        "moved": joined.counts(),
+        "joined_sets": joined.joined,
+        "split_conflicts": joined.conflicts,
+        "too_large_to_join": joined.too_large,
         "written_version": None,
+        "moved_versions": {},
     }
     if not dry_run:
+        if near.same_split:  # also finishes the moves of a killed dedup
+            record_moves(store, joined.groups, job.run_id)
+            report["moved_versions"] = move_samples(store, joined.moves, job.run_id)
         report["written_version"] = write_duplicates(
             store, rows, samples_version=found.samples_version, run_id=job.run_id
         )
@@ -86,6 +112,29 @@ def print_report(report: dict) -> None:
         )
     )
     console.print(grid("marked duplicates", ["split", "samples"], list(report["by_split"].items())))
+    if report["moved"]:
+        moved = sum(report["moved"].values())
+        crossed = sum(report["cross_split_found"].values())
+        console.print(
+            grid(
+                f"moved so near duplicates share a split ({crossed} marked samples crossed "
+                f"splits; {report['joined_sets']} sets joined)",
+                ["from -> to", "samples"],
+                [[k.replace("->", " -> "), n] for k, n in report["moved"].items()],
+            )
+        )
+        if report["written_version"] is None:
+            console.print(f"dry run: {moved} samples would move")
+    if report["split_conflicts"]:
+        console.print(
+            f"{report['split_conflicts']} near-duplicate sets hold groups pinned to different "
+            "splits (`split.groups`): left where they are"
+        )
+    if report["too_large_to_join"]:
+        console.print(
+            f"{report['too_large_to_join']} near-duplicate sets with their groups are larger "
+            "than `same_split_max`: left where they are"
+        )
     leaks = report["cross_split"]
     if leaks:
         console.print(
@@ -96,7 +145,8 @@ def print_report(report: dict) -> None:
             )
         )
     else:
-        console.print("no near duplicate crosses a split")
+        after = "once moved, " if report["moved"] else ""
+        console.print(f"{after}no near duplicate crosses a split")
     where = (
         f"written as duplicates v{report['written_version']}"
         if report["written_version"] is not None

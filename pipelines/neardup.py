@@ -95,6 +95,10 @@ class NearDupSpec(_Model):
     cluster_rows: int = Field(2000, ge=2)  # cosine methods: the k-means cluster size aimed at
     probes: int = Field(1, ge=1, le=4)  # cosine methods: clusters each vector is compared in
     seed: int = 0
+    # join near-duplicate sets (and their groups) into one split; false: only report leaks
+    same_split: bool = True
+    # the largest set joined, as a fraction of the stored samples (at least 10 samples)
+    same_split_max: float = Field(0.01, ge=0, le=1)
 
     @model_validator(mode="after")
     def _keep_needs_a_stat(self) -> NearDupSpec:

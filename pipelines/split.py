@@ -3,8 +3,9 @@
 A sample's split is a pure function of (group_id or sample_id, seed, ratios,
 pinned groups): adding data never moves an existing sample, and every sample of
 one group lands in the same split. Pinned groups (``split.groups``: held-out
-speakers, a test site) go to the split they are pinned to, every other group by
-its hash.
+speakers, a test site) go to the split they are pinned to, groups ``mmfp dedup``
+moved to join their near duplicates go where they were moved, every other group
+by its hash.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ def split_batch(
     ratios: Mapping[str, float],
     by: str = "group",
     groups: Mapping[str, Sequence[str]] | None = None,
+    moved: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """Fill the ``split`` column of rows that have a ``sample_id``; ``groups`` pins
-    named group ids to a split."""
-    pinned = {g: name for name, names in (groups or {}).items() for g in names}
+    named group ids to a split, ``moved`` (group id -> split) holds the groups
+    ``mmfp dedup`` moved to join their near duplicates (``pipelines.same_split``)."""
+    pinned = {**(moved or {}), **{g: name for name, names in (groups or {}).items() for g in names}}
     ids = batch.column("sample_id").to_pylist()
     group_ids = batch.column("group_id").to_pylist() if by == "group" else [None] * len(ids)
     splits = [

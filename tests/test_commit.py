@@ -115,3 +115,33 @@ def test_files_compress_every_column_but_encoded_media(tmp_path):
     assert meta.num_columns == 7
     assert codecs.pop("image") == "UNCOMPRESSED"
     assert set(codecs.values()) == {"ZSTD"}, codecs
+
+
+def test_a_split_move_replans_on_a_second_writers_commit_and_keeps_its_rows(store, monkeypatch):
+    from features import split_moves
+
+    rows = _rows(["a", "b", "c"]).set_column(
+        SAMPLES.get_field_index("split"), "split", pa.array(["train", "test", "test"])
+    )
+    run = RunCommits(store, "build")
+    run.write("samples", rows)
+    run.commit("samples")
+    seen = []
+    original = split_moves.moved_splits
+
+    def moved_while_a_build_commits(rows, splits):
+        if not seen:  # the first plan: a build appends a sample of its own meanwhile
+            _commit(store, ["d"], "other", store.version("samples"))
+        seen.append(rows.num_rows)
+        return original(rows, splits)
+
+    wanted = pa.table({"sample_id": ["b", "zzz"], "split": ["train", "val"]})
+    monkeypatch.setattr(split_moves, "moved_splits", moved_while_a_build_commits)
+    versions = split_moves.move_samples(store, wanted, "dedup")
+    monkeypatch.undo()
+    assert len(seen) > 1  # the first plan lost the race and was made again
+    stored = store.to_arrow("samples", columns=["sample_id", "split"]).to_pylist()
+    assert sorted((r["sample_id"], r["split"]) for r in stored) == [
+        ("a", "train"), ("b", "train"), ("c", "test"), ("d", None)]  # fmt: skip
+    assert versions == {"samples": store.version("samples")}
+    assert split_moves.move_samples(store, wanted, "dedup") == {}  # done: no new version

@@ -205,7 +205,7 @@ def test_injected_copies_are_found_with_precision_and_recall_over_095(tmp_path):
     assert results["all (image, audio, text)"]["marked_correctly"] == 20
 
 
-def _dedup_spec(tmp_path: Path, **section) -> tuple[Path, object]:
+def _dedup_spec(tmp_path: Path, sections: dict | None = None, **section) -> tuple[Path, object]:
     write_corpus(tmp_path / "corpus", "synthetic", 24, 0.25, seed=1)
     raw = {
         "name": "dups",
@@ -216,6 +216,7 @@ def _dedup_spec(tmp_path: Path, **section) -> tuple[Path, object]:
         "store": {"uri": str(tmp_path / "store")},
         "quality": {},
         "near_duplicates": {"methods": [{"method": "image"}, {"method": "audio"}], **section},
+        **(sections or {}),
     }
     spec = parse_spec(raw)
     path = tmp_path / "spec.yaml"
@@ -231,15 +232,27 @@ def _ids_by_name(store: TableStore) -> dict[str, str]:
     }
 
 
+def _splits(store: TableStore, table: str) -> dict[str, str]:
+    rows = store.to_arrow(table, columns=["sample_id", "split"])
+    return dict(zip(*(c.to_pylist() for c in rows.columns), strict=True))
+
+
 @pytest.mark.usefixtures("ray_session")
-def test_dedup_marks_copies_reports_leakage_and_readers_leave_them_out(tmp_path):
-    path, spec = _dedup_spec(tmp_path)
+def test_dedup_marks_copies_joins_their_splits_everywhere_and_readers_leave_them_out(
+    tmp_path, monkeypatch
+):
+    encode = {"feature_sets": [{"name": "px", "encoders": [
+        {"name": "image_pixels", "params": {"size": 8}}]}]}  # fmt: skip
+    path, spec = _dedup_spec(tmp_path, {"encode": encode})
     build(spec)
     store = TableStore(spec.store.uri)
     rows_before = store.to_arrow("samples").num_rows
     ids = _ids_by_name(store)
     copies = {ids[n]: ids[n.removesuffix("-copy")] for n in ids if n.endswith("-copy")}
     assert len(copies) == 6
+    split = _splits(store, "samples")
+    crossing = sum(split[a] != split[b] for a, b in copies.items())
+    assert crossing > 0  # every row is its own group: copies land by their own hash
     runner = CliRunner()
 
     dry = runner.invoke(app, ["dedup", str(path), "--dry-run", "--json"])
@@ -247,13 +260,43 @@ def test_dedup_marks_copies_reports_leakage_and_readers_leave_them_out(tmp_path)
     report = json.loads(dry.output[dry.output.index("{") :])
     assert report["marked"] == 6
     assert report["written_version"] is None
+    assert sum(report["cross_split_found"].values()) == crossing
+    assert sum(report["moved"].values()) == crossing == report["joined_sets"]
+    assert report["cross_split"] == {}  # what would be left once moved
+    assert not store.exists("duplicates")
+    assert _splits(store, "samples") == split
+
+    # killed after moving samples, before the feature set and quality rows follow
+    from features import split_moves
+
+    commit = split_moves.RunCommits.commit
+
+    def killed_after_samples(self, name):
+        if name != "samples":
+            raise KeyboardInterrupt
+        return commit(self, name)
+
+    monkeypatch.setattr(split_moves.RunCommits, "commit", killed_after_samples)
+    assert runner.invoke(app, ["dedup", str(path)]).exit_code == 130
+    monkeypatch.undo()
+    moved = _splits(store, "samples")
+    assert all(moved[a] == moved[b] for a, b in copies.items())
+    assert _splits(store, "features/px") != moved  # not aligned yet
     assert not store.exists("duplicates")
 
-    plot = tmp_path / "sets.png"
+    plot = tmp_path / "sets.png"  # the next dedup finishes the job
     done = runner.invoke(app, ["dedup", str(path), "--plot", str(plot)])
     assert done.exit_code == 0, done.output
     assert "6 samples marked from 6 pairs; written as duplicates v" in done.output
+    assert "no near duplicate crosses a split" in done.output
     assert plot.stat().st_size > 10_000
+    for table in ("features/px", "quality"):
+        assert _splits(store, table) == moved, table
+    assert _splits(store, "samples") == moved
+    group = {r["sample_id"]: r["group_id"] for r in store.to_arrow("samples").to_pylist()}
+    recorded = store.to_arrow("_split_moves").to_pylist()
+    assert len(recorded) == crossing
+    assert all(moved[ids[r["group_id"]]] == r["split"] for r in recorded)
     marks = store.to_arrow("duplicates").to_pylist()
     # keep_first. A copy was listed after its original, so it was ingested with it or later;
     # either way each original-copy pair is one mark, and the kept one is the other
@@ -261,17 +304,13 @@ def test_dedup_marks_copies_reports_leakage_and_readers_leave_them_out(tmp_path)
         frozenset(p) for p in copies.items()
     }
     assert {m["method"] for m in marks} == {"image+audio"}
+    assert all(m["split"] == m["duplicate_of_split"] for m in marks)
     assert store.to_arrow("samples").num_rows == rows_before  # marked, never deleted
-    split = {
-        r["sample_id"]: r["split"]
-        for r in store.to_arrow("samples", columns=["sample_id", "split"]).to_pylist()
-    }
-    crossing = sum(split[m["sample_id"]] != split[m["duplicate_of"]] for m in marks)
-    assert crossing > 0
-    assert sum(report["cross_split"].values()) == crossing
     stats = runner.invoke(app, ["store", "stats", "samples", "--store", spec.store.uri])
     assert "near duplicates marked by mmfp dedup" in stats.output
-    assert "(cross-split)" in stats.output
+    assert "(cross-split)" not in stats.output
+    again = runner.invoke(app, ["dedup", str(path), "--json"])
+    assert json.loads(again.output[again.output.index("{") :])["moved_versions"] == {}
 
     # readers: the excluded ids, a training split filter, and an export
     marked = {m["sample_id"] for m in marks}
@@ -309,14 +348,33 @@ def test_dedup_marks_copies_reports_leakage_and_readers_leave_them_out(tmp_path)
     with pytest.raises(StoreError, match="run it again on the latest version"):
         write_duplicates(store, newer, samples_version=0, run_id="r3")
 
+    # a sample of a moved group that arrives later lands where its group now is
+    mover = recorded[0]["group_id"]
+    manifest = tmp_path / "corpus" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    entry = next(e for e in map(json.loads, lines) if e["group"] == mover)
+    entry.update(id="late", text="a late caption")
+    with manifest.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    build(spec)
+    late = _ids_by_name(store)["late"]
+    assert group[ids[mover]] == mover
+    assert _splits(store, "samples")[late] == recorded[0]["split"]
+
 
 @pytest.mark.usefixtures("ray_session")
 def test_keep_quality_keeps_the_larger_image_and_text_alone_can_match(tmp_path):
-    path, spec = _dedup_spec(tmp_path, keep="keep_highest_quality", quality_stat="image_width")
+    path, spec = _dedup_spec(
+        tmp_path, keep="keep_highest_quality", quality_stat="image_width", same_split=False
+    )
     build(spec)
     store = TableStore(spec.store.uri)
     result = CliRunner().invoke(app, ["dedup", str(path), "--json"])
     assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["moved"] == {}  # same_split: false only reports the leaks
+    assert report["cross_split"] == report["cross_split_found"] != {}
+    assert not store.exists("_split_moves")
     width = {
         r["sample_id"]: r["image_width"]
         for r in store.to_arrow("samples", columns=["sample_id", "image_width"]).to_pylist()

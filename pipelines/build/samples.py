@@ -19,6 +19,7 @@ from ray.data import ActorPoolStrategy
 
 from features.metadata import vocabulary_properties
 from features.sink import StoreSink
+from features.split_moves import recorded_moves
 from pipelines.build.in_process import run_steps
 from pipelines.build.run import OUTCOMES, Run
 from pipelines.collect import COLLECTED, RefReader, ShardReader
@@ -59,7 +60,13 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         schemas=schemas,
     )
     split = spec.split
-    splitting = {"seed": split.seed, "ratios": split.ratios, "by": split.by, "groups": split.groups}
+    splitting = {
+        "seed": split.seed,
+        "ratios": split.ratios,
+        "by": split.by,
+        "groups": split.groups,
+        "moved": recorded_moves(store) if split.by == "group" else {},
+    }
     shards = any(plan.todo.shards.values())  # members unknown until read: never "small"
     if not shards and run.in_process(plan.todo.refs.num_rows, model=model):
         ids = Ids(store, run.commits.base["samples"])
