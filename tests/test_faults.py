@@ -16,11 +16,13 @@ def test_killed_and_racing_runs_converge(tmp_path):
     from benchmarks import faults
 
     out = tmp_path / "faults.json"
-    scenarios = ["refresh", "worker", "race"]
+    # a SIGKILLed refresh driver has its own deterministic test (tests/test_refresh.py);
+    # here a killed Ray worker and racing writers (the benchmark runs every scenario)
+    scenarios = ["worker", "race"]
     args = ["--trials", "1", "--races", "1", "--samples", "10", "--scenarios", *scenarios]
     code = faults.main([*args, "--seed", "7", "--json", str(out)])
     report = json.loads(out.read_text())
     assert [row["scenario"] for row in report["table"]] == scenarios
-    assert sum(row["trials"] for row in report["table"]) == 3
+    assert sum(row["trials"] for row in report["table"]) == 2
     assert [t for t in report["trials"] if not t["converged"]] == []
     assert code == 0
