@@ -183,6 +183,20 @@ def test_an_oversized_body_is_refused_before_it_is_read(service):
     reply = requests.post(f"{url}/search", data=huge, headers={**AUTH, "Content-Type":
                           "application/json"}, timeout=60)  # fmt: skip
     assert reply.status_code == 413
+    assert "request body over" in reply.json()["error"]
+
+    def chunks():  # streamed: no Content-Length to refuse it by
+        for _ in range(33):
+            yield b"x" * 2**20
+
+    reply = requests.post(f"{url}/search", data=chunks(), headers={**AUTH, "Content-Type":
+                          "application/json"}, timeout=60)  # fmt: skip
+    assert reply.status_code == 413
+    assert "request body over" in reply.json()["error"]
+    # Starlette's own errors are one-line JSON too; every reply says the replica's time
+    reply = requests.get(f"{url}/no-such-route", headers=AUTH, timeout=60)
+    assert (reply.status_code, reply.json()) == (404, {"error": "Not Found"})
+    assert re.fullmatch(r"app;dur=\d+\.\d\d", reply.headers["server-timing"])
 
 
 def test_a_new_version_is_swapped_in_without_losing_a_request(serve_http, tmp_path):
