@@ -10,6 +10,7 @@ removed brings its duplicates back instead of losing the content altogether.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -26,25 +27,15 @@ SAMPLES_VERSION_KEY = "mmfp.samples_version"  # commit metadata: the samples ver
 
 
 def duplicate_rows(
-    store: TableStore,
-    marks: pa.Table,
-    *,
-    samples_version: int,
-    run_id: str,
-    moves: pa.Table | None = None,
+    marks: pa.Table, splits: Mapping[str, str | None], *, samples_version: int, run_id: str
 ) -> pa.Table:
     """``marks`` (sample_id, duplicate_of, method, score) as rows of the table: with both
-    samples' splits (after ``moves``: sample_id, split), the samples version searched
-    and the run."""
-    stored = store.to_arrow("samples", samples_version, columns=["sample_id", "split"])
-    split = dict(zip(*(c.to_pylist() for c in stored.columns), strict=True))
-    if moves is not None:
-        moved = (moves.column(c).to_pylist() for c in ("sample_id", "split"))
-        split.update(zip(*moved, strict=True))
+    samples' splits (``splits``: sample id -> split), the samples version searched and
+    the run."""
     count = marks.num_rows
     columns = {
-        "split": [split.get(s) for s in marks.column("sample_id").to_pylist()],
-        "duplicate_of_split": [split.get(s) for s in marks.column("duplicate_of").to_pylist()],
+        "split": [splits.get(s) for s in marks.column("sample_id").to_pylist()],
+        "duplicate_of_split": [splits.get(s) for s in marks.column("duplicate_of").to_pylist()],
         "samples_version": [samples_version] * count,
         "run_id": [run_id] * count,
         "found_at": [datetime.now(UTC)] * count,

@@ -31,10 +31,7 @@ COPIES = ("views", "quality")  # tables besides the feature sets that copy a sam
 
 def recorded_moves(store: TableStore) -> dict[str, str]:
     """Group id -> split of every group a dedup moved (empty when none ever was)."""
-    if not store.exists(TABLE):
-        return {}
-    rows = store.to_arrow(TABLE, columns=["group_id", "split"])
-    return dict(zip(*(c.to_pylist() for c in rows.columns), strict=True))
+    return _moves_of(store.delta(TABLE)) if store.exists(TABLE) else {}
 
 
 def record_moves(store: TableStore, groups: Mapping[str, str], run_id: str) -> int | None:
@@ -44,8 +41,7 @@ def record_moves(store: TableStore, groups: Mapping[str, str], run_id: str) -> i
         return None
     store.ensure_table(TABLE)
     dt = store.delta(TABLE)
-    known = dict(zip(*(c.to_pylist() for c in _moves_of(dt).columns), strict=True))
-    known.update(groups)
+    known = _moves_of(dt) | dict(groups)
     now = datetime.now(UTC)
     rows = pa.table(
         {
@@ -71,8 +67,9 @@ def record_moves(store: TableStore, groups: Mapping[str, str], run_id: str) -> i
     return store.version(TABLE)
 
 
-def _moves_of(dt: DeltaTable) -> pa.Table:
-    return dt.to_pyarrow_dataset().to_table(columns=["group_id", "split"])
+def _moves_of(dt: DeltaTable) -> dict[str, str]:
+    rows = dt.to_pyarrow_dataset().to_table(columns=["group_id", "split"])
+    return dict(zip(*(c.to_pylist() for c in rows.columns), strict=True))
 
 
 def move_samples(store: TableStore, moves: pa.Table, run_id: str) -> dict[str, int]:

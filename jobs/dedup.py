@@ -69,12 +69,13 @@ def dedup_command(
         max_set=largest_joined(near.same_split_max, samples.num_rows),
     )
     marks = functools.partial(
-        duplicate_rows, store, found.marks, samples_version=found.samples_version, run_id=job.run_id
+        duplicate_rows, found.marks, samples_version=found.samples_version, run_id=job.run_id
     )
-    rows = marks(moves=joined.moves)
+    split = dict(zip(*(samples.column(c).to_pylist() for c in ("sample_id", "split")), strict=True))
+    rows = marks(split | joined.moved_to())
     report = {
         **summarise(rows),
-        "cross_split_found": leakage(marks()),
+        "cross_split_found": leakage(marks(split)),
         "samples_version": found.samples_version,
         "pairs_by_method": found.pairs_by_method,
         "pairs": found.pairs.num_rows,

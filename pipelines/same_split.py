@@ -5,8 +5,9 @@ would split its group (a speaker, a site) instead. So split keys (the group
 id, or the sample id without one: ``pipelines.split``) linked by near pairs
 form sets, and every sample of a set that spans splits moves to one split:
 the split a key of the set is pinned to (``split.groups``), else the split
-that already holds most of the set's samples, ties going to ``train`` so that
-held-out splits only ever lose samples to training, never gain seen content.
+that already holds most of the set's samples, a tie going to the earliest of
+train, val, test, so that held-out splits only ever lose samples to training,
+never gain seen content.
 A set whose keys are pinned to two different splits cannot be joined, and a set
 larger than ``max_set`` samples is not: near pairs between big groups (two
 speakers who share a reused image) would otherwise pull whole speakers, or the
@@ -16,6 +17,7 @@ whole store, into one split. Both are counted and left for
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,10 +50,12 @@ class SplitMoves:
             self.moves.column("split").to_pylist(),
             strict=True,
         )
-        counted: dict[str, int] = {}
-        for a, b in pairs:
-            counted[f"{a}->{b}"] = counted.get(f"{a}->{b}", 0) + 1
-        return dict(sorted(counted.items()))
+        return dict(sorted(Counter(f"{a}->{b}" for a, b in pairs).items()))
+
+    def moved_to(self) -> dict[str, str]:
+        """Sample id -> the split it moves to."""
+        ids, splits = (self.moves.column(c).to_pylist() for c in ("sample_id", "split"))
+        return dict(zip(ids, splits, strict=True))
 
 
 def join_near_sets(
@@ -76,9 +80,8 @@ def join_near_sets(
     a = [position.get(s) for s in pairs.column("a").to_pylist()]
     b = [position.get(s) for s in pairs.column("b").to_pylist()]
     known = [(i, j) for i, j in zip(a, b, strict=True) if i is not None and j is not None]
-    empty = SplitMoves(MOVES.empty_table(), {}, 0, 0)
     if not known:
-        return empty
+        return SplitMoves(MOVES.empty_table(), {}, 0, 0)
     left, right = (key_of_sample[np.array(side)] for side in zip(*known, strict=True))
     n = len(key_names)
     graph = coo_matrix((np.ones(len(left)), (left, right)), shape=(n, n))

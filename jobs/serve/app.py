@@ -47,6 +47,7 @@ from pipelines.errors import MmfpError
 
 log = logging.getLogger("mmfp.serve")
 MAX_BODY_BYTES = 32 * 2**20  # an uploaded query file, base64 included
+TOO_LARGE = f"request body over {MAX_BODY_BYTES} bytes"
 MAX_IDS = 1000
 EXACT_BATCH = 16  # exact queries that arrive together share one pass over the matrix
 MAX_PAGE = 500  # rows per page of samples, quarantine, runs
@@ -129,7 +130,7 @@ class _Guarded:
             message = await receive()
             received[0] += len(message.get("body", b""))
             if received[0] > MAX_BODY_BYTES:  # a chunked body has no length to check first
-                raise StarletteHTTPException(413, f"request body over {MAX_BODY_BYTES} bytes")
+                raise StarletteHTTPException(413, TOO_LARGE)
             return message
 
         async def timed_send(message: dict) -> None:
@@ -149,7 +150,7 @@ class _Guarded:
 
 
 def _too_large() -> JSONResponse:
-    return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
+    return JSONResponse({"error": TOO_LARGE}, 413)
 
 
 api.add_middleware(_Guarded)
