@@ -134,14 +134,14 @@ class PipelineRun:
 
 def run_pipeline(spec: PipelineSpec, samples_store: Path, label: str) -> PipelineRun:
     """``augment_samples`` + the views/quarantine commits, as ``build`` runs them."""
-    from pipelines.build import no_op_reservation
+    from pipelines.build.on_ray import run_settings
     from pipelines.build.run import Run
     from pipelines.build.views import augment_samples
 
     store_dir = Path(spec.store.uri)
     shutil.copytree(samples_store, store_dir)  # not timed: a fresh store without views
     # as build() runs its stages: Ray Data's per-operator reservation off
-    with CpuMeter() as cpu, no_op_reservation():
+    with CpuMeter() as cpu, run_settings():
         start = time.perf_counter()
         run = Run.start(spec)
         augment_samples(run)

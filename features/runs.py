@@ -98,7 +98,9 @@ def _reason(row: dict) -> str:
         return "starting Ray (a local one's processes, or joining a cluster) for the first work"
     busy = cpu_busy(row)
     if busy is None and row["rows"]:
-        return "in the CLI process, on one core: small enough to skip starting Ray"
+        processes = int(row["cpus"] or 1)
+        where = "one process" if processes == 1 else f"{processes} processes"
+        return f"in the CLI process ({where}): small enough to skip starting Ray"
     if busy is None:
         return "driver work: no Ray tasks ran in it"
     reason = _ray_reason(row, busy)

@@ -1,8 +1,10 @@
-"""A Ray Data sink that writes several store tables from one stream, as Parquet files only.
+"""A sink that writes several store tables from one stream, as Parquet files only.
 
-Workers route each block to its tables, write one Parquet file per table
-straight under the table's directory, and return Delta ``AddAction``s; the
+Each call routes its blocks to their tables, writes one Parquet file per table
+straight under the table's directory, and returns Delta ``AddAction``s; the
 sink gathers them in ``files`` for the run to commit (``features.commit``).
+On Ray, ``features.ray_sink`` runs the same ``write`` in the tasks of a Ray Data
+``Datasink``; a run in the CLI process calls it directly, without importing Ray.
 It never commits: files of a job that dies before the commit are never
 referenced by the log, so readers never see them and ``vacuum`` removes them.
 Ray's own ``write_delta`` commits one table per dataset; a pipeline stage
@@ -17,8 +19,6 @@ from typing import Any
 
 import pyarrow as pa
 from deltalake.transaction import AddAction
-from ray.data.block import Block, BlockAccessor
-from ray.data.datasource import Datasink
 
 from features.commit import write_file
 from features.schema import conform
@@ -29,8 +29,8 @@ from features.tables import TableStore
 Router = Callable[[pa.Table], tuple[dict[str, pa.Table], dict[str, int]]]
 
 
-class StoreSink(Datasink):
-    """Route each block to store tables and write one Parquet file per table and task."""
+class StoreSink:
+    """Route each block to store tables and write one Parquet file per table and call."""
 
     def __init__(
         self, store: TableStore, router: Router, *, run_id: str, schemas: dict[str, pa.Schema]
@@ -42,11 +42,12 @@ class StoreSink(Datasink):
         self.files: dict[str, list[AddAction]] = {name: [] for name in schemas}
         self.counts: Counter[str] = Counter()
 
-    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
+    def write(self, blocks: Iterable[pa.Table]) -> dict[str, Any]:
+        """One file per table for ``blocks``; returns what ``record`` takes."""
         parts: dict[str, list[pa.Table]] = {name: [] for name in self.schemas}
         counts: Counter[str] = Counter()
         for block in blocks:
-            routed, block_counts = self.router(BlockAccessor.for_block(block).to_arrow())
+            routed, block_counts = self.router(block)
             counts.update(block_counts)
             for name, rows in routed.items():
                 if rows.num_rows:
@@ -61,10 +62,6 @@ class StoreSink(Datasink):
     def _write_file(self, name: str, rows: pa.Table) -> AddAction:
         rows = conform(rows, self.schemas[name])
         return write_file(self.store.table_uri(name), self.store.storage_options, rows, self.run_id)
-
-    def on_write_complete(self, write_result: Any) -> None:
-        for result in write_result.write_returns:
-            self.record(result)
 
     def record(self, result: dict[str, Any]) -> None:
         """Take one ``write`` call's files and counts (Ray's tasks, or a run in process)."""

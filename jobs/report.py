@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
@@ -23,6 +22,9 @@ from features.store import FeatureStore
 from jobs.errors import clean
 from pipelines.build import BuildResult
 from pipelines.label import class_balance
+
+if TYPE_CHECKING:
+    import duckdb
 
 # markup off: text from the data ("[/]", "[link=...]") is printed as it is, never parsed
 console = Console(markup=False)

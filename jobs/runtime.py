@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
 import re
@@ -10,8 +11,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import ray
 
 from jobs.options import env_flag
 from pipelines.build.run import Execution
@@ -23,6 +22,7 @@ _HANDLER_NAME = "mmfp-run-log"
 _routed_to: list[Path] = []  # the file this process's Ray logs go to, once routed
 RUN_LOG_NAME = re.compile(r"\d{8}T\d{6}-[0-9a-f]{6}\.log$")  # ends in a run id
 KEEP_LOGS = 200
+RAY_PLANS = ("features.ray_sink", "pipelines.build.on_ray")  # what a stage on Ray imports
 
 
 def verbose() -> bool:
@@ -57,6 +57,11 @@ class Job:
         """How the job's run reaches compute: Ray started on first need; without a cluster
         address (a private local Ray) small stages stay in this process."""
         local = cluster_address(self.address) is None
+        if not local:
+            # a cluster job loads its Ray plans now, not mid-run: another job's setup can
+            # unpack the same working_dir again under a running one (ray-project/ray#49254)
+            for module in RAY_PLANS:
+                importlib.import_module(module)
         return Execution(self.start_ray, progress, small_in_process=local)
 
 
@@ -109,6 +114,8 @@ def init_ray(
     verbose), Ray's log lines and Ray Data's progress logging go to that file, so
     the terminal shows mmfp's own output; progress bars stay in a terminal.
     """
+    import ray  # here: a command that never starts Ray never imports it
+
     routed = log_file is not None and not verbose()
     if ray.is_initialized():
         if routed:

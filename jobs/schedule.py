@@ -28,17 +28,17 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import submit as jobsubmit
 from pipelines.errors import MmfpError
 from pipelines.spec import load_spec
+
+if TYPE_CHECKING:  # APScheduler loads when a schedule is parsed or run, not with the CLI
+    from apscheduler.triggers.cron import CronTrigger
 
 log = logging.getLogger("mmfp.schedule")
 
@@ -123,6 +123,8 @@ def crontab_days(field: str) -> str:
 
 def parse_cron(expr: str, timezone: str = "UTC") -> CronTrigger:
     """``m h dom mon dow`` or ``s m h dom mon dow`` -> an APScheduler CronTrigger."""
+    from apscheduler.triggers.cron import CronTrigger
+
     fields = expr.split()
     if len(fields) not in (5, 6):
         raise ScheduleError(
@@ -320,6 +322,9 @@ class Runner:
         self.skipped: list[str] = []  # slot ids found already fired
         self._active: dict[str, Schedule] = {}
         self._history_lock = threading.Lock()
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(max_workers=4)},

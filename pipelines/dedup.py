@@ -9,20 +9,24 @@ turns its own rows into duplicates.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from features.keys import key_mask
 from features.tables import TableStore
 from pipelines.errors import DuplicateSample
 from pipelines.quarantine import is_error, with_errors
 
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
 STORED = ""  # winner marker for ids committed before this run
 
 
 class Ids:
-    """The registry's state and answers; ``IdRegistry`` is the same as a Ray actor."""
+    """The registry's state and answers; ``id_registry`` makes the same as a Ray actor."""
 
     def __init__(self, store: TableStore, version: int | None) -> None:
         # None: no samples table yet
@@ -47,10 +51,14 @@ class Ids:
         return candidates.filter(pa.array(key_mask(candidates, seen, ["sample_id"]))).column(0)
 
 
-IdRegistry = ray.remote(num_cpus=0)(Ids)
+def id_registry(store: TableStore, version: int | None) -> ActorHandle:
+    """``Ids`` as a Ray actor that every task of the run asks (it holds no CPU)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(Ids).remote(store, version)
 
 
-def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle | Ids) -> pa.Table:
+def mark_duplicates(batch: pa.Table, *, registry: ActorHandle | Ids) -> pa.Table:
     """Add ``status``: ``new``, ``stored`` (already committed) or ``error``.
 
     A second input with the same content becomes a ``DuplicateSample`` error
@@ -64,6 +72,8 @@ def mark_duplicates(batch: pa.Table, *, registry: ray.actor.ActorHandle | Ids) -
     if isinstance(registry, Ids):  # a run small enough to stay in the CLI process
         winners = registry.claim(ids, keys)
     else:
+        import ray  # a Ray task: Ray is imported already
+
         winners = ray.get(registry.claim.remote(ids, keys))
     status = ["error"] * batch.num_rows
     duplicates = {}

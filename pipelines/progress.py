@@ -1,9 +1,11 @@
 """A run's progress as events, for whoever shows it (``jobs.live``); the library never prints.
 
 ``Run.stage`` reports each stage's start and end; while a stage's Ray Data
-execution runs, ``ExecutionProgress`` (a Ray Data execution callback, called on
-the driver at every scheduling step) reports the share of its tasks finished,
-the same measure as Ray Data's own dataset progress bar.
+execution runs, ``pipelines.build.on_ray.ExecutionProgress`` (a Ray Data
+execution callback, called on the driver at every scheduling step) reports the
+share of its tasks finished (``report_step``), the same measure as Ray Data's
+own dataset progress bar. This module does not import Ray: a run that stays in
+the CLI process never does.
 """
 
 from __future__ import annotations
@@ -12,9 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-
-from ray.data import DataContext
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 
 @dataclass
@@ -42,14 +41,12 @@ Listener = Callable[[StageProgress], None]
 EVERY = 0.5  # seconds between two in-stage events
 
 _watching: list[tuple[StageProgress, Listener]] = []  # the stage an execution belongs to
+_last_step = [0.0]  # when ``report_step`` last told a listener
 
 
 @contextmanager
 def watching(progress: StageProgress, listener: Listener) -> Iterator[None]:
     """Report ``progress`` to ``listener`` while Ray Data executions run inside the block."""
-    context = DataContext.get_current()
-    if ExecutionProgress not in context.custom_execution_callback_classes:
-        context.custom_execution_callback_classes.append(ExecutionProgress)
     _watching.append((progress, listener))
     try:
         yield
@@ -68,18 +65,19 @@ def finished_share(executor: object) -> float | None:
     return min(1.0, state.num_completed_tasks / total) if total else None
 
 
-class ExecutionProgress(ExecutionCallback):
-    """Reports the running stage's share of finished tasks, at most every ``EVERY`` s."""
+def report_step(executor: object) -> None:
+    """One scheduling step of a Ray Data execution: its share of finished tasks."""
+    report_done(finished_share(executor))
 
-    def __init__(self) -> None:
-        self._last = 0.0
 
-    def on_execution_step(self, executor: object) -> None:
-        if not _watching or time.monotonic() - self._last < EVERY:
-            return
-        self._last = time.monotonic()
-        progress, listener = _watching[-1]
-        share = finished_share(executor)
-        if share is not None:
-            progress.done = share
-        listener(progress)
+def report_done(share: float | None) -> None:
+    """The watching stage has done ``share`` of its work (None: not known): its listener
+    hears of it at most every ``EVERY`` seconds (Ray Data's steps, or a stage run in this
+    process after each batch)."""
+    if not _watching or time.monotonic() - _last_step[0] < EVERY:
+        return
+    _last_step[0] = time.monotonic()
+    progress, listener = _watching[-1]
+    if share is not None:
+        progress.done = share
+    listener(progress)

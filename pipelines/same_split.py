@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from pipelines.split import SPLITS
 
@@ -72,6 +70,9 @@ def join_near_sets(
     pairs naming a sample not among them are ignored. Sets of more than ``max_set``
     samples (None: no limit) are left where they are.
     """
+    from scipy.sparse import coo_matrix  # here: the CLI starts without SciPy
+    from scipy.sparse.csgraph import connected_components
+
     ids = samples.column("sample_id").to_pylist()
     groups = samples.column("group_id").to_pylist() if by == "group" else [None] * len(ids)
     keys = [group or sid for sid, group in zip(ids, groups, strict=True)]

@@ -130,6 +130,8 @@ class ResourcesSpec(_Model):
     # a local CLI run keeps a stage of at most this many rows out of Ray (0: never); a
     # stage with a model at most 1/8 of it (one process is slow at model forwards)
     in_process_rows: int = Field(2000, ge=0)
+    # processes such a stage forks for its per-batch steps (0: one per CPU; 1: none)
+    in_process_workers: int = Field(0, ge=0)
 
 
 class RefreshSpec(_Model):

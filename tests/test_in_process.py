@@ -1,25 +1,41 @@
-"""A small local CLI run stays in the CLI process (no Ray at all) and stores exactly what a
-run on Ray stores: samples, quarantine, the ledger, views and features, row for row."""
+"""A small local CLI run stays in the CLI process (no Ray at all, not even imported), forks
+workers for its per-batch steps, and stores exactly what a run on Ray stores: samples,
+quarantine, the ledger, views and features, row for row."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from features.sink import StoreSink
 from features.store import FeatureStore
 from jobs.demo import corpus as synthetic
 from pipelines.build import build
+from pipelines.build.in_process import run_steps
 from pipelines.spec import write_spec
 from tests.helpers import make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+# runs the CLI, then tells (on stderr) whether the process ever imported Ray
+CLI_THEN_REPORT = """
+import sys
+from jobs.cli import app
+try:
+    app(sys.argv[1:], prog_name="mmfp")
+except SystemExit as e:
+    print("imported ray:", "ray" in sys.modules, file=sys.stderr)
+    raise
+"""
 SECTIONS = {
-    "resources": {"batch_size": 4, "rows_per_block": 8},  # several files per table
+    # several files per table; two workers wherever the suite runs
+    "resources": {"batch_size": 4, "rows_per_block": 8, "in_process_workers": 2},
     "augment": {"views_per_sample": 1, "image": [{"name": "HorizontalFlip"}]},
     "encode": {
         "feature_sets": [
@@ -41,7 +57,11 @@ def _mmfp(*args: str, logs: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"PYTHONPATH": str(ROOT), "MMFP_LOG_DIR": str(logs)}
     return subprocess.run(
-        [sys.executable, "-m", "jobs", *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", CLI_THEN_REPORT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -64,6 +84,7 @@ def test_a_small_cli_run_stays_in_process_and_stores_what_ray_stores(tmp_path):
     proc = _mmfp("build", str(tmp_path / "spec.yaml"), logs=logs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not logs.exists()  # Ray never started: starting it makes the run's log file
+    assert "imported ray: False" in proc.stderr  # 1-2 s of every small CLI call
     on_ray = build(make_spec(tmp_path / "ray", source, **SECTIONS))  # this process's Ray
     here, there = FeatureStore(str(tmp_path / "here")), FeatureStore(str(tmp_path / "ray"))
     for table in COMPARED:
@@ -78,6 +99,8 @@ def test_a_small_cli_run_stays_in_process_and_stores_what_ray_stores(tmp_path):
     stages = here.to_arrow("_stages").to_pylist()
     assert "start ray" not in {s["stage"] for s in stages}
     assert all(s["task_seconds"] == 0 for s in stages)  # no Ray task ran
+    processes = {s["stage"]: s["cpus"] for s in stages}
+    assert processes["collect"] == processes["augment"] == processes["encode inputs"] == 2
 
     synthetic.write_directory_source(data / "more", n_per_class=1, seed=10)
     again = _mmfp("refresh", str(tmp_path / "spec.yaml"), logs=logs)
@@ -100,3 +123,64 @@ def test_a_run_over_the_limit_goes_to_ray(tmp_path):
     stages = FeatureStore(str(tmp_path / "store")).to_arrow("_stages").column("stage")
     assert "start ray" in stages.to_pylist()
     assert list((tmp_path / "logs").glob("*.log"))
+
+
+def _router(batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
+    return {"rows": batch}, {"rows": batch.num_rows}
+
+
+def _tag_pid(batch: pa.Table) -> pa.Table:
+    return batch.append_column("pid", pa.repeat(pa.scalar(os.getpid()), batch.num_rows))
+
+
+def _tag_parent(batch: pa.Table) -> pa.Table:
+    return batch.append_column("parent", pa.repeat(pa.scalar(os.getpid()), batch.num_rows))
+
+
+def _fail_on_13(batch: pa.Table) -> pa.Table:
+    if 13 in batch.column("i").to_pylist():
+        raise ValueError("row 13 is cursed")
+    return batch
+
+
+def _die_on_13(batch: pa.Table) -> pa.Table:
+    if 13 in batch.column("i").to_pylist():
+        os._exit(9)  # a decoder's segfault, the OOM killer
+    return batch
+
+
+def _sink(tmp_path: Path) -> StoreSink:
+    schema = pa.schema([("i", pa.int64()), ("pid", pa.int64()), ("parent", pa.int64())])
+    (tmp_path / "store" / "rows").mkdir(parents=True)  # a declared table's folder
+    store = FeatureStore(str(tmp_path / "store"))
+    return StoreSink(store, _router, run_id="t", schemas={"rows": schema})
+
+
+def test_run_steps_forks_the_per_batch_steps_and_keeps_batch_order(tmp_path):
+    sink = _sink(tmp_path)
+    table = pa.table({"i": pa.array(range(40), pa.int64())})
+    steps = [_tag_pid, _tag_parent]
+    shares: list[float] = []  # what the live display hears
+    processes = run_steps([table], steps, sink, 3, 9, workers=2, serial_from=1, done=shares.append)
+    assert processes == 2
+    assert shares == sorted(shares)
+    assert len(shares) == 14
+    assert shares[-1] == 1.0
+    files = [tmp_path / "store" / "rows" / a.path for a in sink.files["rows"]]
+    assert len(files) == 5  # a file per 9 input rows (3 batches), as a Ray task per block
+    rows = pa.concat_tables(pq.read_table(f) for f in files)
+    assert rows.column("i").to_pylist() == list(range(40))  # in order, none lost
+    assert os.getpid() not in set(rows.column("pid").to_pylist())  # forked workers ...
+    assert set(rows.column("parent").to_pylist()) == {os.getpid()}  # ... the rest here
+    assert sink.counts["rows"] == 40
+
+    alone = _sink(tmp_path / "alone")  # one worker: everything here, nothing forked
+    assert run_steps([table], steps, alone, 3, 9, workers=1) == 1
+
+
+def test_a_failing_or_dying_worker_fails_the_run(tmp_path):
+    table = pa.table({"i": pa.array(range(40), pa.int64())})
+    with pytest.raises(ValueError, match="row 13 is cursed"):  # the step's own error
+        run_steps([table], [_fail_on_13], _sink(tmp_path / "a"), 3, 9, workers=2)
+    with pytest.raises(BrokenProcessPool):  # never a hang, never a partial success
+        run_steps([table], [_die_on_13], _sink(tmp_path / "b"), 3, 9, workers=2)

@@ -193,6 +193,23 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith(heavy))))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
+def test_the_cli_starts_without_the_heavy_libraries():
+    """Every ``mmfp`` call is a cold process: the command line itself loads no Ray (1.2 s
+    with Ray Data), torch, SciPy, APScheduler or the web stack; a command imports what
+    it uses when it runs (a small build never imports Ray: tests/test_in_process.py)."""
+    code = """
+import json, sys
+import jobs.cli
+heavy = {"ray", "torch", "scipy", "sklearn", "apscheduler", "transformers", "fastapi"}
+print(json.dumps(sorted(heavy & {m.split(".")[0] for m in sys.modules})))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
 def test_every_module_ships_to_a_cluster_and_into_git(tmp_path):
     """What `mmfp submit` packs as the job's working_dir (Ray reads .gitignore too) holds
     every module of the project: an unanchored ignore rule once dropped pipelines/build/."""

@@ -11,11 +11,7 @@ commit per run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pyarrow as pa
-import ray.data
 
 from features.commit import SlotCommitted
 from features.keys import anti_join
@@ -33,7 +29,7 @@ from pipelines.listing import list_inputs
 from pipelines.spec import PipelineSpec
 from pipelines.split import check_split_unchanged
 
-__all__ = ["BuildResult", "Execution", "build", "encode_only", "new_run_id", "no_op_reservation"]
+__all__ = ["BuildResult", "Execution", "build", "encode_only", "new_run_id"]
 
 
 def build(
@@ -69,31 +65,12 @@ def build(
     if run.store.exists("samples"):
         check_split_unchanged(run.store.properties("samples"), spec.split)
     try:
-        with no_op_reservation(), Lease(run.store, run.result.run_id):
+        with run.settings(), Lease(run.store, run.result.run_id):
             _run_stages(run, incremental=incremental, refilter=refilter)  # (vacuum spares it)
             return run.finish()
     except SlotCommitted:
         run.result.already_done = True  # another run of this slot committed first
         return run.result
-
-
-@contextmanager
-def no_op_reservation() -> Iterator[None]:
-    """Ray Data's per-operator resource reservation off for a run (restored after).
-
-    It holds back a share of few CPUs per operator: a short stage idles a CPU for ~1 s
-    at its start, and encode's CPU preprocessing ran one task at a time beside the
-    model actor, which left the accelerator waiting (BENCHMARKS.md, encode).
-    """
-    context = ray.data.DataContext.get_current()
-    reserved, context.op_resource_reservation_enabled = (
-        context.op_resource_reservation_enabled,
-        False,
-    )
-    try:
-        yield
-    finally:
-        context.op_resource_reservation_enabled = reserved
 
 
 def _run_stages(run: Run, *, incremental: bool, refilter: bool = False) -> None:
@@ -157,7 +134,7 @@ def encode_only(
     run = Run.start(spec, run_id=run_id, kind="encode", execution=execution)
     if not run.store.exists("samples"):
         raise SpecError(f"no samples in {run.store.uri} yet: run `mmfp build` first")
-    with no_op_reservation(), Lease(run.store, run.result.run_id):
+    with run.settings(), Lease(run.store, run.result.run_id):
         _encode(run, feature_set, reencode=reencode)
         run.commit_rest()
         return run.finish()

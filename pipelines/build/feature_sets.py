@@ -11,15 +11,12 @@ encode`` runs this plan alone. A few rows are encoded in the CLI process instead
 from __future__ import annotations
 
 import pyarrow as pa
-import ray
-import ray.data
-from ray.data import ActorPoolStrategy
 
 from features.keys import anti_join
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import ORIGINAL_VIEW
 from features.sink import StoreSink
-from pipelines.build.in_process import rows_of, run_steps
+from pipelines.build.in_process import rows_of
 from pipelines.build.run import Run
 from pipelines.encode import (
     KEY_COLUMNS,
@@ -92,7 +89,9 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
             for table, is_view in sources
         ]
         steps = [Preprocess(configs), Encode(configs)]
-        run_steps(tables, steps, sink, batch_size, run.spec.resources.rows_per_block)
+        # weight-free inputs in forked workers; a model loads once, in this process
+        serial_from = 0 if wants_actors(encoders) else None
+        run.run_here(tables, steps, sink, batch_size=batch_size, serial_from=serial_from)
     else:
         _encode_on_ray(run, sources, todo, encoders, configs, batch_size, sink)
     run.commits.add(name, sink.files[name])
@@ -111,6 +110,11 @@ def _encode_on_ray(
     sink: StoreSink,
 ) -> None:
     """Preprocess in CPU tasks, the model in an actor pool (GPUs where the cluster has them)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from features.ray_sink import RayStoreSink
+
     run.ensure_ray()
     parts = []
     for table, is_view in sources:
@@ -146,7 +150,7 @@ def _encode_on_ray(
         )
     else:  # weight-free model inputs: plain CPU tasks, fused with preprocessing
         ds = ds.map_batches(Encode(configs), batch_format="pyarrow", batch_size=batch_size)
-    ds.write_datasink(sink)
+    ds.write_datasink(RayStoreSink(sink))
     run.measure(ds, accelerator="Encode" if gpus else None, gpus=actors * per_actor)
 
 

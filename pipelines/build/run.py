@@ -14,25 +14,27 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import ray
-import ray.data
 from deltalake.transaction import Transaction
 
 from features.commit import RunCommits
 from features.schema import STAGES
+from features.sink import StoreSink
 from features.tables import TableStore
-from pipelines.build.in_process import no_cuda
-from pipelines.progress import Listener, StageProgress, watching
+from pipelines.build.in_process import Step, default_workers, no_cuda, run_steps
+from pipelines.progress import Listener, StageProgress, report_done, watching
 from pipelines.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    import ray.data
 
 OUTCOMES = (
     "samples",
@@ -141,6 +143,7 @@ class Run:
     kind: str = "build"
     execution: Execution = field(default_factory=Execution)
     _open_stages: list[StageTiming] = field(default_factory=list)
+    _on_ray: ExitStack | None = None  # until Ray is first used: where its settings go
 
     @classmethod
     def start(
@@ -165,20 +168,61 @@ class Run:
         """True when a stage of ``rows`` rows runs in this process rather than on Ray: small
         runs allowed, Ray not started yet, few rows (fewer with a model: one process runs
         its forwards alone), and a model only on a CPU-only box."""
-        if not self.execution.small_in_process or ray.is_initialized():
+        if not self.execution.small_in_process or ray_running():
             return False
         limit = self.spec.resources.in_process_rows
         if rows > (limit // MODEL_SHARE if model else limit):
             return False
         return not model or no_cuda()
 
+    def run_here(
+        self,
+        tables: Iterable[pa.Table],
+        steps: Sequence[Step],
+        sink: StoreSink,
+        *,
+        batch_size: int | None = None,
+        serial_from: int | None = None,
+    ) -> None:
+        """Run a stage's steps in this process (``in_process`` said so), the per-batch ones
+        in forked workers; the stage records how many processes ran them as its ``cpus``."""
+        resources = self.spec.resources
+        processes = run_steps(
+            tables,
+            steps,
+            sink,
+            batch_size or resources.batch_size,
+            resources.rows_per_block,
+            workers=default_workers(resources.in_process_workers),
+            serial_from=serial_from,
+            done=report_done,
+        )
+        if self._open_stages:
+            self._open_stages[-1].cpus = processes
+
     def ensure_ray(self) -> None:
-        """Make sure Ray is up before a stage hands it work (``Execution.start_ray``)."""
-        if not ray.is_initialized():
+        """Make sure Ray is up before a stage hands it work (``Execution.start_ray``),
+        with the run's Ray Data settings (``pipelines.build.on_ray``) in force."""
+        if not ray_running():
             if self.execution.start_ray is None:
                 raise RuntimeError("Ray is not initialised: call ray.init() (jobs do it)")
             with self.stage("start ray"):  # its own row: not the first stage's cost
                 self.execution.start_ray()
+        if self._on_ray is not None:  # once per run
+            from pipelines.build.on_ray import run_settings
+
+            self._on_ray.enter_context(run_settings())
+            self._on_ray = None
+
+    @contextmanager
+    def settings(self) -> Iterator[None]:
+        """The span of the run: what ``ensure_ray`` sets in Ray Data is undone at its end."""
+        with ExitStack() as stack:
+            self._on_ray = stack
+            try:
+                yield
+            finally:
+                self._on_ray = None
 
     def slot_done(self) -> bool:
         """True when a finished run already committed this run's scheduled slot."""
@@ -236,6 +280,8 @@ class Run:
             return
         timing = self._open_stages[-1]
         timing.add(task_stats(ds, accelerator))
+        import ray  # a dataset ran: Ray is up
+
         resources = ray.cluster_resources()
         timing.cpus = float(resources.get("CPU", 0))
         if accelerator:
@@ -279,6 +325,12 @@ class Run:
         version = self.commits.commit("_runs")
         if version is not None:
             self.result.versions["_runs"] = version
+
+
+def ray_running() -> bool:
+    """Ray is up in this process; finding out never imports Ray."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def dependent_tables(store: TableStore) -> list[str]:

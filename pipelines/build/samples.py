@@ -5,31 +5,32 @@ cut into a few blocks per CPU so that each Ray task reads and decodes a good
 batch of inputs, and tar shards are one task each. ``samples`` is committed
 when the stage ends (views and feature sets read it); its quarantine and
 ledger rows stay pending for the run's last commits. A small local run does the
-same in the CLI process, through the same functions (``pipelines.build.in_process``).
+same in the CLI process, through the same functions (``pipelines.build.in_process``),
+and then never imports Ray (1-2 s of every cold CLI call).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import ray
-import ray.data
-from ray.data import ActorPoolStrategy
 
 from features.metadata import vocabulary_properties
 from features.sink import StoreSink
 from features.split_moves import recorded_moves
-from pipelines.build.in_process import run_steps
 from pipelines.build.run import OUTCOMES, Run
 from pipelines.collect import COLLECTED, RefReader, ShardReader
-from pipelines.dedup import IdRegistry, Ids, mark_duplicates
+from pipelines.dedup import Ids, id_registry, mark_duplicates
 from pipelines.filters import filter_samples
 from pipelines.label import Labeller, label_vocabulary
 from pipelines.ledger import InputPlan
 from pipelines.route import SampleRouter
 from pipelines.spec import PipelineSpec, WebDatasetSource
 from pipelines.split import split_batch, split_properties
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
@@ -74,42 +75,16 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
             RefReader.for_spec(spec),
             *([labeller] if labeller else []),
             functools.partial(split_batch, **splitting),
-            functools.partial(mark_duplicates, registry=ids),
+            dedup := functools.partial(mark_duplicates, registry=ids),
             *([functools.partial(filter_samples, quality=spec.quality)] if spec.quality else []),
         ]
-        run_steps(
-            [plan.todo.refs],
-            steps,
-            sink,
-            spec.resources.batch_size,
-            spec.resources.rows_per_block,
-        )
+        # reading to splitting in forked workers (a model loads once, here); the run's ids
+        # are checked here
+        serial_from = 0 if model else steps.index(dedup)
+        run.run_here([plan.todo.refs], steps, sink, serial_from=serial_from)
         kept = ids.produced(plan.delete_ids)
     else:
-        run.ensure_ray()
-        registry = IdRegistry.remote(store, run.commits.base["samples"])
-        ds = collected_dataset(spec, plan)
-        if model:  # zero-shot: the model loads once
-            ds = ds.map_batches(
-                Labeller,
-                fn_constructor_args=(spec.label,),
-                batch_format="pyarrow",
-                compute=ActorPoolStrategy(min_size=1, max_size=1),
-            )
-        elif labeller:
-            ds = ds.map_batches(labeller, batch_format="pyarrow")
-        ds = ds.map_batches(split_batch, batch_format="pyarrow", fn_kwargs=splitting)
-        ds = ds.map_batches(
-            mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry}
-        )
-        if spec.quality and spec.quality.filters:
-            ds = ds.map_batches(
-                filter_samples, batch_format="pyarrow", fn_kwargs={"quality": spec.quality}
-            )
-        ds.write_datasink(sink)
-        run.measure(ds)
-        kept = ray.get(registry.produced.remote(plan.delete_ids))
-        ray.kill(registry)
+        kept = _collect_on_ray(run, plan, sink, splitting, labeller=labeller, model=model)
     for outcome in OUTCOMES:  # added: a `mmfp filter` run counted what it moved out
         result.counts[outcome] += sink.counts.get(outcome, 0)
     for name, files in sink.files.items():
@@ -117,8 +92,51 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
     return kept
 
 
+def _collect_on_ray(
+    run: Run,
+    plan: InputPlan,
+    sink: StoreSink,
+    splitting: dict[str, Any],
+    *,
+    labeller: Labeller | None,
+    model: bool,
+) -> pa.Array:
+    """The same steps as Ray Data operators; one actor owns the run's ids."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from features.ray_sink import RayStoreSink
+
+    spec = run.spec
+    run.ensure_ray()
+    registry = id_registry(run.store, run.commits.base["samples"])
+    ds = collected_dataset(spec, plan)
+    if model:  # zero-shot: the model loads once
+        ds = ds.map_batches(
+            Labeller,
+            fn_constructor_args=(spec.label,),
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=1),
+        )
+    elif labeller:
+        ds = ds.map_batches(labeller, batch_format="pyarrow")
+    ds = ds.map_batches(split_batch, batch_format="pyarrow", fn_kwargs=splitting)
+    ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", fn_kwargs={"registry": registry})
+    if spec.quality and spec.quality.filters:
+        ds = ds.map_batches(
+            filter_samples, batch_format="pyarrow", fn_kwargs={"quality": spec.quality}
+        )
+    ds.write_datasink(RayStoreSink(sink))
+    run.measure(ds)
+    kept = ray.get(registry.produced.remote(plan.delete_ids))
+    ray.kill(registry)
+    return kept
+
+
 def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
     """The plan's inputs as one dataset of ``COLLECTED`` rows, read and decoded by Ray tasks."""
+    import ray.data
+
     datasets: list[ray.data.Dataset] = []
     refs = plan.todo.refs
     if refs.num_rows:
@@ -153,6 +171,8 @@ def _blocks(spec: PipelineSpec, rows: int) -> int:
     """``blocks_per_cpu`` blocks per CPU, more when a block would exceed ``rows_per_block``
     inputs (a task holds its block's media in memory: 5,000 inputs of 256 px JPEG + 1 s WAV
     are ~225 MB, and such blocks left the CPUs waiting), never a block under one batch."""
+    import ray
+
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))  # stable, unlike available
     resources = spec.resources
     wanted = max(cpus * resources.blocks_per_cpu, -(-rows // resources.rows_per_block))

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from features.schema import VIEWS
 from features.sink import StoreSink
 from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views, missing_views
-from pipelines.build.in_process import rows_of, run_steps
+from pipelines.build.in_process import rows_of
 from pipelines.build.run import Run
 from pipelines.route import ViewRouter
 
@@ -45,8 +45,10 @@ def augment_samples(run: Run) -> None:
     if run.in_process(todo.num_rows):  # only the samples that lack views are read
         rows = rows_of(store, "samples", list(VIEW_INPUT_COLUMNS), todo)
         steps = [functools.partial(make_missing_views, **making)]
-        run_steps([rows], steps, sink, spec.resources.batch_size, spec.resources.rows_per_block)
+        run.run_here([rows], steps, sink)
     else:
+        from features.ray_sink import RayStoreSink
+
         run.ensure_ray()
         ds = store.table("samples", columns=list(VIEW_INPUT_COLUMNS))
         ds = ds.map_batches(
@@ -55,7 +57,7 @@ def augment_samples(run: Run) -> None:
             batch_size=spec.resources.batch_size,
             fn_kwargs=making,
         )
-        ds.write_datasink(sink)
+        ds.write_datasink(RayStoreSink(sink))
         run.measure(ds)
     result.view_counts = {"views": 0, **sink.counts}
     for name, files in sink.files.items():
