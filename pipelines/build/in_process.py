@@ -87,15 +87,22 @@ def _can_fork() -> bool:
     return sys.platform == "linux"
 
 
-_installed: list[Step] = []  # a worker's steps, set once when it starts
+# a worker's steps and the stage's batches, set once when it starts: a batch is a slice,
+# and pickling a slice of an Arrow table writes the whole table, so workers get indices
+_installed: list[tuple[Sequence[Step], list[pa.Table]]] = []
 
 
-def _install(steps: list[Step]) -> None:
-    _installed[:] = steps
+def _install(steps: Sequence[Step], batches: list[pa.Table]) -> None:
+    _installed[:] = [(steps, batches)]
 
 
-def _apply(batch: pa.Table, steps: Sequence[Step] | None = None) -> pa.Table:
-    for step in _installed if steps is None else steps:
+def _apply_installed(index: int) -> pa.Table:
+    steps, batches = _installed[0]
+    return _apply(batches[index], steps)
+
+
+def _apply(batch: pa.Table, steps: Sequence[Step]) -> pa.Table:
+    for step in steps:
         batch = step(batch)
     return batch
 
@@ -109,17 +116,17 @@ def _mapped(
         for batch in batches:
             yield batch.num_rows, _apply(batch, steps)
         return
-    # fork: workers share the parent's imports and steps (nothing is pickled but batches)
+    # fork: workers share the parent's imports, steps and batches; only outputs are pickled
     pool = ProcessPoolExecutor(
         processes,
         mp_context=multiprocessing.get_context("fork"),
         initializer=_install,
-        initargs=(steps,),
+        initargs=(steps, batches),
     )
     in_flight: deque[tuple[int, Future[pa.Table]]] = deque()
     try:
-        for batch in batches:
-            in_flight.append((batch.num_rows, pool.submit(_apply, batch)))
+        for index, batch in enumerate(batches):
+            in_flight.append((batch.num_rows, pool.submit(_apply_installed, index)))
             if len(in_flight) >= 2 * processes:
                 rows, future = in_flight.popleft()
                 yield rows, future.result()
