@@ -80,8 +80,10 @@ def corpus(root: Path, samples: int) -> Path:
     return folder
 
 
-def write_spec(path: Path, sources: list[Path], store: Path) -> PipelineSpec:
-    raw = {
+def write_spec(
+    path: Path, sources: list[Path], store: Path, in_process_inputs: int | None = None
+) -> PipelineSpec:
+    raw: dict = {
         "name": "bench-cli",
         "sources": [
             {"kind": "directory", "uri": str(s), "class_folders": True, "name": s.name}
@@ -89,6 +91,8 @@ def write_spec(path: Path, sources: list[Path], store: Path) -> PipelineSpec:
         ],
         "store": {"uri": str(store)},
     }
+    if in_process_inputs is not None:  # else the product's default
+        raw["resources"] = {"in_process_inputs": in_process_inputs}
     path.write_text(json.dumps(raw), encoding="utf-8")  # JSON is YAML
     return load_spec(path)
 
@@ -141,7 +145,7 @@ def measure(samples: int, args: argparse.Namespace, corpora: Path, work: Path) -
         store = work / f"store-n{samples}-{i}"
         new = work / f"new-n{samples}-{i}"  # empty for the build, 1% more for the refresh
         new.mkdir()
-        spec = write_spec(spec_path, [source, new], store)
+        spec = write_spec(spec_path, [source, new], store, args.in_process_inputs)
         os.sync()
         size.ideal.append(run_ideal(spec).seconds)
         seconds = time_mmfp(spec_path, env)
@@ -223,6 +227,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--corpus-dir", type=Path, help="keep corpora here (default: temp)")
     parser.add_argument("--no-peer", action="store_true", help="skip the datasets peer")
+    parser.add_argument(
+        "--in-process-inputs",
+        type=int,
+        help="the spec's resources.in_process_inputs (default: the product's, 20,000; "
+        "0: every build on Ray)",
+    )
     parser.add_argument(
         "--refresh",
         action="store_true",

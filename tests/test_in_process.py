@@ -116,7 +116,7 @@ def test_a_run_over_the_limit_goes_to_ray(tmp_path):
     data = tmp_path / "data"
     synthetic.write_directory_source(data, n_per_class=1, seed=11)
     source = [{"kind": "directory", "uri": str(data)}]
-    spec = make_spec(tmp_path / "store", source, resources={"in_process_rows": 3})
+    spec = make_spec(tmp_path / "store", source, resources={"in_process_inputs": 3})
     write_spec(spec, tmp_path / "spec.yaml")
     proc = _mmfp("build", str(tmp_path / "spec.yaml"), logs=tmp_path / "logs")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -42,7 +42,8 @@ def test_ray_lines_go_to_the_run_log_and_verbose_shows_them(tmp_path):
     spec_path = tmp_path / "spec.yaml"
     source = [{"kind": "directory", "uri": str(data)}]
     # on Ray even this small: the test is about Ray's lines (tests/test_in_process.py: not)
-    write_spec(make_spec(tmp_path / "store", source, resources={"in_process_rows": 0}), spec_path)
+    on_ray = {"in_process_inputs": 0, "in_process_rows": 0}
+    write_spec(make_spec(tmp_path / "store", source, resources=on_ray), spec_path)
     logs = tmp_path / "logs"
 
     quiet = _mmfp("build", str(spec_path), logs=logs)

@@ -164,14 +164,20 @@ class Run:
         known = pa.table({"quarantine_id": known})
         return cls(spec, store, result, commits, known, kind, execution or Execution())
 
-    def in_process(self, rows: int, *, model: bool = False) -> bool:
+    def in_process(self, rows: int, *, model: bool = False, inputs: bool = False) -> bool:
         """True when a stage of ``rows`` rows runs in this process rather than on Ray: small
         runs allowed, Ray not started yet, few rows (fewer with a model: one process runs
-        its forwards alone), and a model only on a CPU-only box."""
+        its forwards alone), and a model only on a CPU-only box. ``inputs``: the stage reads
+        new inputs from their files (collect), not stored rows into memory, so its limit is
+        ``resources.in_process_inputs``."""
         if not self.execution.small_in_process or ray_running():
             return False
-        limit = self.spec.resources.in_process_rows
-        if rows > (limit // MODEL_SHARE if model else limit):
+        resources = self.spec.resources
+        if model:
+            limit = resources.in_process_rows // MODEL_SHARE
+        else:
+            limit = resources.in_process_inputs if inputs else resources.in_process_rows
+        if rows > limit:
             return False
         return not model or no_cuda()
 

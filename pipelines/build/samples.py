@@ -69,7 +69,7 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         "moved": recorded_moves(store) if split.by == "group" else {},
     }
     shards = any(plan.todo.shards.values())  # members unknown until read: never "small"
-    if not shards and run.in_process(plan.todo.refs.num_rows, model=model):
+    if not shards and run.in_process(plan.todo.refs.num_rows, model=model, inputs=True):
         ids = Ids(store, run.commits.base["samples"])
         steps = [
             RefReader.for_spec(spec),
