@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
 from deltalake import Field as DeltaField
@@ -25,8 +24,9 @@ from features.errors import StoreError
 from features.schema import TABLE_SCHEMAS
 from features.storage import filesystem_for, join_uri, normalize_uri
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pyarrow.dataset imports pandas (0.2-0.3 s): deltalake loads it on a read
     import pandas as pd
+    import pyarrow.dataset as pads
     import ray.data
 
 Version = int | datetime | str | None

@@ -12,13 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
 from features.duck import connect
@@ -26,6 +25,9 @@ from features.errors import StoreError
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import FEATURE_KEY_FIELDS, FEATURES_PREFIX, ORIGINAL_VIEW
 from features.tables import TableStore, Version, string_field
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
 
 # the feature set's key columns travel with every row (a `where` may use any of them);
 # results show the first four
@@ -172,6 +174,8 @@ def load_matrix(
     when given): their keys and one (n, dim) float32 matrix."""
     dataset = store.dataset_of(col.table, dt)
     if files is not None:
+        import pyarrow.dataset as pads  # loaded by the dataset above already
+
         fragments = [f for f in dataset.get_fragments() if f.path.lstrip("/") in files]
         dataset = pads.FileSystemDataset(
             fragments, dataset.schema, dataset.format, dataset.filesystem

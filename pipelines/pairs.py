@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -149,6 +148,8 @@ def _collapse_identical(
     first member for the comparisons; the others become pairs with it at score 1."""
     if len(ids) <= IDENTICAL_RUN:
         return ids, values, PAIRS.empty_table()
+    import pandas as pd  # here: the spec (which names this module's options) loads fast
+
     keys = pd.util.hash_pandas_object(pd.DataFrame(values), index=False).to_numpy()
     _, first, inverse, counts = np.unique(
         keys, return_index=True, return_inverse=True, return_counts=True
@@ -187,6 +188,8 @@ def minhash_pairs(ds: Any, threshold: float, num_perm: int) -> pa.Table:
 
 def band_buckets(batch: pa.Table, *, bands: int, width: int) -> pa.Table:
     """Each row once per band, keyed by a 64-bit hash of (band, the band's values)."""
+    import pandas as pd
+
     signatures = matrix(batch.column("fingerprint"))
     keys = []
     for band in range(bands):
