@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -184,3 +185,44 @@ def test_a_failing_or_dying_worker_fails_the_run(tmp_path):
         run_steps([table], [_fail_on_13], _sink(tmp_path / "a"), 3, 9, workers=2)
     with pytest.raises(BrokenProcessPool):  # never a hang, never a partial success
         run_steps([table], [_die_on_13], _sink(tmp_path / "b"), 3, 9, workers=2)
+
+
+KILLED_MID_STAGE = """
+import os, sys, time
+import pyarrow as pa
+from tests.test_in_process import _sink
+from pipelines.build.in_process import run_steps
+from pathlib import Path
+
+def slow(batch):
+    Path(sys.argv[1], str(os.getpid())).touch()  # the workers tell who they are
+    time.sleep(60)
+    return batch
+
+table = pa.table({"i": pa.array(range(8), pa.int64())})
+run_steps([table], [slow], _sink(Path(sys.argv[1])), 1, 9, workers=2)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an init that does not reap would leave one)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_workers_end_with_a_killed_cli_process(tmp_path):
+    """SIGKILL of the CLI process mid-stage (no cleanup runs) leaves no worker behind."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_STAGE, str(tmp_path)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while len(pids := [int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()]) < 2:
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while alive := [p for p in pids if _running(p)]:
+        assert time.monotonic() < deadline, f"workers {alive} outlived their CLI process"
+        time.sleep(0.1)

@@ -21,8 +21,10 @@ the run with ``BrokenProcessPool``; nothing was committed.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -92,10 +94,20 @@ def _can_fork() -> bool:
 # a worker's steps and the stage's batches, set once when it starts: a batch is a slice,
 # and pickling a slice of an Arrow table writes the whole table, so workers get indices
 _installed: list[tuple[Sequence[Step], list[pa.Table]]] = []
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _install(steps: Sequence[Step], batches: list[pa.Table]) -> None:
+def _install(steps: Sequence[Step], batches: list[pa.Table], parent: int) -> None:
+    _die_with(parent)
     _installed[:] = [(steps, batches)]
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when the CLI process ends, even by SIGKILL: a worker waits on its
+    task queue, whose pipe it holds both ends of, so it would never see the parent go."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _apply_installed(index: int) -> pa.Table:
@@ -123,7 +135,7 @@ def _mapped(
         processes,
         mp_context=multiprocessing.get_context("fork"),
         initializer=_install,
-        initargs=(steps, batches),
+        initargs=(steps, batches, os.getpid()),
     )
     in_flight: deque[tuple[int, Future[pa.Table]]] = deque()
     try:
