@@ -3,7 +3,7 @@
 ``Run.stage`` reports each stage's start and end; while a stage's Ray Data
 execution runs, ``pipelines.build.on_ray.ExecutionProgress`` (a Ray Data
 execution callback, called on the driver at every scheduling step) reports the
-share of its tasks finished (``report_step``), the same measure as Ray Data's
+share of its tasks finished (``report_done``), the same measure as Ray Data's
 own dataset progress bar. This module does not import Ray: a run that stays in
 the CLI process never does.
 """
@@ -41,7 +41,7 @@ Listener = Callable[[StageProgress], None]
 EVERY = 0.5  # seconds between two in-stage events
 
 _watching: list[tuple[StageProgress, Listener]] = []  # the stage an execution belongs to
-_last_step = [0.0]  # when ``report_step`` last told a listener
+_last_step = [0.0]  # when ``report_done`` last told a listener
 
 
 @contextmanager
@@ -63,11 +63,6 @@ def finished_share(executor: object) -> float | None:
     op, state = list(topology.items())[-1]
     total = op.num_outputs_total()
     return min(1.0, state.num_completed_tasks / total) if total else None
-
-
-def report_step(executor: object) -> None:
-    """One scheduling step of a Ray Data execution: its share of finished tasks."""
-    report_done(finished_share(executor))
 
 
 def report_done(share: float | None) -> None:

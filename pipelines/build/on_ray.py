@@ -12,14 +12,14 @@ from contextlib import contextmanager
 from ray.data import DataContext
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-from pipelines.progress import report_step
+from pipelines.progress import finished_share, report_done
 
 
 class ExecutionProgress(ExecutionCallback):
     """Reports each scheduling step to the stage that is watching (``pipelines.progress``)."""
 
     def on_execution_step(self, executor: object) -> None:
-        report_step(executor)
+        report_done(finished_share(executor))
 
 
 @contextmanager
