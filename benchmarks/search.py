@@ -6,15 +6,22 @@ One run, one machine, the same query vectors for every measurement:
 
 - **bare**: ``X @ q`` + ``argpartition`` + sort of the top 10 on an in-memory float32
   array (the floor any exact search pays);
-- **search, streamed**: ``features.search.search`` reading the feature set's Delta table in
-  ``--chunk-rows`` batches per query (memory bounded by one chunk; pays Parquet decode each time);
-- **search, cached**: ``search(cache=True)``, the decoded matrix kept in the process after the
+- **search, decoded**: ``features.search.search(snapshots=False)`` decoding the feature
+  set's Parquet files in ``--chunk-rows`` batches per query (memory bounded by one chunk);
+- **search, first**: the first default search of the version, which decodes each data file
+  once and writes its snapshot (``features.snapshots``);
+- **search, mapped**: later default searches in this process, each mapping the snapshots;
+- **search, cold process**: ``--cold-processes`` fresh Python processes, each importing
+  mmfp, opening the store and running one default search (the search call is timed, and
+  the whole process); the snapshot files are in the OS page cache, as after a build;
+- **search, cached**: ``search(cache=True)``, the matrix kept in the process after the
   first query (a notebook or service asking many questions of one version);
 - **ann**: ``catalog.build_index`` (faiss IVF-Flat, ``nprobe`` tuned to recall@10 >= 0.95
   at build time) and ``search(method="ann")``: latency and recall@10 against exact top-10.
 
 Ratios are medians of search time / bare time, each search timed right after a bare run of the
-same query, so load from other processes hits both alike (target <= 2). ``--data clustered``
+same query, so load from other processes hits both alike; a cold process's search is divided
+by the median bare time (targets, issue 13: warm <= 1.5, cold <= 5). ``--data clustered``
 draws vectors around ``--clusters`` centres (like real embeddings); ``gaussian`` is isotropic
 noise, the hard case for any ANN index. Nothing touches the network; the store lives in a
 temporary directory.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +54,22 @@ from features.search import clear_cache, embedding_column, search  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 
 CHUNK = 100_000
-TARGET = 2.0
+WARM_TARGET, COLD_TARGET = 1.5, 5.0
+COLD_SEARCH = """
+import json, sys, time
+started = time.perf_counter()
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from features.search import search
+from features.store import FeatureStore
+imported = time.perf_counter()
+q = np.load(sys.argv[3])
+t = time.perf_counter()
+hits = search(FeatureStore(sys.argv[2]), "bench", vector=q, k=10)
+done = time.perf_counter()
+print(json.dumps({"search_s": done - t, "process_s": done - started,
+                  "import_s": imported - started, "ids": hits["sample_id"].to_pylist()}))
+"""
 
 
 def make_vectors(args: argparse.Namespace) -> np.ndarray:
@@ -126,12 +149,25 @@ def bare_top10(matrix: np.ndarray, q: np.ndarray) -> np.ndarray:
     return top[np.argsort(-scores[top])]
 
 
+def cold_search(uri: str, q: np.ndarray, tmp: Path, truth: set[int]) -> dict:
+    """One default search in a fresh Python process; its timings (the ids are checked)."""
+    np.save(tmp / "query.npy", q)
+    out = subprocess.run(
+        [sys.executable, "-c", COLD_SEARCH, str(ROOT), uri, str(tmp / "query.npy")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {int(s[1:]) for s in got.pop("ids")} == truth, "cold search disagrees with NumPy"
+    return got
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--queries", type=int, default=20)
-    p.add_argument("--streamed-queries", type=int, default=5, help="each reads the whole table")
+    p.add_argument("--streamed-queries", type=int, default=5, help="each decodes the whole table")
+    p.add_argument("--cold-processes", type=int, default=3)
     p.add_argument("--chunk-rows", type=int, default=65_536)
     p.add_argument("--data", choices=["clustered", "gaussian"], default="clustered")
     p.add_argument("--clusters", type=int, default=1000)
@@ -169,8 +205,19 @@ def main() -> None:
             return bare_t, t
 
         recall: list[float] = []
-        streamed = [paired(i, chunk_rows=args.chunk_rows) for i in range(args.streamed_queries)]
-        print(f"streamed search (bare, search) s: {streamed}", flush=True)
+        streamed = [
+            paired(i, snapshots=False, chunk_rows=args.chunk_rows)
+            for i in range(args.streamed_queries)
+        ]
+        print(f"decoded search (bare, search) s: {streamed}", flush=True)
+        first_snapshot_s, _ = timed(search, store, "bench", vector=queries[0], k=10)
+        mapped = [paired(i) for i in range(args.queries)]
+        print(f"mapped search (bare, search) s: {mapped}", flush=True)
+        cold = [
+            cold_search(store.uri, queries[i], Path(tmp), truth[i])
+            for i in range(args.cold_processes)
+        ]
+        print(f"cold processes: {cold}", flush=True)
         first_s, _ = timed(search, store, "bench", vector=queries[0], k=10, cache=True)
         cached = [paired(i, cache=True) for i in range(args.queries)]
         clear_cache()  # free the cached copy before the index is built
@@ -187,8 +234,10 @@ def main() -> None:
     def ratio(pairs: list[tuple[float, float]]) -> float:
         return statistics.median(t / b for b, t in pairs)
 
-    bare_s = statistics.median(b for b, _ in cached)
+    bare_s = statistics.median(b for b, _ in [*cached, *mapped])
     streamed_s = statistics.median(t for _, t in streamed)
+    mapped_s = statistics.median(t for _, t in mapped)
+    cold_s = statistics.median(c["search_s"] for c in cold)
     cached_s = statistics.median(t for _, t in cached)
     ann_s = statistics.median(t for _, t in ann)
     result = {
@@ -199,6 +248,13 @@ def main() -> None:
         "bare_ms": round(bare_s * 1000, 1),
         "streamed_ms": round(streamed_s * 1000, 1),
         "streamed_ratio": round(ratio(streamed), 2),
+        "first_snapshot_search_s": round(first_snapshot_s, 2),
+        "mapped_ms": round(mapped_s * 1000, 1),
+        "mapped_ratio": round(ratio(mapped), 2),
+        "cold_process_search_ms": round(cold_s * 1000, 1),
+        "cold_process_ratio": round(cold_s / bare_s, 2),
+        "cold_process_total_s": round(statistics.median(c["process_s"] for c in cold), 2),
+        "cold_process_import_s": round(statistics.median(c["import_s"] for c in cold), 2),
         "cached_first_query_s": round(first_s, 2),
         "cached_ms": round(cached_s * 1000, 1),
         "cached_ratio": round(ratio(cached), 2),
@@ -213,16 +269,27 @@ def main() -> None:
     }
     print()
     print(f"bare NumPy matmul + argpartition   {result['bare_ms']:>9.1f} ms  (1.00)")
-    print(f"search, streamed from the store   {result['streamed_ms']:>9.1f} ms  "
+    print(f"search, decoded from Parquet      {result['streamed_ms']:>9.1f} ms  "
           f"({result['streamed_ratio']:.2f}x bare)")  # fmt: skip
+    print(f"search, first (makes snapshots)   {first_snapshot_s * 1000:>9.1f} ms")
+    print(f"search, snapshots mapped          {result['mapped_ms']:>9.1f} ms  "
+          f"({result['mapped_ratio']:.2f}x bare)")  # fmt: skip
+    print(f"search, cold process              {result['cold_process_search_ms']:>9.1f} ms  "
+          f"({result['cold_process_ratio']:.2f}x bare; the process "
+          f"{result['cold_process_total_s']:.2f}s, "
+          f"imports {result['cold_process_import_s']:.2f}s)")  # fmt: skip
     print(f"search, cached matrix             {result['cached_ms']:>9.1f} ms  "
           f"({result['cached_ratio']:.2f}x bare; first query {first_s:.1f}s)")  # fmt: skip
     ivf = f"IVF nprobe {meta['nprobe']}/{meta['nlist']}"
     print(f"search, ann ({ivf})  {result['ann_ms']:>9.2f} ms  "
           f"recall@10 {result['ann_recall_at_10']:.3f}; the faiss query alone "
           f"{result['ann_faiss_only_ms']:.2f} ms")  # fmt: skip
-    verdict = "meets" if result["cached_ratio"] <= TARGET else "misses"
-    print(f"target <= {TARGET}x bare: cached {verdict}; streamed {result['streamed_ratio']:.1f}x")
+    warm = min(result["mapped_ratio"], result["cached_ratio"])
+    print(f"warm (mapped or cached) {warm:.2f}x bare: "
+          f"{'meets' if warm <= WARM_TARGET else 'misses'} <= {WARM_TARGET}x")  # fmt: skip
+    print(f"cold process {result['cold_process_ratio']:.2f}x bare: "
+          f"{'meets' if result['cold_process_ratio'] <= COLD_TARGET else 'misses'} "
+          f"<= {COLD_TARGET}x")  # fmt: skip
     print(json.dumps(result))
 
 

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from features.errors import StoreError
+from features.snapshots import load_matrix
 from features.storage import filesystem_for, join_uri
 from features.tables import TableStore, Version
 from features.vectors import (
@@ -27,7 +28,6 @@ from features.vectors import (
     exact_ids,
     excluded_rows,
     hits_table,
-    load_matrix,
     recall_at,
     where_rows,
 )

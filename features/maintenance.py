@@ -21,6 +21,8 @@ from features.errors import StoreError
 from features.keys import changed_keys
 from features.leases import live_runs, written_by
 from features.schema import TABLE_KEYS, table_keys
+from features.snapshots import SNAPSHOT_DIR
+from features.snapshots import stale as stale_snapshots
 from features.storage import filesystem_for
 from features.tables import TableStore, Version
 
@@ -90,7 +92,9 @@ def vacuum(
     """Files that no version within the retention window needs, per table: listed, or deleted.
 
     Covers files removed by later commits and files no commit ever referenced
-    (left by a killed run). ``retention_hours`` defaults to each table's
+    (left by a killed run), and the search snapshots (``features.snapshots``, listed
+    under ``_snapshots``) of every data file that is deleted or gone.
+    ``retention_hours`` defaults to each table's
     ``delta.deletedFileRetentionDuration`` (7 days); a shorter one is refused
     unless ``force``: it breaks time travel to older versions. Files of a run
     that is still writing (a live lease, ``features.leases``) are never
@@ -114,13 +118,19 @@ def vacuum(
         )
     live = live_runs(store)  # read after listing: a run that starts later has newer files
     plan = {t: [p for p in paths if not written_by(p, live)] for t, paths in plan.items()}
+    snapshot_files = stale_snapshots(store, plan)
     if not dry_run:
         for table, paths in plan.items():
-            fs, root = filesystem_for(store.table_uri(table), store.storage_options)
-            for path in paths:
-                with contextlib.suppress(FileNotFoundError):  # another vacuum was first
-                    fs.delete_file(f"{root}/{path}")
-    return plan
+            _delete(store, store.table_uri(table), paths)
+        _delete(store, store.uri, snapshot_files)
+    return {**plan, SNAPSHOT_DIR: snapshot_files} if snapshot_files else plan
+
+
+def _delete(store: TableStore, uri: str, paths: list[str]) -> None:
+    fs, root = filesystem_for(uri, store.storage_options)
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):  # another vacuum was first
+            fs.delete_file(f"{root}/{path}")
 
 
 def _vacuum_plan(store: TableStore, table: str, hours: int | None, *, force: bool) -> list[str]:

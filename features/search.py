@@ -1,11 +1,14 @@
 """Cosine top-k over a feature set's embedding column: exact (streamed) or approximate (faiss).
 
-Exact search reads the column in record batches (``chunk_rows`` at a time),
-multiplies each chunk with the normalised query and keeps a running top-k, so
-memory is bounded by one chunk whatever the table's size. ``cache=True`` keeps
-the decoded matrix of a (table, version, column) in the process instead, for
-notebooks and services that ask many questions of one version (versions are
-immutable, so the cache never goes stale).
+Exact search maps the column one data file at a time from its snapshot
+(``features.snapshots``: made the first time a file is searched, then read
+without decoding by every later search), multiplies each with the normalised
+query and keeps a running top-k, so memory is bounded by one file whatever the
+table's size. ``snapshots=False`` decodes the Parquet files in record batches
+(``chunk_rows`` at a time) and writes nothing. ``cache=True`` keeps the matrix
+of a (table, version, column) in the process instead, for notebooks and
+services that ask many questions of one version (versions are immutable, so the
+cache never goes stale).
 
 ``method="ann"`` asks the approximate index of exactly that version instead
 (``features.ann``: faiss IVF-Flat tuned to a recall@10 target against exact
@@ -30,16 +33,17 @@ from deltalake import DeltaTable
 from features.ann import AnnIndex, load_index
 from features.errors import StoreError
 from features.schema import ORIGINAL_VIEW
+from features.snapshots import filtered_parts, load_matrix, stored_vector
 from features.tables import TableStore, Version, string_field
 from features.vectors import (
     CHUNK_ROWS,
     KEY_SCHEMA,
     EmbeddingColumn,
     chunks,
+    decode_matrix,
     embedding_column,
     excluded_rows,
     hits_table,
-    load_matrix,
     query_vector,
     top_indices,
     where_rows,
@@ -66,12 +70,11 @@ class ResidentColumn:
         feature_set: str,
         column: str | None = None,
         version: Version = None,
-        rows: int = CHUNK_ROWS,
     ) -> ResidentColumn:
         dt, col = embedding_column(store, feature_set, column, version)
-        return cls(col, *load_matrix(store, dt, col, rows))
+        return cls(col, *load_matrix(store, dt, col))
 
-    def at(self, store: TableStore, version: int, rows: int = CHUNK_ROWS) -> ResidentColumn:
+    def at(self, store: TableStore, version: int) -> ResidentColumn:
         """This column at a newer ``version``: when that version only added files (an
         append, a build's commit), only those are read and stacked under the rows held;
         otherwise (rows removed, files rewritten) the whole version is loaded."""
@@ -79,8 +82,8 @@ class ResidentColumn:
         held = _files(store.delta(self.column.table, self.column.version))
         now = _files(dt)
         if not held <= now or col.dim != self.column.dim:
-            return ResidentColumn(col, *load_matrix(store, dt, col, rows))
-        keys, matrix = load_matrix(store, dt, col, rows, files=now - held)
+            return ResidentColumn(col, *load_matrix(store, dt, col))
+        keys, matrix = load_matrix(store, dt, col, files=now - held)
         return ResidentColumn(
             col, pa.concat_tables([self.keys, keys]), np.concatenate([self.matrix, matrix])
         )
@@ -198,6 +201,7 @@ def search(
     version: Version = None,
     method: Literal["exact", "ann"] = "exact",
     cache: bool = False,
+    snapshots: bool = True,
     chunk_rows: int = CHUNK_ROWS,
 ) -> pa.Table:
     """Top-``k`` rows by cosine similarity to the query, best first.
@@ -210,12 +214,20 @@ def search(
     if k < 1:
         raise StoreError(f"k must be at least 1, got {k}")
     dt, col = embedding_column(store, feature_set, column, version)
-    q = query_vector(store, dt, col, vector=vector, sample_id=sample_id)
     exclude = [sample_id] if sample_id else []
+    stored = None
+    if sample_id is not None and vector is None and snapshots:
+        stored = stored_vector(store, dt, col, sample_id, ORIGINAL_VIEW)
+    if stored is not None:  # else the Parquet read says whether the row or its vector is missing
+        vector, sample_id = stored, None
+    q = query_vector(store, dt, col, vector=vector, sample_id=sample_id)
     if method == "ann":
         hits = load_index(store, col).search(store, q, k, where=where, exclude=exclude)
     elif cache:
-        return _cached(store, dt, col, chunk_rows).search(store, q, k, where=where, exclude=exclude)
+        held = _cached(store, dt, col, snapshots=snapshots, rows=chunk_rows)
+        return held.search(store, q, k, where=where, exclude=exclude)
+    elif snapshots:
+        hits = _top_k_stream(filtered_parts(store, dt, col, where), q, k, exclude)
     else:
         hits = _top_k_stream(chunks(store, dt, col, where, chunk_rows), q, k, exclude)
     return _with_samples(store, hits)
@@ -246,11 +258,14 @@ def _merge(parts: list[pa.Table], scores: np.ndarray, k: int) -> tuple[list[pa.T
     return [keys.take(top)], scores[top]
 
 
-def _cached(store: TableStore, dt: DeltaTable, col: EmbeddingColumn, rows: int) -> ResidentColumn:
+def _cached(
+    store: TableStore, dt: DeltaTable, col: EmbeddingColumn, *, snapshots: bool, rows: int
+) -> ResidentColumn:
     key = (store.table_uri(col.table), col.version, col.column)
     if key not in _CACHE:
         _CACHE.clear()  # one matrix at a time: the cache is for one hot version, not a store
-        _CACHE[key] = ResidentColumn(col, *load_matrix(store, dt, col, rows))
+        read = load_matrix(store, dt, col) if snapshots else decode_matrix(store, dt, col, rows)
+        _CACHE[key] = ResidentColumn(col, *read)
     return _CACHE[key]
 
 

@@ -153,35 +153,68 @@ def chunks(
         )
         reader = _filtered_batches(rel, rows)
     for batch in reader:
-        if batch.column(col.column).null_count:  # rows without this modality
-            batch = batch.filter(pc.is_valid(batch.column(col.column)))
-        if batch.num_rows:
-            keys = pa.Table.from_batches([batch.select(KEYS)])
-            matrix = as_matrix(batch.column(col.column), col.dim, label)
-            if not col.normalized:
-                matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-            yield keys, matrix
+        if (part := _batch_matrix(batch, col, label)) is not None:
+            yield part
 
 
-def load_matrix(
-    store: TableStore,
-    dt: DeltaTable,
-    col: EmbeddingColumn,
-    rows: int = CHUNK_ROWS,
-    files: set[str] | None = None,
-) -> tuple[pa.Table, np.ndarray]:
-    """All non-null rows of the column (of only ``files``, paths relative to the table,
-    when given): their keys and one (n, dim) float32 matrix."""
+def file_matrices(
+    store: TableStore, dt: DeltaTable, col: EmbeddingColumn, files: set[str]
+) -> Iterator[tuple[str, pa.Table, np.ndarray]]:
+    """(path, keys, matrix) of each of ``files`` (paths relative to the table), as
+    ``chunks`` reads them: one scan, so files are decoded in parallel as a whole-table
+    read is, and each file's rows are yielded together once it has been read."""
+    import pyarrow.dataset as pads  # loaded by the dataset below already
+
     dataset = store.dataset_of(col.table, dt)
-    if files is not None:
-        import pyarrow.dataset as pads  # loaded by the dataset above already
+    fragments = [f for f in dataset.get_fragments() if f.path.lstrip("/") in files]
+    dataset = pads.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
+    label = f"{col.table}.{col.column}"
+    path, parts, done = None, [], set()
+    for tagged in dataset.scanner(columns=[*KEYS, col.column]).scan_batches():
+        here = tagged.fragment.path.lstrip("/")
+        if here != path and path is not None:
+            yield path, *_stacked(parts, col)
+            parts = []
+            done.add(path)
+        if here in done:  # the scan keeps each file's batches together; never half a file
+            raise StoreError(f"{label}: the scan returned {here} in two pieces")
+        path = here
+        if (part := _batch_matrix(tagged.record_batch, col, label)) is not None:
+            parts.append(part)
+    if path is not None:
+        yield path, *_stacked(parts, col)
 
-        fragments = [f for f in dataset.get_fragments() if f.path.lstrip("/") in files]
-        dataset = pads.FileSystemDataset(
-            fragments, dataset.schema, dataset.format, dataset.filesystem
-        )
-    n = dataset.count_rows(filter=pc.is_valid(pc.field(col.column)))
-    matrix = np.empty((n, col.dim), np.float32)
+
+def _stacked(parts: list[tuple[pa.Table, np.ndarray]], col: EmbeddingColumn) -> tuple:
+    if not parts:
+        return KEY_SCHEMA.empty_table(), np.empty((0, col.dim), np.float32)
+    return pa.concat_tables([k for k, _ in parts]), np.concatenate([m for _, m in parts])
+
+
+def _batch_matrix(
+    batch: pa.RecordBatch, col: EmbeddingColumn, label: str
+) -> tuple[pa.Table, np.ndarray] | None:
+    """A batch's non-null rows as (keys, normalised matrix); None when there are none."""
+    if batch.column(col.column).null_count:  # rows without this modality
+        batch = batch.filter(pc.is_valid(batch.column(col.column)))
+    if not batch.num_rows:
+        return None
+    keys = pa.Table.from_batches([batch.select(KEYS)])
+    matrix = as_matrix(batch.column(col.column), col.dim, label)
+    if not col.normalized:
+        matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    return keys, matrix
+
+
+def decode_matrix(
+    store: TableStore, dt: DeltaTable, col: EmbeddingColumn, rows: int = CHUNK_ROWS
+) -> tuple[pa.Table, np.ndarray]:
+    """All non-null rows of the column, decoded from Parquet: their keys and one (n, dim)
+    float32 matrix (``features.snapshots.load_matrix`` reads them without decoding)."""
+    dataset = store.dataset_of(col.table, dt)
+    # every row, nulls too: Parquet footers answer without decoding the column (a count of
+    # the non-null rows would decode it a first time)
+    matrix = np.empty((dataset.count_rows(), col.dim), np.float32)
     keys, filled = [], 0
     for batch_keys, chunk in chunks(store, dt, col, None, rows, dataset):
         matrix[filled : filled + len(chunk)] = chunk

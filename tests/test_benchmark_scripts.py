@@ -1,6 +1,6 @@
-"""The CLI build and memory benchmarks run end to end at a tiny size, so they keep working
-(CI never times anything: the ratios they print are not checked, only that they measured
-real runs)."""
+"""The CLI build, memory, serve and search benchmarks run end to end at a tiny size, so
+they keep working (CI never times anything: the ratios they print are not checked, only
+that they measured real runs)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,16 @@ def test_serve_benchmark_runs_at_a_tiny_size():
     assert "commit -> served: " in out
     recall = float(out.split("service ann ")[1].split("recall@10 ")[1].split()[0])
     assert recall >= 0.9  # tuned to 0.95 on held-out rows at build time
+
+
+def test_search_benchmark_runs_at_a_tiny_size(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/search.py", "--rows", "3000", "--dim", "16", "--queries",
+         "3", "--streamed-queries", "1", "--cold-processes", "1", "--clusters", "20",
+         "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout  # every exact answer was checked against NumPy's inside the script
+    for line in ("search, snapshots mapped", "search, cold process", "cold process "):
+        assert line in out

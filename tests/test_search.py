@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import typer
 from deltalake import write_deltalake
@@ -14,6 +15,7 @@ from features.errors import StoreError
 from features.metadata import ColumnMeta, EncoderMeta, FeatureSetMeta
 from features.schema import ORIGINAL_VIEW, conform, feature_schema, list_of
 from features.search import search
+from features.storage import filesystem_for
 from features.store import FeatureStore
 from jobs.cli_query import register
 from pipelines.build import build
@@ -278,7 +280,7 @@ def test_unnormalised_columns_are_scored_by_cosine(tmp_path):
     np.testing.assert_allclose(hits["score"].to_numpy(), np.sort(cosine)[::-1][:5], rtol=1e-5)
 
 
-def test_sql_and_search_on_object_storage(s3_options):
+def test_sql_and_search_on_object_storage(s3_options, monkeypatch):
     from features.sql import run_sql
 
     options, _ = s3_options
@@ -293,6 +295,14 @@ def test_sql_and_search_on_object_storage(s3_options):
     hits = search(store, "objs", sample_id="o000", k=5, where="split <> 'val'")
     expected = [i for i in np.argsort(-(vectors @ vectors[0])) if i % 3 != 1 and i != 0][:5]
     assert hits["sample_id"].to_pylist() == [f"o{i:03d}" for i in expected]
+    fs, root = filesystem_for(f"{store.uri}/_snapshots/objs/emb", options)
+
+    made = fs.get_file_info(pafs.FileSelector(root))
+    assert [i.extension for i in made] == ["arrow"]  # one data file, one snapshot
+    monkeypatch.setattr("features.snapshots.file_matrices", None)  # read, not made again
+    again = search(store, "objs", sample_id="o000", k=5, where="split <> 'val'")
+    assert again["sample_id"].to_pylist() == hits["sample_id"].to_pylist()
+    monkeypatch.undo()
     meta = build_index(store, "objs")
     assert meta["uri"].startswith(f"s3://{BUCKET}/search-store/_indexes/objs/v")
     approx = search(store, "objs", sample_id="o000", k=5, where="split <> 'val'", method="ann")
