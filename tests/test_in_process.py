@@ -4,6 +4,7 @@ quarantine, the ledger, views and features, row for row."""
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from features.sink import StoreSink
 from features.store import FeatureStore
 from jobs.demo import corpus as synthetic
-from pipelines.build import build
+from pipelines.build import build, in_process
 from pipelines.build.in_process import run_steps
 from pipelines.spec import write_spec
 from tests.helpers import make_spec
@@ -157,7 +158,15 @@ def _sink(tmp_path: Path) -> StoreSink:
     return StoreSink(store, _router, run_id="t", schemas={"rows": schema})
 
 
-def test_run_steps_forks_the_per_batch_steps_and_keeps_batch_order(tmp_path):
+def _shared_files() -> list[str]:
+    """This process's batch files in shared memory (none once a stage is over)."""
+    return glob.glob(f"{in_process.SHARED_MEMORY}/{in_process.SHM_PREFIX}{os.getpid()}-*")
+
+
+def test_run_steps_forks_the_per_batch_steps_and_keeps_batch_order(tmp_path, monkeypatch):
+    taken = []  # how each worker output arrived: a shared-memory path, or a pickled table
+    take = in_process._taken
+    monkeypatch.setattr(in_process, "_taken", lambda out: take(taken.append(out) or out))
     sink = _sink(tmp_path)
     table = pa.table({"i": pa.array(range(40), pa.int64())})
     steps = [_tag_pid, _tag_parent]
@@ -174,9 +183,50 @@ def test_run_steps_forks_the_per_batch_steps_and_keeps_batch_order(tmp_path):
     assert os.getpid() not in set(rows.column("pid").to_pylist())  # forked workers ...
     assert set(rows.column("parent").to_pylist()) == {os.getpid()}  # ... the rest here
     assert sink.counts["rows"] == 40
+    if os.path.isdir(in_process.SHARED_MEMORY):
+        assert len(taken) == 14  # every batch's output mapped from shared memory, none pickled
+        assert all(isinstance(out, str) for out in taken)
+    assert not _shared_files()  # each unlinked once mapped
 
     alone = _sink(tmp_path / "alone")  # one worker: everything here, nothing forked
     assert run_steps([table], steps, alone, 3, 9, workers=1) == 1
+
+
+def test_outputs_are_pickled_where_shared_memory_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(in_process, "SHARED_MEMORY", str(tmp_path / "no-such-dir"))
+    taken = []
+    take = in_process._taken
+    monkeypatch.setattr(in_process, "_taken", lambda out: take(taken.append(out) or out))
+    table = pa.table({"i": pa.array(range(40), pa.int64())})
+    sink = _sink(tmp_path)
+    assert run_steps([table], [_tag_pid, _tag_parent], sink, 3, 9, workers=2, serial_from=1) == 2
+    rows = pa.concat_tables(
+        pq.read_table(tmp_path / "store" / "rows" / a.path) for a in sink.files["rows"]
+    )
+    assert rows.column("i").to_pylist() == list(range(40))
+    assert len(taken) == 14
+    assert all(isinstance(out, pa.Table) for out in taken)  # each pickled through the pipe
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no shared memory here")
+def test_a_stage_removes_the_shared_files_of_dead_cli_processes(tmp_path):
+    """A CLI process killed between a worker's write and its own read leaves tmpfs files
+    (and their memory) behind; the next stage removes them, and never a live one's."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root, prefix = in_process.SHARED_MEMORY, in_process.SHM_PREFIX
+    orphan = Path(root, f"{prefix}{dead.pid}-0123.arrow")
+    live = Path(root, f"{prefix}{os.getppid()}-0123.arrow")  # pytest's parent: alive
+    for path in (orphan, live):
+        path.write_bytes(b"a batch")
+    try:
+        table = pa.table({"i": pa.array(range(8), pa.int64())})
+        run_steps([table], [_tag_pid, _tag_parent], _sink(tmp_path), 3, 9, workers=2)
+        assert not orphan.exists()
+        assert live.exists()
+    finally:
+        for path in (orphan, live):
+            path.unlink(missing_ok=True)
 
 
 def test_a_failing_or_dying_worker_fails_the_run(tmp_path):
@@ -185,12 +235,14 @@ def test_a_failing_or_dying_worker_fails_the_run(tmp_path):
         run_steps([table], [_fail_on_13], _sink(tmp_path / "a"), 3, 9, workers=2)
     with pytest.raises(BrokenProcessPool):  # never a hang, never a partial success
         run_steps([table], [_die_on_13], _sink(tmp_path / "b"), 3, 9, workers=2)
+    assert not _shared_files()  # the outputs nobody took were unlinked too
 
 
 KILLED_MID_STAGE = """
 import os, sys, time
 import pyarrow as pa
 from tests.test_in_process import _sink
+from pipelines.build import in_process
 from pipelines.build.in_process import run_steps
 from pathlib import Path
 
