@@ -230,8 +230,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--in-process-inputs",
         type=int,
-        help="the spec's resources.in_process_inputs (default: the product's, 20,000; "
-        "0: every build on Ray)",
+        help="the spec's resources.in_process_inputs (default: the product's: every input "
+        "on at most 8 CPUs, else 20,000; 0: every build on Ray)",
     )
     parser.add_argument(
         "--refresh",

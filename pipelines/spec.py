@@ -127,9 +127,10 @@ class ResourcesSpec(_Model):
     batch_size: int = Field(32, gt=0)  # samples per decode batch
     blocks_per_cpu: int = Field(2, gt=0)  # at least this many input blocks per CPU
     rows_per_block: int = Field(512, gt=0)  # at most this many inputs per block (memory)
-    # a local CLI run keeps small work out of Ray (0: never): collect reads at most this
-    # many new inputs in forked workers (memory holds a few batches, whatever the count) ...
-    in_process_inputs: int = Field(20000, ge=0)
+    # a local CLI run keeps work out of Ray (0: never): collect reads at most this many new
+    # inputs in forked workers (memory holds a few batches, whatever the count); default:
+    # every input on a machine of at most 8 CPUs, else 20,000 (pipelines.build.in_process) ...
+    in_process_inputs: int | None = Field(None, ge=0)
     # ... augment and encode read at most this many stored rows into memory; a stage with
     # a model at most 1/8 of it (one process is slow at model forwards)
     in_process_rows: int = Field(2000, ge=0)

@@ -127,6 +127,16 @@ def test_a_run_over_the_limit_goes_to_ray(tmp_path):
     assert list((tmp_path / "logs").glob("*.log"))
 
 
+def test_collect_stays_in_process_at_any_size_on_a_few_cpus():
+    """Default: the CLI process keeps up with ~7 workers, so up to 8 CPUs every input is
+    collected here; a larger machine sends more than 20,000 to Ray; a set limit wins."""
+    assert in_process.input_limit(None, 2) >= 10**9
+    assert in_process.input_limit(None, in_process.FEW_CPUS) >= 10**9
+    assert in_process.input_limit(None, in_process.FEW_CPUS + 1) == 20_000
+    assert in_process.input_limit(500, 2) == 500
+    assert in_process.input_limit(0, 2) == 0  # never
+
+
 def _router(batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
     return {"rows": batch}, {"rows": batch.num_rows}
 

@@ -3,10 +3,11 @@
 A refresh that adds 1% or a build of a few thousand inputs is work of seconds;
 starting a local Ray for it (GCS, raylet, agents, worker and actor processes)
 costs several seconds more, and on a few cores its processes share them with the
-work (20,000 inputs on 2 cores: 22 s here, 27 s on Ray). So when the CLI started
-no cluster yet (``mmfp build/refresh/encode`` without ``--address``) and a
-stage has few rows (``resources.in_process_inputs`` new inputs for collect,
-``in_process_rows`` stored rows for augment and encode), it runs here: each batch
+work (20,000 inputs on 2 cores: 19-22 s here, 27-31 s on Ray). So when the CLI
+started no cluster yet (``mmfp build/refresh/encode`` without ``--address``) and
+a stage fits (collect: any number of new inputs on a machine of at most 8 CPUs,
+20,000 on a larger one, ``resources.in_process_inputs``; augment and encode:
+``in_process_rows`` stored rows, which they read into memory), it runs here: each batch
 goes through the stage's functions in order and the sink writes one file per
 table, exactly as one Ray task would. Models run here only on a machine without
 CUDA (on CPU they would in Ray too).
@@ -90,6 +91,23 @@ def _through(tail: Sequence[Step], outputs: list[pa.Table]) -> list[pa.Table]:
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # batches of other columns: one at a time
         blocks = outputs
     return [_apply(block, tail) for block in blocks]
+
+
+# The CLI process checks, routes and writes ~0.22 ms of CPU per collected input while a
+# worker reads and decodes it in ~1.5 ms (20,000 inputs on 2 cores, 2026-11-29), so it
+# keeps up with ~7 workers: up to 8 CPUs collect stays here at any size (100,000 inputs on
+# 2 cores: 112 s here, 138 s on a local Ray); on more, Ray's tasks route and write in
+# parallel and win once the work outweighs starting Ray.
+FEW_CPUS = 8
+MANY_CPUS_INPUTS = 20_000
+
+
+def input_limit(configured: int | None, cpus: int) -> int:
+    """``resources.in_process_inputs``, or by default (None) every input on a machine of
+    at most ``FEW_CPUS`` CPUs and ``MANY_CPUS_INPUTS`` on a larger one."""
+    if configured is not None:
+        return configured
+    return sys.maxsize if cpus <= FEW_CPUS else MANY_CPUS_INPUTS
 
 
 def default_workers(configured: int) -> int:

@@ -29,7 +29,13 @@ from features.commit import RunCommits
 from features.schema import STAGES
 from features.sink import StoreSink
 from features.tables import TableStore
-from pipelines.build.in_process import Step, default_workers, no_cuda, run_steps
+from pipelines.build.in_process import (
+    Step,
+    default_workers,
+    input_limit,
+    no_cuda,
+    run_steps,
+)
 from pipelines.progress import Listener, StageProgress, report_done, watching
 from pipelines.spec import PipelineSpec
 
@@ -175,8 +181,10 @@ class Run:
         resources = self.spec.resources
         if model:
             limit = resources.in_process_rows // MODEL_SHARE
+        elif inputs:
+            limit = input_limit(resources.in_process_inputs, default_workers(0))
         else:
-            limit = resources.in_process_inputs if inputs else resources.in_process_rows
+            limit = resources.in_process_rows
         if rows > limit:
             return False
         return not model or no_cuda()
