@@ -32,7 +32,7 @@ from deltalake import DeltaTable
 from features.schema import FEATURES_PREFIX
 from features.storage import filesystem_for, join_uri
 from features.tables import TableStore
-from features.vectors import KEY_SCHEMA, EmbeddingColumn, file_matrices, where_rows
+from features.vectors import KEY_SCHEMA, EmbeddingColumn, file_matrices, stacked, where_rows
 
 SNAPSHOT_DIR = "_snapshots"
 VECTOR = "vector"
@@ -93,10 +93,7 @@ def load_matrix(
 ) -> tuple[pa.Table, np.ndarray]:
     """All non-null rows of the column (of only ``files`` when given): their keys and one
     (n, dim) matrix in memory, stacked from the snapshots."""
-    held = list(parts(store, dt, col, files))
-    if not held:
-        return KEY_SCHEMA.empty_table(), np.empty((0, col.dim), np.float32)
-    return pa.concat_tables([k for k, _ in held]), np.concatenate([m for _, m in held])
+    return stacked(list(parts(store, dt, col, files)), col)
 
 
 def stored_vector(

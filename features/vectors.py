@@ -173,7 +173,7 @@ def file_matrices(
     for tagged in dataset.scanner(columns=[*KEYS, col.column]).scan_batches():
         here = tagged.fragment.path.lstrip("/")
         if here != path and path is not None:
-            yield path, *_stacked(parts, col)
+            yield path, *stacked(parts, col)
             parts = []
             done.add(path)
         if here in done:  # the scan keeps each file's batches together; never half a file
@@ -182,10 +182,14 @@ def file_matrices(
         if (part := _batch_matrix(tagged.record_batch, col, label)) is not None:
             parts.append(part)
     if path is not None:
-        yield path, *_stacked(parts, col)
+        yield path, *stacked(parts, col)
 
 
-def _stacked(parts: list[tuple[pa.Table, np.ndarray]], col: EmbeddingColumn) -> tuple:
+def stacked(
+    parts: list[tuple[pa.Table, np.ndarray]], col: EmbeddingColumn
+) -> tuple[pa.Table, np.ndarray]:
+    """(keys, matrix) parts as one keys table and one matrix (empty ones of the column's
+    width when there are none)."""
     if not parts:
         return KEY_SCHEMA.empty_table(), np.empty((0, col.dim), np.float32)
     return pa.concat_tables([k for k, _ in parts]), np.concatenate([m for _, m in parts])
