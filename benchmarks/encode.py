@@ -44,10 +44,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ from benchmarks._common import (  # noqa: E402
     write_corpus,
 )
 from features.runs import accelerator_busy  # noqa: E402
-from pipelines.spec import PipelineSpec  # noqa: E402
+from pipelines.spec import PipelineSpec, write_spec  # noqa: E402
 
 TARGET_RATIO = 0.85
 TARGET_BUSY = 0.9
@@ -112,18 +113,53 @@ class EncodeRun:
 
 
 def run_encode(spec: PipelineSpec, name: str, label: str, *, keep: bool = False) -> EncodeRun:
-    """``mmfp encode``'s path: one feature set, read back to count (and compare) its rows."""
-    from features.store import FeatureStore
+    """``encode_only`` in this process's Ray session: one feature set, read back to count
+    (and compare) its rows."""
     from pipelines.build import encode_only
 
     before = map_workers()
     with CpuMeter() as cpu:
         started, t0 = time.time(), time.perf_counter()
-        result = encode_only(spec, name)
+        encode_only(spec, name)
         seconds = time.perf_counter() - t0
     actors = sorted({v for k, v in map_workers().items() if k not in before})
-    table = FeatureStore(spec.store.uri).to_arrow(f"features/{name}")
-    assert result.feature_counts == {name: table.num_rows}, result.feature_counts
+    return read_back(spec, name, label, keep, seconds, cpu.seconds, started, actors)
+
+
+def run_cli_encode(
+    spec: PipelineSpec, name: str, label: str, work: Path, *, keep: bool = False
+) -> EncodeRun:
+    """What a user runs: ``mmfp encode SPEC --feature-set NAME`` as a fresh process with no
+    cluster address (imports, model load and all), read back like ``run_encode``."""
+    path = work / f"{name}.yaml"
+    write_spec(spec, path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"PYTHONPATH": str(ROOT), "MMFP_LOG_DIR": str(work / "logs")}
+    command = [sys.executable, "-m", "jobs", "encode", str(path), "--feature-set", name]
+    with CpuMeter() as cpu:
+        started, t0 = time.time(), time.perf_counter()
+        proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"mmfp encode failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return read_back(spec, name, label, keep, seconds, cpu.seconds, started, [])
+
+
+def read_back(
+    spec: PipelineSpec,
+    name: str,
+    label: str,
+    keep: bool,
+    seconds: float,
+    cpu_seconds: float,
+    started: float,
+    actors: list[str],
+) -> EncodeRun:
+    """The run's feature set and its ``_stages`` row, as an ``EncodeRun``."""
+    from features.store import FeatureStore
+
+    store = FeatureStore(spec.store.uri)
+    table = store.to_arrow(f"features/{name}")
     emb_columns = [c for c in table.column_names if c.endswith("_emb")]
     nulls = sum(table.column(c).null_count for c in emb_columns)
     emb = {}
@@ -132,10 +168,10 @@ def run_encode(spec: PipelineSpec, name: str, label: str, *, keep: bool = False)
         for c in emb_columns:
             values = np.array(table.column(c).to_pylist(), dtype=np.float32)
             emb[c] = values[np.argsort(ids)]
-    timing = asdict(result.stages[f"encode {name}"])
+    stages = [s for s in store.to_arrow("_stages").to_pylist() if s["stage"] == f"encode {name}"]
     return EncodeRun(
-        label, seconds, cpu.seconds, table.num_rows, nulls, started, time.time(), actors,
-        accelerator_busy(timing), emb,
+        label, seconds, cpu_seconds, table.num_rows, nulls, started, time.time(), actors,
+        accelerator_busy(stages[-1]), emb,
     )  # fmt: skip
 
 
@@ -220,22 +256,26 @@ class CpuResult:
 
 
 def bench_cpu(
-    model: str, config: dict[str, Any], corpus: Path, store: Path, args: Any
+    model: str, config: dict[str, Any], corpus: Path, store: Path, work: Path, args: Any
 ) -> CpuResult:
-    """Order: prepare + forward, ray.init, cold encode, then (forward, warm encode) x repeats."""
+    """Order: prepare + forward, ``mmfp encode`` from the CLI (a fresh process, no cluster:
+    the product's default path), then, unless ``--skip-ray``, in a local Ray session a
+    cold encode and (forward, warm encode) x repeats."""
     prepared = prepare(config, str(store))
     forward, reference = run_forward(prepared)
     forwards = [forward]
-    runs: list[EncodeRun] = []
-    with local_ray(args.cores) as init_s:
-        print(f"[{model}] ray.init: {init_s:.2f} s (not counted)")
-        labels = ["cold", *(f"warm{i + 1}" for i in range(args.repeats))]
-        for i, label in enumerate(labels):
-            if i:
-                forwards.append(run_forward(prepared)[0])
-            name = f"{model}-{label}"  # every run: a new feature set of the one store
-            spec = spec_with(corpus, store, name, config)
-            runs.append(run_encode(spec, name, label, keep=True))
+    spec = spec_with(corpus, store, f"{model}-cli", config)
+    runs = [run_cli_encode(spec, f"{model}-cli", "cli", work, keep=True)]
+    if not args.skip_ray:
+        with local_ray(args.cores) as init_s:
+            print(f"[{model}] ray.init: {init_s:.2f} s (not counted)")
+            labels = ["cold", *(f"warm{i + 1}" for i in range(args.repeats))]
+            for i, label in enumerate(labels):
+                if i:
+                    forwards.append(run_forward(prepared)[0])
+                name = f"{model}-{label}"  # every run: a new feature set of the one store
+                spec = spec_with(corpus, store, name, config)
+                runs.append(run_encode(spec, name, label, keep=True))
     diffs = [float(np.max(np.abs(r.emb[k] - reference[k]))) for r in runs for k in reference]
     return CpuResult(model, prepared, forwards, runs, max(diffs))
 
@@ -246,11 +286,7 @@ def report_cpu(result: CpuResult, cores: int) -> bool:
     threaded = min(f.threaded for f in result.forwards)
     single = min(f.single for f in result.forwards)
     fwd = min(threaded, single / cores)
-    cold, warms = result.runs[0], result.runs[1:]
-    best = min(warms, key=lambda r: r.seconds)
-    paired = statistics.median(
-        f.ideal(cores) / w.seconds for f, w in zip(result.forwards[1:], warms, strict=True)
-    )
+    cli, on_ray = result.runs[0], result.runs[1:]
     # CPU only: preprocessing takes its CPU seconds from the cores the forward would use
     ceiling = fwd / (fwd + p.preprocess_seconds / cores)
     ok = all(r.rows == n and r.null_rows == 0 for r in result.runs) and result.max_diff < 1e-3
@@ -279,28 +315,38 @@ def report_cpu(result: CpuResult, cores: int) -> bool:
         (f"forward, {threads} threads", threaded, n / threaded, fwd / threaded, "", ""),
         (f"forward, 1 thread x {cores}", single / cores, n * cores / single,
          fwd * cores / single, "", ""),
-        row("pipeline cold", cold),
-        row("pipeline warm (best)", best),
+        row("`mmfp encode` (CLI)", cli),
+        *(row(f"on Ray, {r.label}", r) for r in on_ray),
     ]  # fmt: skip
     print_table(("", "seconds", "rows/s", "ratio", "CPU s", "CPU busy"), rows, (24, 9, 9, 8, 9, 10))
     print("-" * 80)
-    cold_r, warm_r = fwd / cold.seconds, fwd / best.seconds
-    verdict = "met" if min(cold_r, warm_r) >= TARGET_RATIO else "NOT met"
     print(
         "ratio = ideal seconds / seconds, ideal = the faster forward loop (min of the two rows "
         "above)"
     )
-    print(
-        f"ratio pipeline/forward: cold {number(cold_r)}, warm {number(warm_r)} (median of "
-        f"paired warm runs {number(paired)}); CPU-only ceiling forward/(forward + "
-        f"preprocess/cores) {number(ceiling)}; target >= {TARGET_RATIO}: {verdict}"
-    )
-    print(f"map actors of the cold run: {', '.join(cold.actors) or 'none'}")
+    if on_ray:
+        warms = on_ray[1:]
+        paired = [
+            f.ideal(cores) / w.seconds for f, w in zip(result.forwards[1:], warms, strict=True)
+        ]
+        warm = f", warm (median of paired runs) {number(statistics.median(paired))}"
+        print(
+            f"on Ray (a cluster's path): cold {number(fwd / on_ray[0].seconds)}"
+            + (warm if warms else "")
+            + f"; map actors of the cold run: {', '.join(on_ray[0].actors) or 'none'}"
+        )
+    ratio = fwd / cli.seconds
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     print(
         f"correctness: {n} rows in every feature set, no null embeddings, max |pipeline - "
         f"forward| = {result.max_diff:.1e}: {'OK' if ok else 'FAILED'}"
     )
     print(line)
+    print(
+        f"ratio `mmfp encode`/forward ({result.model}, {n} rows): {number(ratio)}; CPU-only "
+        f"ceiling forward/(forward + preprocess/cores) {number(ceiling)}; target >= "
+        f"{TARGET_RATIO}: {verdict}"
+    )
     return ok
 
 
@@ -467,6 +513,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-cpu", action="store_true", help="skip (a) for ViT-B/32")
     parser.add_argument("--skip-small", action="store_true", help="skip (a) for the tiny model")
     parser.add_argument("--skip-sim", action="store_true", help="skip (b)")
+    parser.add_argument(
+        "--skip-ray", action="store_true", help="(a) through the CLI only, not in a Ray session"
+    )
     args = parser.parse_args(argv)
     if min(args.samples, args.sim_samples, args.batch_size, args.cores, args.repeats,
            args.concurrency) < 1:  # fmt: skip
@@ -485,10 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mmfp-bench-encode-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        b32 = clip_b32(work / "clip-b32")
+        b32 = None if args.skip_cpu and args.skip_sim else clip_b32(work / "clip-b32")
         small = tiny.tiny_clip(work / "clip-tiny")
         print(
-            f"models: CLIP ViT-B/32 (random weights), tiny CLIP ({time.perf_counter() - t0:.1f} s)"
+            f"models: {'CLIP ViT-B/32 (random weights), ' if b32 else ''}tiny CLIP "
+            f"({time.perf_counter() - t0:.1f} s)"
         )
         stores = {}
         for part, n, skip in (
@@ -510,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             stores[part] = (corpus, store)
         print("encode path: encode_only (`mmfp encode`), as build() runs the stage")
         cpu_models = []
-        if not args.skip_cpu:
+        if b32 is not None and not args.skip_cpu:
             cpu_models.append(("b32", b32))
         if not args.skip_small:
             cpu_models.append(("tiny", small))
@@ -522,9 +572,9 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": args.concurrency,
             }
             corpus, store = stores["cpu"]
-            result = bench_cpu(model, config, corpus, store, args)
+            result = bench_cpu(model, config, corpus, store, work, args)
             ok = report_cpu(result, args.cores) and ok
-        if not args.skip_sim:
+        if b32 is not None and not args.skip_sim:
             corpus, store = stores["sim"]
             ok = bench_sim(b32, corpus, store, work, args) and ok
     print(f"load average (1 min) before / after: {load_before:.1f} / {load_average():.1f}")

@@ -1,16 +1,20 @@
 """Training ingest: steps/s with batches streamed from the store vs the same batches in memory.
 
 One Ray Train run, one worker, the trainer's own data wiring (``run_training`` with
-a benchmark loop): every epoch first trains on batches streamed from the Delta
-table through Ray Data (read, flat lists -> dense arrays, streaming split, seeded
-local shuffle, prefetch), then runs the same number of steps of the same
+a benchmark loop): every epoch first trains on the batches the job trains on
+(``jobs.pretrain.batches.EpochBatches``: the first epoch streamed from the Delta table
+through Ray Data (read, flat lists -> dense arrays, streaming split, seeded local
+shuffle, prefetch), later ones drawn from the rows it kept when they fit ``--cache-mb``,
+else streamed again), then runs the same number of steps of the same
 ``Stepper.train_step`` over batches held in memory (those of the first epoch).
 Alternating in one process keeps both sides under the same load, threads and CPU
 budget: on a shared or noisy machine this is what makes the ratio mean something.
 
-Target (DESIGN.md section 7): store / memory >= 0.9, i.e. ingest hidden behind compute.
+Target (issue 13): store / memory >= 0.95 over several epochs, i.e. ingest hidden behind
+compute. The last lines print it over the epochs after the first, and over all of them.
 
     python benchmarks/train_ingest.py [--rows 20000] [--dim 512] [--batch-size 256]
+                                      [--cache-mb 1024]  # 0: stream every epoch
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def bench_loop(loop_config: dict[str, Any]) -> list[dict[str, float]]:
     import ray.train
     import ray.train.torch
 
+    from jobs.pretrain.batches import EpochBatches
     from jobs.pretrain.config import TrainConfig
     from jobs.pretrain.step import Stepper
 
@@ -47,18 +52,12 @@ def bench_loop(loop_config: dict[str, Any]) -> list[dict[str, float]]:
         device=ray.train.torch.get_device(),
         wrap=ray.train.torch.prepare_model,
     )
-    shard = ray.train.get_dataset_shard("train")
+    batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg)  # as the job reads
     cached: list[dict] = []
     epochs = []
     for epoch in range(cfg.epochs):
         start, steps, compute, first = time.perf_counter(), 0, 0.0, 0.0
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            prefetch_batches=cfg.prefetch_batches,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
-        ):
+        for batch in batches.epoch(epoch):
             tick = time.perf_counter()
             first = first or tick - start
             stepper.train_step(batch)
@@ -78,6 +77,7 @@ def bench_loop(loop_config: dict[str, Any]) -> list[dict[str, float]]:
                 "first_batch_s": first,
                 "compute_s": compute,
                 "memory_s": memory_s,
+                "kept": batches.kept is not None,
             }
         )
     return epochs  # Result.return_value (V2 keeps metrics only when reported with a checkpoint)
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=None)
     parser.add_argument("--shuffle-buffer", type=int, default=1024, help="rows; 0: no shuffle")
     parser.add_argument("--prefetch-batches", type=int, default=2)
+    parser.add_argument("--cache-mb", type=int, default=1024, help="the job's cache_mb")
     args = parser.parse_args()
 
     from benchmarks._common import local_ray
@@ -137,6 +138,7 @@ def main() -> None:
                 "val_max_rows": 0,
                 "shuffle_buffer": args.shuffle_buffer,
                 "prefetch_batches": args.prefetch_batches,
+                "cache_mb": args.cache_mb,
             }
         )
         started = time.perf_counter()
@@ -145,24 +147,37 @@ def main() -> None:
 
     epochs = result.return_value
     warm = epochs[1:] or epochs
-    steps = sum(e["steps"] for e in warm)
-    store_rate = steps / sum(e["store_s"] for e in warm)
-    memory_rate = steps / sum(e["memory_s"] for e in warm)
+
+    def rates(part: list[dict[str, float]]) -> tuple[float, float]:
+        steps = sum(e["steps"] for e in part)
+        return steps / sum(e["store_s"] for e in part), steps / sum(e["memory_s"] for e in part)
+
+    store_rate, memory_rate = rates(warm)
+    store_all, memory_all = rates(epochs)
+    kept = "kept in memory after the first epoch" if epochs[-1]["kept"] else "streamed every epoch"
     print(
         f"machine: {cores} cores; 1 Ray Train worker x {cpus:g} CPU; "
         f"{epochs[0]['steps'] * args.batch_size} rows/epoch, batch {args.batch_size}, "
         f"3 x {args.dim}-d embeddings, projection towers hidden {args.hidden}, "
-        f"shuffle buffer {args.shuffle_buffer}, prefetch {args.prefetch_batches}"
+        f"shuffle buffer {args.shuffle_buffer}, prefetch {args.prefetch_batches}; the shard "
+        f"was {kept} (cache_mb {args.cache_mb})"
     )
-    print(f"run wall time incl. Ray Train start-up: {wall:.1f} s; first epoch (warm-up) "
-          f"{epochs[0]['store_s']:.2f} s from the store")  # fmt: skip
+    first = epochs[0]
+    print(
+        f"run wall time incl. Ray Train start-up: {wall:.1f} s; first epoch "
+        f"{first['store_s']:.2f} s from the store, memory {first['memory_s']:.2f} s"
+    )
     for i, e in enumerate(warm, start=2):
         print(f"  epoch {i}: store {e['store_s']:.2f} s ({e['compute_s']:.2f} s in steps, first "
               f"batch after {e['first_batch_s']:.2f} s), "
               f"memory {e['memory_s']:.2f} s, {e['steps']} steps each")  # fmt: skip
-    print(f"store  (Ray Data -> Ray Train): {store_rate:7.2f} steps/s")
+    print(f"store  (the job's batches): {store_rate:7.2f} steps/s after the first epoch")
     print(f"memory (same steps, same batches): {memory_rate:7.2f} steps/s")
-    print(f"ratio store / memory: {store_rate / memory_rate:.3f}  (target >= 0.9)")
+    print(f"ratio store / memory, all {len(epochs)} epochs: {store_all / memory_all:.3f}")
+    print(
+        f"ratio store / memory after the first epoch: {store_rate / memory_rate:.3f}  "
+        "(target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

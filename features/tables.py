@@ -153,9 +153,21 @@ class TableStore:
         columns: list[str] | None = None,
         filter: Any = None,
     ) -> pa.Table:
+        return self.scanner(name, version, columns=columns, filter=filter).to_table()
+
+    def scanner(
+        self,
+        name: str,
+        version: Version = None,
+        *,
+        columns: list[str] | None = None,
+        filter: Any = None,
+    ) -> pads.Scanner:
+        """``to_arrow`` as a stream of record batches (``to_batches``): a reader holds a
+        few batches, not the table."""
         dt = self.delta(name, version)
         _check_columns(name, dt, columns)
-        return self.dataset_of(name, dt).to_table(columns=columns, filter=filter)
+        return self.dataset_of(name, dt).scanner(columns=columns, filter=filter)
 
     def to_pandas(
         self, name: str, version: Version = None, *, columns: list[str] | None = None

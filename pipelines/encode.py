@@ -239,6 +239,11 @@ class Encode:
 
     @property
     def encoders(self) -> list[Encoder]:
+        return self.load()
+
+    def load(self) -> list[Encoder]:
+        """The set's encoders with their models loaded, here and now (the property loads
+        them on first use; a process that forks workers loads them first, to share them)."""
         if self._encoders is None:
             device = device_for_actor()
             self._encoders = [get_encoder(c) for c in self.configs]

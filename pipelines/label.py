@@ -296,6 +296,12 @@ class Labeller:
             self._sources = [LABELLERS[s.kind](s) for s in self.spec.sources]
         return self._sources
 
+    def load(self) -> None:
+        """Load the sources' models now: a process that forks workers does, to share them."""
+        for source in self.sources:
+            if isinstance(source, ZeroShotLabeller):
+                source.ready()
+
     def check(self) -> None:
         """Import every label function now, so a bad path fails on the driver before Ray work."""
         for source in self.sources:

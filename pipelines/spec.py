@@ -131,9 +131,9 @@ class ResourcesSpec(_Model):
     # inputs in forked workers (memory holds a few batches, whatever the count); default:
     # every input on a machine of at most 8 CPUs, else 20,000 (pipelines.build.in_process) ...
     in_process_inputs: int | None = Field(None, ge=0)
-    # ... augment and encode read at most this many stored rows into memory; a stage with
-    # a model at most 1/8 of it (one process is slow at model forwards)
-    in_process_rows: int = Field(2000, ge=0)
+    # ... augment and encode at most this many stored rows (read a few blocks at a time;
+    # a model loads once, here, and the forked workers share it); default as above
+    in_process_rows: int | None = Field(None, ge=0)
     # processes such a stage forks for its per-batch steps (0: one per CPU; 1: none)
     in_process_workers: int = Field(0, ge=0)
 

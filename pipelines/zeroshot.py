@@ -57,7 +57,9 @@ class ZeroShotLabeller:
     def __getstate__(self) -> dict[str, Any]:
         return {"source": self.source, "_encoder": None, "_prompts": None}
 
-    def _ready(self) -> tuple[Encoder, np.ndarray]:
+    def ready(self) -> tuple[Encoder, np.ndarray]:
+        """The model and the labels' prompt embeddings, loaded on first call (a process that
+        forks workers calls it first, so they share the model)."""
         if self._encoder is None:
             encoder = get_encoder(self.source.encoder)
             encoder.load(device_for_actor())
@@ -71,7 +73,7 @@ class ZeroShotLabeller:
     def annotate(
         self, batch: pa.Table
     ) -> tuple[list[list[str]], list[str | None], list[float | None]]:
-        encoder, prompts = self._ready()
+        encoder, prompts = self.ready()
         modality = self.source.modality
         outputs = encoder.encode(encoder.preprocess(batch.select([modality])))
         emb = np.asarray(outputs[f"{modality}_emb"], np.float32)

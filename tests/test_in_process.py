@@ -137,6 +137,69 @@ def test_collect_stays_in_process_at_any_size_on_a_few_cpus():
     assert in_process.input_limit(0, 2) == 0  # never
 
 
+def test_a_model_loads_once_here_and_forked_workers_run_its_forwards(tmp_path):
+    """An encode with a model stays in a local CLI run on a CPU-only box at any size: the
+    model loads once in the CLI process, before the fork, and each worker runs forwards
+    on one thread (the cores are the workers'); its stored rows are read a few blocks at
+    a time."""
+    data = tmp_path / "data"
+    synthetic.write_directory_source(data, n_per_class=4, seed=12)
+    source = [{"kind": "directory", "uri": str(data), "class_folders": True}]
+    probe = {"name": "probe", "views": False}
+    probe["encoders"] = [{"name": "tests.probe_encoder:ForkProbeEncoder", "batch_size": 2}]
+    resources = {"batch_size": 4, "rows_per_block": 2, "in_process_workers": 2}
+    spec = make_spec(
+        tmp_path / "store", source, resources=resources, encode={"feature_sets": [probe]}
+    )
+    write_spec(spec, tmp_path / "spec.yaml")
+    proc = _mmfp("build", str(tmp_path / "spec.yaml"), logs=tmp_path / "logs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = FeatureStore(str(tmp_path / "store"))
+    rows = store.to_arrow("features/probe").column("text_emb").to_pylist()
+    assert len(rows) == store.to_arrow("samples").num_rows > 8  # chunks of 8 rows: several
+    ran_in, parent, loaded_in, threads, loads = (set(c) for c in zip(*rows, strict=True))
+    assert len(ran_in) == 2  # two workers ...
+    assert parent == loaded_in  # ... forked by the process that loaded the model
+    assert len(loaded_in) == 1
+    assert not ran_in & loaded_in
+    assert threads == {1.0}
+    assert loads == {1.0}  # the workers inherited the one load
+    stages = {s["stage"]: s["cpus"] for s in store.to_arrow("_stages").to_pylist()}
+    assert stages["encode probe"] == 2
+    assert "start ray" not in stages
+
+
+def test_stored_rows_come_a_few_blocks_at_a_time(tmp_path):
+    from deltalake import write_deltalake
+
+    store = FeatureStore(str(tmp_path))
+    for start in range(0, 30, 6):  # five files of six rows
+        ids = [f"s{i:02d}" for i in range(start, start + 6)]
+        rows = pa.table({"sample_id": ids, "n": list(range(start, start + 6))})
+        write_deltalake(store.table_uri("rows"), rows, mode="append")
+    todo = pa.table({"sample_id": [f"s{i:02d}" for i in range(0, 30, 2)] + ["gone"]})
+    chunks = list(in_process.stored_rows(store, "rows", ["sample_id", "n"], todo, 7))
+    assert [c.num_rows for c in chunks] == [9, 6]  # whole files, >= 7 rows each but the last
+    got = sorted(pa.concat_tables(chunks).column("n").to_pylist())
+    assert got == list(range(0, 30, 2))  # just the wanted rows, each once
+
+
+def test_a_stream_of_tables_keeps_its_order_and_leaves_no_shared_file(tmp_path, monkeypatch):
+    spans = [(0, 7), (7, 7), (7, 20)]  # an empty table between two
+    tables = [pa.table({"i": pa.array(range(a, b), pa.int64())}) for a, b in spans]
+    steps = [_tag_pid, _tag_parent]
+    for name in ("shared", "pickled"):
+        if name == "pickled":  # batches go as their own IPC bytes instead
+            monkeypatch.setattr(in_process, "SHARED_MEMORY", str(tmp_path / "no-such-dir"))
+        sink = _sink(tmp_path / name)
+        assert run_steps(iter(tables), steps, sink, 3, 100, workers=2, serial_from=1) == 2
+        files = [tmp_path / name / "store" / "rows" / a.path for a in sink.files["rows"]]
+        rows = pa.concat_tables(pq.read_table(f) for f in files)
+        assert rows.column("i").to_pylist() == list(range(20))
+        assert os.getpid() not in set(rows.column("pid").to_pylist())
+        assert not _shared_files()
+
+
 def _router(batch: pa.Table) -> tuple[dict[str, pa.Table], dict[str, int]]:
     return {"rows": batch}, {"rows": batch.num_rows}
 
@@ -180,12 +243,10 @@ def test_run_steps_forks_the_per_batch_steps_and_keeps_batch_order(tmp_path, mon
     sink = _sink(tmp_path)
     table = pa.table({"i": pa.array(range(40), pa.int64())})
     steps = [_tag_pid, _tag_parent]
-    shares: list[float] = []  # what the live display hears
-    processes = run_steps([table], steps, sink, 3, 9, workers=2, serial_from=1, done=shares.append)
+    done: list[int] = []  # what the live display hears
+    processes = run_steps([table], steps, sink, 3, 9, workers=2, serial_from=1, done=done.append)
     assert processes == 2
-    assert shares == sorted(shares)
-    assert len(shares) == 14
-    assert shares[-1] == 1.0
+    assert done == [*range(3, 40, 3), 40]  # input rows done after each batch
     files = [tmp_path / "store" / "rows" / a.path for a in sink.files["rows"]]
     assert len(files) == 5  # a file per 9 input rows (3 batches), as a Ray task per block
     rows = pa.concat_tables(pq.read_table(f) for f in files)

@@ -302,7 +302,7 @@ def test_a_store_another_delta_writer_rewrote_still_filters(tmp_path):
     """delta-rs ``delete`` rewrites a file with string_view columns; split filters, stored
     query vectors and sample lookups read it like any other file."""
     from features.search import search
-    from pipelines.build.in_process import rows_of
+    from pipelines.build.in_process import stored_rows
 
     store = FeatureStore(str(tmp_path))
     write_synthetic_feature_set(store, "syn", per_class=4, files=2)
@@ -316,7 +316,8 @@ def test_a_store_another_delta_writer_rewrote_still_filters(tmp_path):
     assert sorted(hits.column("sample_id").to_pylist()) == sorted(
         r["sample_id"] for r in rows.to_pylist() if r["sample_id"] not in (kept, gone)
     )
-    found = rows_of(store, "features/syn", ["sample_id"], pa.table({"sample_id": [kept, gone]}))
+    todo = pa.table({"sample_id": [kept, gone]})
+    (found,) = stored_rows(store, "features/syn", ["sample_id"], todo, 100)
     assert found.column("sample_id").to_pylist() == [kept]
 
 

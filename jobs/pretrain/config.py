@@ -224,6 +224,9 @@ class TrainConfig(_Model):
     exclude_duplicates: bool = False
     shuffle_buffer: int = Field(1024, ge=0)  # rows in each worker's seeded local shuffle
     prefetch_batches: int = Field(2, ge=0)
+    # per worker: keep the shard's rows in memory after the first epoch and draw later
+    # epochs from them, when they fit (jobs.pretrain.batches); 0: stream every epoch
+    cache_mb: int = Field(1024, ge=0)
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)  # leave CPUs free for Ray Data's read tasks

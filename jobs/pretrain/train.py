@@ -4,8 +4,10 @@ a Ray Train V2 ``TorchTrainer``).
 
 Determinism: Ray Data runs with ``preserve_order`` (so each worker's shard is the same
 rows in the same block order every epoch) and each worker shuffles locally with the
-seed ``seed + epoch``. A resumed run replays the epoch it stopped in and skips the
-batches it already trained on, so it matches an uninterrupted run up to float noise.
+seed ``seed + epoch``; later epochs permute the first epoch's rows with that seed where
+they are kept in memory (``jobs.pretrain.batches``). A resumed run replays the epoch it
+stopped in and skips the batches it already trained on, so it matches an uninterrupted
+run up to float noise.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from features.duplicates import excluded_ids
 from features.storage import filesystem_for, is_local, join_uri
 from features.store import FeatureStore
 from jobs.pretrain import checkpoint as ckpt
+from jobs.pretrain.batches import EpochBatches
 from jobs.pretrain.config import TrainConfig
 from jobs.pretrain.data import (
     FeatureSetInfo,
@@ -205,19 +208,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if w.selection is not None and w.selection.should_stop:
         return  # a rerun of a run that stopped early: its checkpoint says so on every rank
     cfg, spe = w.cfg, w.spe
-    shard = ray.train.get_dataset_shard("train")
+    batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg)
     start_epoch, skip = divmod(w.step, spe)
     for epoch in range(start_epoch, cfg.epochs):
         started, seen = time.perf_counter(), 0
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            prefetch_batches=cfg.prefetch_batches,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
-        )
         compute = 0.0  # seconds inside train_step: the rest of the epoch is ingest and reports
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(batches.epoch(epoch)):
             seen = index + 1
             if index < skip or index >= spe:
                 # < skip: trained on before the restart (same batch, same order).

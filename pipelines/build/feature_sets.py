@@ -16,7 +16,6 @@ from features.keys import anti_join
 from features.metadata import FeatureSetMeta, feature_table
 from features.schema import ORIGINAL_VIEW
 from features.sink import StoreSink
-from pipelines.build.in_process import rows_of
 from pipelines.build.run import Run
 from pipelines.encode import (
     KEY_COLUMNS,
@@ -79,19 +78,15 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
     configs = feature_set.encoders
     batch_size = min(c.batch_size for c in configs)
     if run.in_process(todo.num_rows, model=wants_actors(encoders)):
-        tables = [
-            missing_rows(
-                as_feature_input(
-                    rows_of(store, table, _media_columns(is_view), todo), is_view=is_view
-                ),
-                todo=todo,
-            )
+        tables = (
+            missing_rows(as_feature_input(chunk, is_view=is_view), todo=todo)
             for table, is_view in sources
-        ]
-        steps = [Preprocess(configs), Encode(configs)]
-        # weight-free inputs in forked workers; a model loads once, in this process
-        serial_from = 0 if wants_actors(encoders) else None
-        run.run_here(tables, steps, sink, batch_size=batch_size, serial_from=serial_from)
+            for chunk in run.stored_rows(table, _media_columns(is_view), todo)
+        )
+        encode = Encode(configs)
+        encode.load()  # models load here, once: the forked workers share them
+        steps = [Preprocess(configs), encode]
+        run.run_here(tables, steps, sink, rows=todo.num_rows, batch_size=batch_size)
     else:
         _encode_on_ray(run, sources, todo, encoders, configs, batch_size, sink)
     run.commits.add(name, sink.files[name])

@@ -35,6 +35,7 @@ from pipelines.build.in_process import (
     input_limit,
     no_cuda,
     run_steps,
+    stored_rows,
 )
 from pipelines.progress import Listener, StageProgress, report_done, watching
 from pipelines.spec import PipelineSpec
@@ -51,7 +52,7 @@ OUTCOMES = (
     "already_quarantined",
 )
 BASE_TABLES = ("samples", "quarantine", "views", "quality", "_inputs")
-MODEL_SHARE = 8  # a stage with a model stays in process up to in_process_rows / this
+CHUNK_BLOCKS = 4  # a stage run here over stored rows reads this many blocks' rows at a time
 
 
 @dataclass
@@ -172,22 +173,22 @@ class Run:
 
     def in_process(self, rows: int, *, model: bool = False, inputs: bool = False) -> bool:
         """True when a stage of ``rows`` rows runs in this process rather than on Ray: small
-        runs allowed, Ray not started yet, few rows (fewer with a model: one process runs
-        its forwards alone), and a model only on a CPU-only box. ``inputs``: the stage reads
-        new inputs from their files (collect), not stored rows into memory, so its limit is
-        ``resources.in_process_inputs``."""
+        runs allowed, Ray not started yet, not too many rows (``resources.in_process_inputs``
+        for collect, which reads new ``inputs`` from their files, ``in_process_rows`` for a
+        stage over stored rows), and a model only on a CPU-only box."""
         if not self.execution.small_in_process or ray_running():
             return False
         resources = self.spec.resources
-        if model:
-            limit = resources.in_process_rows // MODEL_SHARE
-        elif inputs:
-            limit = input_limit(resources.in_process_inputs, default_workers(0))
-        else:
-            limit = resources.in_process_rows
-        if rows > limit:
+        configured = resources.in_process_inputs if inputs else resources.in_process_rows
+        if rows > input_limit(configured, default_workers(0)):
             return False
         return not model or no_cuda()
+
+    def stored_rows(self, table: str, columns: list[str], todo: pa.Table) -> Iterator[pa.Table]:
+        """The stored rows a stage run here works on (``todo``'s sample ids), a few blocks'
+        worth at a time."""
+        chunk_rows = self.spec.resources.rows_per_block * CHUNK_BLOCKS
+        return stored_rows(self.store, table, columns, todo, chunk_rows)
 
     def run_here(
         self,
@@ -195,11 +196,13 @@ class Run:
         steps: Sequence[Step],
         sink: StoreSink,
         *,
+        rows: int,
         batch_size: int | None = None,
         serial_from: int | None = None,
     ) -> None:
-        """Run a stage's steps in this process (``in_process`` said so), the per-batch ones
-        in forked workers; the stage records how many processes ran them as its ``cpus``."""
+        """Run a stage's steps over ``tables`` (``rows`` rows in all) in this process
+        (``in_process`` said so), the per-batch ones in forked workers; the stage records
+        how many processes ran them as its ``cpus``."""
         resources = self.spec.resources
         processes = run_steps(
             tables,
@@ -209,7 +212,7 @@ class Run:
             resources.rows_per_block,
             workers=default_workers(resources.in_process_workers),
             serial_from=serial_from,
-            done=report_done,
+            done=lambda finished: report_done(finished / max(rows, 1)),
         )
         if self._open_stages:
             self._open_stages[-1].cpus = processes

@@ -78,10 +78,11 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
             dedup := functools.partial(mark_duplicates, registry=ids),
             *([functools.partial(filter_samples, quality=spec.quality)] if spec.quality else []),
         ]
-        # reading to splitting in forked workers (a model loads once, here); the run's ids
-        # are checked here
-        serial_from = 0 if model else steps.index(dedup)
-        run.run_here([plan.todo.refs], steps, sink, serial_from=serial_from)
+        if labeller and model:
+            labeller.load()  # here, once: the forked workers share the model
+        # reading to splitting in forked workers; the run's ids are checked here
+        refs = plan.todo.refs
+        run.run_here([refs], steps, sink, rows=refs.num_rows, serial_from=steps.index(dedup))
         kept = ids.produced(plan.delete_ids)
     else:
         kept = _collect_on_ray(run, plan, sink, splitting, labeller=labeller, model=model)

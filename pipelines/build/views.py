@@ -17,7 +17,6 @@ import pyarrow.compute as pc
 from features.schema import VIEWS
 from features.sink import StoreSink
 from pipelines.augment import VIEW_INPUT_COLUMNS, make_missing_views, missing_views
-from pipelines.build.in_process import rows_of
 from pipelines.build.run import Run
 from pipelines.route import ViewRouter
 
@@ -43,9 +42,9 @@ def augment_samples(run: Run) -> None:
     sink = StoreSink(store, router, run_id=result.run_id, schemas=schemas)
     making = {"spec": augment, "run_id": result.run_id, "todo": todo}
     if run.in_process(todo.num_rows):  # only the samples that lack views are read
-        rows = rows_of(store, "samples", list(VIEW_INPUT_COLUMNS), todo)
+        stored = run.stored_rows("samples", list(VIEW_INPUT_COLUMNS), todo)
         steps = [functools.partial(make_missing_views, **making)]
-        run.run_here([rows], steps, sink)
+        run.run_here(stored, steps, sink, rows=todo.num_rows)
     else:
         from features.ray_sink import RayStoreSink
 
