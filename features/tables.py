@@ -162,12 +162,13 @@ class TableStore:
         *,
         columns: list[str] | None = None,
         filter: Any = None,
+        **options: Any,
     ) -> pads.Scanner:
         """``to_arrow`` as a stream of record batches (``to_batches``): a reader holds a
-        few batches, not the table."""
+        few batches, not the table (``options``: pyarrow's, e.g. its read-ahead)."""
         dt = self.delta(name, version)
         _check_columns(name, dt, columns)
-        return self.dataset_of(name, dt).scanner(columns=columns, filter=filter)
+        return self.dataset_of(name, dt).scanner(columns=columns, filter=filter, **options)
 
     def to_pandas(
         self, name: str, version: Version = None, *, columns: list[str] | None = None

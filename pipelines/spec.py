@@ -131,7 +131,7 @@ class ResourcesSpec(_Model):
     # inputs in forked workers (memory holds a few batches, whatever the count); default:
     # every input on a machine of at most 8 CPUs, else 20,000 (pipelines.build.in_process) ...
     in_process_inputs: int | None = Field(None, ge=0)
-    # ... augment and encode at most this many stored rows (read a few blocks at a time;
+    # ... augment and encode at most this many stored rows (read a block at a time;
     # a model loads once, here, and the forked workers share it); default as above
     in_process_rows: int | None = Field(None, ge=0)
     # processes such a stage forks for its per-batch steps (0: one per CPU; 1: none)

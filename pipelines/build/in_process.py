@@ -7,8 +7,8 @@ work (20,000 inputs on 2 cores: 19-22 s here, 27-31 s on Ray). So when the CLI
 started no cluster yet (``mmfp build/refresh/encode`` without ``--address``) and
 a stage fits (by default any size on a machine of at most 8 CPUs, 20,000 inputs or
 stored rows on a larger one: ``resources.in_process_inputs`` for collect,
-``in_process_rows`` for augment and encode, which read their stored rows a few blocks
-at a time), it runs here: each batch goes through the stage's functions in order and
+``in_process_rows`` for augment and encode, which read their stored rows a block at a
+time), it runs here: each batch goes through the stage's functions in order and
 the sink writes one file per table, exactly as one Ray task would. Models run here
 only on a machine without CUDA (on CPU they would in Ray too): they load once, here,
 before the workers fork, and each worker's forward runs on one thread.
@@ -88,7 +88,7 @@ def _processes(
     tables: Iterator[pa.Table], batch_size: int, workers: int
 ) -> tuple[Iterator[pa.Table], int]:
     """The processes to run: ``workers``, or fewer when the first two tables (of a stream
-    that has more, each a few blocks) have fewer batches; and the tables, as they were."""
+    that has more, each a block) have fewer batches; and the tables, as they were."""
     peeked = list(itertools.islice(tables, 2))
     batches = sum(-(-t.num_rows // batch_size) for t in peeked)
     return itertools.chain(peeked, tables), max(1, min(workers, batches))
@@ -329,11 +329,14 @@ def stored_rows(
 ) -> Iterator[pa.Table]:
     """The rows of ``table`` whose ``sample_id`` the stage's ``todo`` names, as a stream of
     tables of about ``chunk_rows`` rows (one record batch more at most): a stage run here
-    reads just those and holds one chunk of media at a time, where Ray's tasks read the
+    reads just those and holds a few chunks of media at a time, where Ray's tasks read the
     whole table and filter in the stream."""
     wanted = string_field("sample_id").isin(pc.unique(todo.column("sample_id")))
     chunk: list[pa.RecordBatch] = []
-    for batch in store.scanner(table, columns=columns, filter=wanted).to_batches():
+    # read here, as the chunks are taken: a threaded scan reads ahead by hundreds of MB
+    one_file = {"use_threads": False, "fragment_readahead": 1, "batch_readahead": 1}
+    scanner = store.scanner(table, columns=columns, filter=wanted, **one_file)
+    for batch in scanner.to_batches():
         chunk.append(batch)
         if sum(b.num_rows for b in chunk) >= chunk_rows:
             yield pa.Table.from_batches(chunk)

@@ -52,7 +52,6 @@ OUTCOMES = (
     "already_quarantined",
 )
 BASE_TABLES = ("samples", "quarantine", "views", "quality", "_inputs")
-CHUNK_BLOCKS = 4  # a stage run here over stored rows reads this many blocks' rows at a time
 
 
 @dataclass
@@ -185,10 +184,9 @@ class Run:
         return not model or no_cuda()
 
     def stored_rows(self, table: str, columns: list[str], todo: pa.Table) -> Iterator[pa.Table]:
-        """The stored rows a stage run here works on (``todo``'s sample ids), a few blocks'
-        worth at a time."""
-        chunk_rows = self.spec.resources.rows_per_block * CHUNK_BLOCKS
-        return stored_rows(self.store, table, columns, todo, chunk_rows)
+        """The stored rows a stage run here works on (``todo``'s sample ids), a block's
+        worth (``resources.rows_per_block``) at a time."""
+        return stored_rows(self.store, table, columns, todo, self.spec.resources.rows_per_block)
 
     def run_here(
         self,
