@@ -4,7 +4,8 @@
 
 A store whose memory grows with its data fails on the day the data outgrows the machine.
 This benchmark runs ``mmfp build`` (collect + a weight-free ``inputs`` feature set),
-``mmfp encode`` (a tiny CLIP built from a config, in Ray actors), ``mmfp train`` (one
+``mmfp encode`` (a tiny CLIP built from a config; in the CLI process and its forked
+workers on a machine of at most 8 CPUs, in Ray actors on a larger one), ``mmfp train`` (one
 epoch, image <-> audio CNN towers on ``inputs``) and ``mmfp search --id`` (exact over the
 CLIP image embeddings, streamed) as fresh processes, exactly as a user's shell
 would, on ``--samples`` and 4x as many samples (256 px JPEG + 1 s WAV + caption each).
