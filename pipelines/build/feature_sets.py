@@ -83,9 +83,7 @@ def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool 
             for table, is_view in sources
             for chunk in run.stored_rows(table, _media_columns(is_view), todo)
         )
-        encode = Encode(configs)
-        encode.load()  # models load here, once: the forked workers share them
-        steps = [Preprocess(configs), encode]
+        steps = [Preprocess(configs), Encode(configs)]  # models load before the fork
         run.run_here(tables, steps, sink, rows=todo.num_rows, batch_size=batch_size)
     else:
         _encode_on_ray(run, sources, todo, encoders, configs, batch_size, sink)

@@ -63,11 +63,15 @@ def run_steps(
     chunks: ``stored_rows``).
 
     The steps before ``serial_from`` (default: all) run in up to ``workers`` forked
-    processes. ``done`` hears the input rows finished so far after each batch. Returns the
+    processes; those with a ``load`` method (a model: ``Encode``, ``Labeller``) load
+    first, here. ``done`` hears the input rows finished so far after each batch. Returns the
     number of processes that ran them.
     """
     split = len(steps) if serial_from is None else serial_from
     head, tail = list(steps[:split]), steps[split:]
+    for step in head:  # a step's model loads here, once: the forked workers share it
+        if callable(load := getattr(step, "load", None)):
+            load()
     tables, processes = _processes(iter(tables), batch_size, workers if head and _can_fork() else 1)
     outputs, pending, finished = [], 0, 0
     for rows, batch in _mapped(head, tables, batch_size, processes):
@@ -281,6 +285,8 @@ def _mapped(
     shared: pa.Table | str | None = None
     try:
         for table in tables:
+            if not table.num_rows:
+                continue
             shared = _handed_over(table)
             for offset in range(0, table.num_rows, batch_size):
                 rows = min(batch_size, table.num_rows - offset)
@@ -292,8 +298,6 @@ def _mapped(
                 in_flight.append((rows, future, shared if last else None))
                 if len(in_flight) >= 2 * processes:
                     yield _next(in_flight)
-            if not table.num_rows:
-                _unlink(shared)
         shared = None
         while in_flight:
             yield _next(in_flight)
@@ -333,14 +337,16 @@ def stored_rows(
     whole table and filter in the stream."""
     wanted = string_field("sample_id").isin(pc.unique(todo.column("sample_id")))
     chunk: list[pa.RecordBatch] = []
+    rows = 0
     # read here, as the chunks are taken: a threaded scan reads ahead by hundreds of MB
     one_file = {"use_threads": False, "fragment_readahead": 1, "batch_readahead": 1}
     scanner = store.scanner(table, columns=columns, filter=wanted, **one_file)
     for batch in scanner.to_batches():
         chunk.append(batch)
-        if sum(b.num_rows for b in chunk) >= chunk_rows:
+        rows += batch.num_rows
+        if rows >= chunk_rows:
             yield pa.Table.from_batches(chunk)
-            chunk = []
+            chunk, rows = [], 0
     if chunk:
         yield pa.Table.from_batches(chunk)
 

@@ -78,8 +78,6 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
             dedup := functools.partial(mark_duplicates, registry=ids),
             *([functools.partial(filter_samples, quality=spec.quality)] if spec.quality else []),
         ]
-        if labeller and model:
-            labeller.load()  # here, once: the forked workers share the model
         # reading to splitting in forked workers; the run's ids are checked here
         refs = plan.todo.refs
         run.run_here([refs], steps, sink, rows=refs.num_rows, serial_from=steps.index(dedup))
