@@ -52,6 +52,8 @@ TOWERS = {
     "text": {"kind": "transformer", "input": "text_ids", "width": 64, "layers": 1, "heads": 4,
              "out_dim": 64},
 }  # fmt: skip
+# the x-vector-style speech tower (MFCCs + deltas over voiced frames, mean + std pooling)
+TDNN = {**TOWERS, "audio": {"kind": "tdnn", "input": "audio_logmel", "out_dim": 64}}
 CONFIGS: dict[str, dict[str, Any]] = {
     # CLIP's loss, as the user ran it: 40 epochs, and longer
     "clip": {"epochs": 40, "loss": {"duplicates": "negative"}},
@@ -62,7 +64,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "label-free-any": {"epochs": 120, "augment": {"audio": {}}, "loss": {"duplicates": "any"}},
     # labels used: the same plus a supervised-contrastive term
     "supervised": {"epochs": 120, "augment": {"audio": {}}, "loss": {"supervised_weight": 0.5}},
-}
+    # the last two with the TDNN speech tower instead of the 2-D CNN
+    "label-free-any-tdnn": {"epochs": 120, "augment": {"audio": {}}, "loss": {"duplicates": "any"},
+                            "modalities": TDNN},
+    "supervised-tdnn": {"epochs": 120, "augment": {"audio": {}}, "loss": {"supervised_weight": 0.5},
+                        "modalities": TDNN},
+}  # fmt: skip
 
 
 def build_fold(corpus: Path, work: Path, test: str) -> Path:

@@ -216,6 +216,13 @@ def test_towers_are_checked_against_the_feature_set(syn_store):
     )
     with pytest.raises(SpecError, match="modalities.image.input: feature set 'syn'.*no column"):
         check_towers(info, bad)
+    mels = info.shape("audio_logmel")[0]
+    too_many = parse_config(_raw(modalities={
+        "audio": {"kind": "tdnn", "input": "audio_logmel", "n_mfcc": mels + 1},
+        "image": {"kind": "cnn", "input": "image_pixels"},
+    }))  # fmt: skip
+    with pytest.raises(SpecError, match=f"n_mfcc: {mels + 1} coefficients from {mels} mel bins"):
+        check_towers(info, too_many)
 
 
 def test_text_towers_take_the_recorded_vocabulary(syn_store):

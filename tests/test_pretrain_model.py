@@ -73,6 +73,16 @@ TOWER_SETS = {
         "audio": {"kind": "cnn", "input": "audio_logmel", "channels": [4], "out_dim": 8},
         "text": {"kind": "transformer", "vocab_size": 64, "width": 16, "heads": 2, "out_dim": 8},
     },
+    "speech": {
+        "audio": {
+            "kind": "tdnn",
+            "input": "audio_logmel",
+            "n_mfcc": 6,
+            "channels": 8,
+            "out_dim": 8,
+        },
+        "image": {"kind": "projection", "input": "image_emb", "hidden": 0, "out_dim": 8},
+    },
     "hf": {
         "image": {"kind": "hf", "input": "image_pixels", "config": TINY_VIT, "out_dim": 8},
         "audio": {"kind": "hf", "input": "audio_logmel", "config": TINY_AST, "out_dim": 8},
@@ -129,7 +139,7 @@ def test_scale_is_clamped():
     assert float(model.scale().detach()) == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("name", ["projection", "scratch"])
+@pytest.mark.parametrize("name", ["projection", "scratch", "speech"])
 def test_export_round_trip(tmp_path, name):
     cfg = _config(TOWER_SETS[name])
     model = ContrastiveModel(cfg, SHAPES).eval()
@@ -239,6 +249,36 @@ def test_cmvn_standardises_each_mel_bin_over_voiced_frames():
     assert out[:, :, 12:].abs().max() == 0  # padding carries nothing
     loud = _cmvn(torch.where(x > -100, x + 20, x))  # a louder recording of the same speech
     assert torch.allclose(loud, out, atol=1e-4)
+
+
+def test_speech_tower_reads_mfccs_of_the_voiced_frames_only():
+    """The TDNN's coefficients are librosa's MFCCs of the same log-mel; where a word sits
+    in its second, and how much silence pads it, change nothing."""
+    import librosa
+
+    from jobs.pretrain.config import TdnnTower
+    from jobs.pretrain.model import SpeechTdnn, dct_matrix
+
+    torch.manual_seed(0)
+    logmel = torch.randn(16, 30) * 10 - 40
+    want = librosa.feature.mfcc(S=logmel.numpy(), n_mfcc=12)
+    torch.testing.assert_close(
+        dct_matrix(12, 16) @ logmel, torch.from_numpy(want), atol=1e-3, rtol=1e-4
+    )
+
+    tower = SpeechTdnn(
+        TdnnTower(kind="tdnn", input="audio_logmel", n_mfcc=12, channels=8), [16, 80]
+    ).eval()
+    word = torch.randn(16, 25) * 10 - 40
+    early, late = torch.full((2, 16, 80), -100.0), torch.full((2, 16, 80), -100.0)
+    early[0, :, :25], late[0, :, 40:65] = word, word
+    early[1, :, 5:20] = late[1, :, 60:75] = word[:, :15]
+    with torch.no_grad():
+        torch.testing.assert_close(tower(early), tower(late), atol=1e-4, rtol=1e-4)
+        padded = torch.full((1, 16, 120), -100.0)
+        padded[0, :, 10:35] = word
+        torch.testing.assert_close(tower(padded), tower(early[:1]), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(tower(early[:1]), tower(early[1:]))  # a shorter word differs
 
 
 def test_spec_masks_leave_the_padding_silent():

@@ -61,6 +61,21 @@ class CnnTower(_Model):
         return self
 
 
+class TdnnTower(_Model):
+    """A small-footprint speech tower over a log-mel (x-vector style): MFCCs (a DCT of the
+    log-mel) and their deltas, standardised over the utterance's voiced frames, dilated
+    1-D convolutions over time, then mean + std pooling over the voiced frames only, so
+    how long the silence around a word lasts changes nothing. On unseen speakers it beats
+    the 2-D CNN by a wide margin (BENCHMARKS.md, "Unseen speakers")."""
+
+    kind: Literal["tdnn"]
+    input: Literal["audio_logmel"]
+    n_mfcc: int | None = Field(20, gt=0)  # None: the log-mel bins themselves, no DCT
+    deltas: bool = True  # append first-order deltas (their change over time)
+    channels: int = Field(128, gt=0)
+    out_dim: int = Field(128, gt=0)
+
+
 class AudioAugment(_Model):
     """Training-time log-mel augmentation (SpecAugment + shift + gain)."""
 
@@ -136,7 +151,8 @@ class HfTower(_Model):
 
 
 Tower = Annotated[
-    ProjectionTower | CnnTower | TransformerTower | HfTower, Field(discriminator="kind")
+    ProjectionTower | CnnTower | TdnnTower | TransformerTower | HfTower,
+    Field(discriminator="kind"),
 ]
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 TOWER_INPUT_KIND = {
     "projection": "embedding",
     "cnn": "input",
+    "tdnn": "input",
     "transformer": "input",
     "hf": "input",
 }
@@ -93,6 +94,13 @@ def check_towers(info: FeatureSetInfo, config: TrainConfig) -> None:
         shape = info.shape(col)
         if tower.kind == "cnn" and len(shape) not in (2, 3):
             raise SpecError(f"modalities.{modality}: {col!r} has shape {shape}, not (C,H,W)/(M,T)")
+        if tower.kind == "tdnn" and len(shape) != 2:
+            raise SpecError(f"modalities.{modality}: {col!r} has shape {shape}, not (mels, frames)")
+        if tower.kind == "tdnn" and (tower.n_mfcc or 0) > shape[0]:
+            raise SpecError(
+                f"modalities.{modality}.n_mfcc: {tower.n_mfcc} coefficients from {shape[0]} "
+                "mel bins; at most as many as the bins"
+            )
         if tower.kind in ("projection", "transformer") and len(shape) != 1:
             raise SpecError(f"modalities.{modality}: {col!r} has shape {shape}, expected (dim,)")
 

@@ -23,6 +23,7 @@ from jobs.pretrain.config import (
     HfTower,
     LossConfig,
     ProjectionTower,
+    TdnnTower,
     TrainConfig,
     TransformerTower,
 )
@@ -55,11 +56,17 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
+def _voiced(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T) 1.0 where a frame of a (B, M, T) log-mel is above the row's floor (the
+    silence its padding is filled with), else 0.0."""
+    floor = x.amin(dim=(1, 2), keepdim=True)
+    return (x > floor + 1e-3).any(dim=1, keepdim=True).to(x.dtype)
+
+
 def _cmvn(x: torch.Tensor) -> torch.Tensor:
     """Each mel bin of each (B, M, T) log-mel standardised over its non-silent frames (a
     frame at the row's floor level is padding); padding becomes 0, the new mean."""
-    floor = x.amin(dim=(1, 2), keepdim=True)
-    voiced = (x > floor + 1e-3).any(dim=1, keepdim=True).to(x.dtype)  # (B, 1, T)
+    voiced = _voiced(x)
     frames = voiced.sum(dim=2, keepdim=True).clamp(min=1.0)
     mean = (x * voiced).sum(dim=2, keepdim=True) / frames
     var = ((x - mean) ** 2 * voiced).sum(dim=2, keepdim=True) / frames
@@ -87,6 +94,73 @@ class ConvTower(nn.Module):
             x = x.unsqueeze(1)
         h = self.convs(x)
         return self.proj(h.mean(dim=(2, 3)))
+
+
+def dct_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """The orthonormal DCT-II as an (n_out, n_in) matrix: MFCCs are its first rows applied
+    to a log-mel (what librosa.feature.mfcc computes from the same log-mel)."""
+    k = torch.arange(n_out, dtype=torch.float64).view(-1, 1)
+    n = torch.arange(n_in, dtype=torch.float64).view(1, -1)
+    m = torch.cos(math.pi * k * (2 * n + 1) / (2 * n_in)) * math.sqrt(2.0 / n_in)
+    m[0] /= math.sqrt(2.0)
+    return m.float()
+
+
+class FrameNorm(nn.Module):
+    """LayerNorm over the channels of each frame of a (B, C, T) sequence: unlike a norm over
+    time, it gives a frame the same value however much padding its row has."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+class SpeechTdnn(nn.Module):
+    """MFCCs + deltas over voiced frames, dilated 1-D convs, mean + std pooling (x-vector
+    style): a digit's identity is in how its spectrum moves over ~0.5 s, which a 2-D CNN
+    over the whole padded second learns from three voices less well. Padding frames are
+    zeroed after every block, so where a word sits and how long its row is change
+    nothing."""
+
+    def __init__(self, cfg: TdnnTower, shape: list[int]) -> None:
+        super().__init__()
+        mels = shape[0]
+        dct = dct_matrix(cfg.n_mfcc, mels) if cfg.n_mfcc else torch.eye(mels)
+        self.register_buffer("dct", dct, persistent=False)
+        self.deltas = cfg.deltas
+        ch, features = cfg.channels, dct.shape[0] * (2 if cfg.deltas else 1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(c_in, ch, size, padding=dilation * (size // 2),
+                                    dilation=dilation), FrameNorm(ch), nn.GELU())
+            for c_in, size, dilation in ((features, 5, 1), (ch, 3, 2), (ch, 3, 3))
+        )  # fmt: skip
+        self.proj = nn.Linear(2 * ch, cfg.out_dim)
+
+    def features(self, x: torch.Tensor, voiced: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) coefficients (and deltas) standardised over each row's voiced frames,
+        0 on the padding."""
+        c = torch.einsum("km,bmt->bkt", self.dct, x)
+        count = voiced.sum(dim=(1, 2), keepdim=True).clamp(min=1.0) * c.shape[1]
+        mean = (c * voiced).sum(dim=(1, 2), keepdim=True) / count
+        var = ((c - mean) ** 2 * voiced).sum(dim=(1, 2), keepdim=True) / count
+        c = (c - mean) / (var.sqrt() + 1e-5) * voiced
+        if self.deltas:  # (c[t+1] - c[t-1]) / 2, the padding counting as 0 at either edge
+            padded = F.pad(c, (1, 1))
+            c = torch.cat([c, (padded[:, :, 2:] - padded[:, :, :-2]) / 2 * voiced], dim=1)
+        return c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        voiced = _voiced(x)
+        h = self.features(x, voiced)
+        for block in self.blocks:
+            h = block(h) * voiced
+        frames = voiced.sum(dim=2).clamp(min=1.0)
+        mean = h.sum(dim=2) / frames
+        var = ((h - mean.unsqueeze(2)) ** 2 * voiced).sum(dim=2) / frames
+        return self.proj(torch.cat([mean, (var + 1e-5).sqrt()], dim=1))
 
 
 class TextTransformer(nn.Module):
@@ -162,6 +236,7 @@ class HfEncoder(nn.Module):
 TOWERS: dict[str, type[nn.Module]] = {
     "projection": ProjectionHead,
     "cnn": ConvTower,
+    "tdnn": SpeechTdnn,
     "transformer": TextTransformer,
     "hf": HfEncoder,
 }
