@@ -13,8 +13,8 @@ from jobs.demo.preview import augment_preview
 from jobs.demo.tiny_models import tiny_clip, write_tokenizer
 from jobs.live import live_progress
 from jobs.report import console, print_build, print_log_file
-from jobs.runtime import start_job, verbose
-from pipelines.build import BuildResult, Execution, build
+from jobs.runtime import new_job, verbose
+from pipelines.build import BuildResult, build
 from pipelines.errors import SpecError
 from pipelines.spec import load_spec
 
@@ -163,17 +163,20 @@ def run_demo(
     spec_path = workdir / "spec.yaml"
     spec_path.write_text(DEMO_SPEC)
     spec = load_spec(spec_path)
-    run_id, log_file = start_job(address)
+    # like `mmfp build`: the small build stays in this process on a private local Ray,
+    # and Ray (its log lines in the run's log file) starts for training
+    job = new_job(address)
     with live_progress() as progress:
-        result = build(spec, run_id=run_id, execution=Execution(progress=progress))
+        result = build(spec, run_id=job.run_id, execution=job.execution(progress))
     store = FeatureStore(spec.store.uri, storage_options=spec.store.storage_options)
     print_build(result, store)
-    print_log_file(log_file)
     preview = augment_preview(store, workdir / "augmentations.png")
     if preview:
         console.print(f"augmentation preview: {preview}")
     if train:
+        job.start_ray()
         train_and_evaluate(workdir)
+    print_log_file(job.log_file)
     console.print(
         f"next: mmfp store ls --store {store.uri}   |   "
         f"mmfp store describe samples --store {store.uri}"
