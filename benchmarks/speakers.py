@@ -69,6 +69,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                             "modalities": TDNN},
     "supervised-tdnn": {"epochs": 120, "augment": {"audio": {}}, "loss": {"supervised_weight": 0.5},
                         "modalities": TDNN},
+    # and a vocal tract length warp of the mel axis by up to 10%
+    "supervised-tdnn-warp": {"epochs": 120, "augment": {"audio": {"warp": 0.1}},
+                             "loss": {"supervised_weight": 0.5}, "modalities": TDNN},
+    "label-free-any-tdnn-warp": {"epochs": 120, "augment": {"audio": {"warp": 0.1}},
+                                 "loss": {"duplicates": "any"}, "modalities": TDNN},
 }  # fmt: skip
 
 

@@ -293,6 +293,26 @@ def test_spec_masks_leave_the_padding_silent():
     assert not torch.equal(out[:, :, :20], x[:, :, :20])
 
 
+def test_vocal_tract_warp_moves_formants_and_keeps_silence_silent():
+    """A peak at mel bin 20 lands within 20 * (1 +- warp) after the warp, padding frames
+    stay exactly at the floor; with every augmentation off a row is untouched."""
+    from jobs.pretrain.augment import augment_logmel, warp_mels
+    from jobs.pretrain.config import AudioAugment
+
+    x = torch.full((64, 40, 30), -100.0)
+    x[:, :, :10] = -60.0
+    x[:, 20, :10] = -20.0  # one formant
+    floor = x.amin(dim=(1, 2), keepdim=True)
+    out = warp_mels(x, floor, 0.2, torch.Generator().manual_seed(0))
+    peaks = out[:, :, :10].mean(dim=2).argmax(dim=1).float()
+    assert ((peaks >= 20 * 0.8 - 1) & (peaks <= 20 * 1.2 + 1)).all()
+    assert len(set(peaks.tolist())) > 3  # each row its own factor
+    assert torch.equal(out[:, :, 10:], x[:, :, 10:])  # silence stays silence
+    plain = AudioAugment(shift=0, gain_db=0, time_masks=0, freq_masks=0)
+    a = augment_logmel(x, plain, torch.Generator().manual_seed(1))
+    assert torch.equal(a, x)
+
+
 def test_image_affine_moves_rotates_and_zooms_the_pixels():
     """A blob's centre of mass: a rotation keeps its distance from the image centre and
     turns it, a zoom scales that distance within 1 +- scale, a shift moves it whole."""

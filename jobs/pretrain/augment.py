@@ -2,9 +2,10 @@
 
 What small-footprint speech and small image models use so a model does not learn
 one speaker's voice or one writer's stroke: SpecAugment (time and frequency masks)
-plus a random time shift and gain on log-mel spectrograms, a random affine
-transform (rotation, zoom, translation) on pixels, and random token deletion on
-token ids (a caption with a word or a letter missing still names the same thing).
+plus a random time shift, gain and vocal tract length warp on log-mel spectrograms,
+a random affine transform (rotation, zoom, translation) on pixels, and random token
+deletion on token ids (a caption with a word or a letter missing still names the
+same thing).
 They run on the dense tensors the store already holds, after ingest, so every epoch
 sees new variants of the same stored rows; the generator is seeded from (seed, step,
 rank), so a resumed run draws the same ones.
@@ -60,11 +61,14 @@ def _ints(generator: torch.Generator, high: int, size: int) -> torch.Tensor:
 
 
 def augment_logmel(x: torch.Tensor, cfg: AudioAugment, generator: torch.Generator) -> torch.Tensor:
-    """Gain (dB added to every bin), time shift (right, silence in), then SpecAugment masks
-    filled with each spectrogram's mean, on voiced frames only: a frequency mask across
-    the padding would make silence look like speech to per-utterance normalisation."""
+    """Vocal tract length warp (``warp``), gain (dB added to every bin), time shift (right,
+    silence in), then SpecAugment masks filled with each spectrogram's mean, on voiced
+    frames only: a frequency mask across the padding would make silence look like speech
+    to per-utterance normalisation."""
     n, mels, frames = x.shape
     floor = x.amin(dim=(1, 2), keepdim=True)  # the padding / silence level of each row
+    if cfg.warp:
+        x = warp_mels(x, floor, cfg.warp, generator)
     gain = (torch.rand(n, generator=generator) * 2 - 1) * cfg.gain_db
     x = torch.maximum(x + gain.view(n, 1, 1).to(x), floor)
     if cfg.shift:
@@ -86,6 +90,26 @@ def augment_logmel(x: torch.Tensor, cfg: AudioAugment, generator: torch.Generato
             shape = (n, 1, size) if axis == 2 else (n, size, 1)
             x = torch.where(hit.view(shape).to(x.device) & voiced, mean, x)
     return x
+
+
+def warp_mels(
+    x: torch.Tensor, floor: torch.Tensor, warp: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Each (mels, frames) row with its mel axis stretched by a factor in ``1 +- warp``
+    from the lowest bin (VTLP): bin m takes the value at m / factor, bilinear; what comes
+    from above the top bin is silence (``floor``), and silence stays exactly silence."""
+    import torch.nn.functional as F
+
+    n, mels, frames = x.shape
+    factor = 1 + (torch.rand(n, generator=generator) * 2 - 1) * warp
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = 1.0  # time untouched
+    theta[:, 1, 1] = 1 / factor  # grid y in [-1, 1]: output y reads (y + 1) / factor - 1
+    theta[:, 1, 2] = 1 / factor - 1
+    grid = F.affine_grid(theta.to(x), [n, 1, mels, frames], align_corners=False)
+    above = (x - floor).unsqueeze(1)
+    out = F.grid_sample(above, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.squeeze(1) + floor
 
 
 def affine_images(x: torch.Tensor, cfg: ImageAugment, generator: torch.Generator) -> torch.Tensor:

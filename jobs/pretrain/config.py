@@ -85,6 +85,9 @@ class AudioAugment(_Model):
     freq_width: int = Field(6, ge=0)  # mel bins, at most, per mask
     shift: int = Field(10, ge=0)  # frames, at most, the utterance moves right
     gain_db: float = Field(6.0, ge=0)  # uniform in +-gain_db
+    # vocal tract length perturbation: the mel axis stretched by a factor in 1 +- warp from
+    # its lowest bin (0.1 is usual), so a voice sounds longer or shorter; 0: off
+    warp: float = Field(0.0, ge=0, lt=1)
 
 
 class ImageAugment(_Model):
