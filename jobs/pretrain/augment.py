@@ -18,6 +18,7 @@ import math
 import torch
 
 from jobs.pretrain.config import AudioAugment, ImageAugment, TextAugment, TrainAugment
+from jobs.pretrain.model import voiced_frames
 
 
 def augment_batch(
@@ -77,8 +78,7 @@ def augment_logmel(x: torch.Tensor, cfg: AudioAugment, generator: torch.Generato
         keep = (index >= 0).to(x.device)
         gathered = x.gather(2, index.clamp(min=0).to(x.device).view(n, 1, frames).expand_as(x))
         x = torch.where(keep.view(n, 1, frames), gathered, floor)
-    floor = x.amin(dim=(1, 2), keepdim=True)
-    voiced = (x > floor + 1e-3).any(dim=1, keepdim=True)  # (n, 1, frames)
+    voiced = voiced_frames(x)  # (n, 1, frames)
     mean = x.mean(dim=(1, 2), keepdim=True)
     for axis, size, count, width in ((2, frames, cfg.time_masks, cfg.time_width),
                                      (1, mels, cfg.freq_masks, cfg.freq_width)):  # fmt: skip

@@ -56,20 +56,29 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
-def _voiced(x: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T) 1.0 where a frame of a (B, M, T) log-mel is above the row's floor (the
-    silence its padding is filled with), else 0.0."""
+def voiced_frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T) True where a frame of a (B, M, T) log-mel is above the row's floor (the
+    silence its padding is filled with)."""
     floor = x.amin(dim=(1, 2), keepdim=True)
-    return (x > floor + 1e-3).any(dim=1, keepdim=True).to(x.dtype)
+    return (x > floor + 1e-3).any(dim=1, keepdim=True)
+
+
+def _masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, dims: int | tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``x`` over ``dims``, counting only where ``mask`` (broadcast
+    to ``x``) is 1; keepdim."""
+    weight = mask.expand_as(x)
+    count = weight.sum(dim=dims, keepdim=True).clamp(min=1.0)
+    mean = (x * weight).sum(dim=dims, keepdim=True) / count
+    return mean, ((x - mean) ** 2 * weight).sum(dim=dims, keepdim=True) / count
 
 
 def _cmvn(x: torch.Tensor) -> torch.Tensor:
     """Each mel bin of each (B, M, T) log-mel standardised over its non-silent frames (a
     frame at the row's floor level is padding); padding becomes 0, the new mean."""
-    voiced = _voiced(x)
-    frames = voiced.sum(dim=2, keepdim=True).clamp(min=1.0)
-    mean = (x * voiced).sum(dim=2, keepdim=True) / frames
-    var = ((x - mean) ** 2 * voiced).sum(dim=2, keepdim=True) / frames
+    voiced = voiced_frames(x).to(x.dtype)
+    mean, var = _masked_moments(x, voiced, 2)
     return (x - mean) / (var.sqrt() + 1e-5) * voiced
 
 
@@ -143,9 +152,7 @@ class SpeechTdnn(nn.Module):
         """(B, C, T) coefficients (and deltas) standardised over each row's voiced frames,
         0 on the padding."""
         c = torch.einsum("km,bmt->bkt", self.dct, x)
-        count = voiced.sum(dim=(1, 2), keepdim=True).clamp(min=1.0) * c.shape[1]
-        mean = (c * voiced).sum(dim=(1, 2), keepdim=True) / count
-        var = ((c - mean) ** 2 * voiced).sum(dim=(1, 2), keepdim=True) / count
+        mean, var = _masked_moments(c, voiced, (1, 2))
         c = (c - mean) / (var.sqrt() + 1e-5) * voiced
         if self.deltas:  # (c[t+1] - c[t-1]) / 2, the padding counting as 0 at either edge
             padded = F.pad(c, (1, 1))
@@ -153,14 +160,12 @@ class SpeechTdnn(nn.Module):
         return c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        voiced = _voiced(x)
+        voiced = voiced_frames(x).to(x.dtype)
         h = self.features(x, voiced)
         for block in self.blocks:
             h = block(h) * voiced
-        frames = voiced.sum(dim=2).clamp(min=1.0)
-        mean = h.sum(dim=2) / frames
-        var = ((h - mean.unsqueeze(2)) ** 2 * voiced).sum(dim=2) / frames
-        return self.proj(torch.cat([mean, (var + 1e-5).sqrt()], dim=1))
+        mean, var = _masked_moments(h, voiced, 2)
+        return self.proj(torch.cat([mean, (var + 1e-5).sqrt()], dim=1).squeeze(2))
 
 
 class TextTransformer(nn.Module):
