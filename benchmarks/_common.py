@@ -32,7 +32,7 @@ from pydantic import Field
 
 from features.schema import list_of
 from jobs.demo import corpus as synthetic
-from pipelines.encoders import hf_inputs, hub, media
+from pipelines.encoders import hf_inputs, hub
 from pipelines.encoders.base import Encoder, EncoderParams
 from pipelines.spec import PipelineSpec, parse_spec
 
@@ -199,10 +199,9 @@ class StandInParams(EncoderParams):
     latency_ms: float = Field(20.0, ge=0)  # per forward batch (``batch_size`` rows)
     dim: int = Field(512, gt=0)
     trace_dir: str | None = None  # one file per process: "start end rows" per forward
-    # float32: the processor's normalised pixels, as hf_image/clip ship them (602 KB a row at
-    # 224 px); uint8: resized and cropped but not normalised (150 KB a row), as a pipeline
-    # that normalises on the GPU would ship them
-    pixels: Literal["float32", "uint8"] = "float32"
+    # uint8: resized and cropped, normalised on the device (150 KB a row at 224 px), as
+    # hf_image/clip ship them; float32: the processor's normalised output (602 KB a row)
+    pixels: Literal["float32", "uint8"] = "uint8"
 
 
 class StandIn(Encoder):
@@ -225,17 +224,8 @@ class StandIn(Encoder):
         assert self.config.model, "StandIn needs `model`: a directory with an image processor"
         path = self.config.model
         processor = self.cached("processor", lambda: hub.load_image_processor(path, None))
-        if self.params.pixels == "float32":
-            return hf_inputs.image_inputs(processor, batch)
-        images = [media.decode_rgb(v) for v in media.column(batch, "image")]
-        mask = np.array([img is not None for img in images], dtype=bool)
-        present = [img for img in images if img is not None] or [np.zeros((8, 8, 3), np.uint8)]
-        pixels = processor(
-            images=present, do_rescale=False, do_normalize=False, return_tensors="np"
-        )["pixel_values"]
-        out = np.zeros((len(images), *pixels.shape[1:]), np.uint8)
-        out[mask] = np.asarray(pixels[: int(mask.sum())]).round().astype(np.uint8)
-        return {"image__pixel_values": out, "image_mask": mask}
+        scale = hf_inputs.pixel_scale(processor) if self.params.pixels == "uint8" else None
+        return hf_inputs.image_inputs(processor, batch, scale)
 
     def load(self, device: str) -> None:
         self.device = device

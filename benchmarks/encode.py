@@ -32,11 +32,12 @@ wall time of the encode stage (the window from the first forward's start to the 
 end; the whole ``encode_only`` call is shown too); target >= 0.9. ``useful`` counts the
 same in full batches, since a GPU pays a whole forward for a tail batch of a few rows. The
 ideal busy fraction ``min(1, preprocess rate x CPUs preprocessing / forward rate)`` uses the
-preprocessing rate of one process measured here. Runs: ``float32`` pixels (what the
-project's encoders ship: the processor's normalised output, 602 KB a row at 224 px) and
-``uint8`` pixels (resized and cropped only, 150 KB a row: what a pipeline that normalises on
-the GPU would ship), and a last run whose latency leaves the preprocessing 4x headroom, which
-separates the pipeline's own scheduling losses from CPU starvation.
+preprocessing rate of one process measured here. Runs: ``uint8`` pixels (resized and
+cropped, 150 KB a row at 224 px, normalised on the device: what the project's encoders ship
+since issue 13, ``hf_inputs.PixelScale``) and ``float32`` pixels (the processor's
+normalised output, 602 KB a row: what they shipped before), and a last run whose latency
+leaves the preprocessing 4x headroom, which separates the pipeline's own scheduling losses
+from CPU starvation.
 """
 
 from __future__ import annotations
@@ -502,9 +503,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--latency-ms", type=float, nargs="+", default=[20.0], help="stand-in forward (20)"
     )
     parser.add_argument(
-        "--pixels", nargs="+", choices=("float32", "uint8"), default=["float32", "uint8"],
-        help="what Preprocess ships to the stand-in: the processor's float32 (as the project's "
-        "encoders do) and/or uint8 (normalised on the GPU)",
+        "--pixels", nargs="+", choices=("float32", "uint8"), default=["uint8", "float32"],
+        help="what Preprocess ships to the stand-in: uint8 normalised on the device (as the "
+        "project's encoders do) and/or the processor's float32 (as they did before)",
     )  # fmt: skip
     parser.add_argument(
         "--encoder", choices=("hf_image", "clip"), default="hf_image",

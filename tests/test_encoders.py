@@ -24,7 +24,14 @@ from features.metadata import ColumnMeta
 from features.schema import list_of
 from jobs.demo import corpus as synthetic
 from jobs.demo import tiny_models
-from pipelines.encoders import ENCODERS, Encoder, EncoderConfig, device_for_actor, get_encoder
+from pipelines.encoders import (
+    ENCODERS,
+    Encoder,
+    EncoderConfig,
+    device_for_actor,
+    get_encoder,
+    hf_inputs,
+)
 from pipelines.encoders.fingerprint import model_identity
 from pipelines.encoders.model_inputs import CLIP_MEAN, CLIP_STD, SILENCE_DB
 from pipelines.encoders.runtime import to_device
@@ -549,3 +556,43 @@ def test_to_device_dtypes():
     assert to_device(np.array([1, 2], np.int32), "cpu").dtype == torch.int64
     assert to_device(np.array([1.0], np.float64), "cpu").dtype == torch.float32
     assert to_device(np.array([True]), "cpu").dtype == torch.bool
+    assert to_device(np.array([7], np.uint8), "cpu").dtype == torch.uint8  # pixels
+
+
+@pytest.mark.parametrize("case", ["hf_image-vit", "hf_image-clip", "clip"])
+def test_pixels_ship_as_uint8_and_are_normalised_on_the_device(case, encoded, batch):
+    """A quarter of the bytes between preprocessing and the accelerator, same embeddings."""
+    encoder, inputs, outputs = encoded(case)
+    assert inputs["image__pixel_values"].dtype == np.uint8
+    processor = encoder.image_processor()
+    as_before = inputs | hf_inputs.image_inputs(processor, batch, scale=None)
+    assert as_before["image__pixel_values"].dtype == np.float32
+    before = encoder.encode(as_before)["image_emb"]
+    np.testing.assert_allclose(outputs["image_emb"], before, rtol=0, atol=1e-5)
+
+
+class _ShiftedAfterNormalising:
+    """A processor with one more step after its normalisation (as a padding one has)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __getattr__(self, name: str):
+        return getattr(self.processor, name)
+
+    def __call__(self, images, **kwargs):
+        out = dict(self.processor(images=images, **kwargs))
+        if kwargs.get("do_normalize", True):
+            out["pixel_values"] = np.asarray(out["pixel_values"]) + 0.5
+        return out
+
+
+def test_a_processor_the_device_cannot_reproduce_keeps_float32_pixels(encoded, batch):
+    processor = encoded("hf_image-vit")[0].image_processor()
+    assert hf_inputs.pixel_scale(processor) is not None
+    shifted = _ShiftedAfterNormalising(processor)
+    assert hf_inputs.pixel_scale(shifted) is None
+    pixels = hf_inputs.image_inputs(shifted, batch, hf_inputs.pixel_scale(shifted))
+    expected = hf_inputs.image_inputs(processor, batch)["image__pixel_values"]
+    mask = np.array(PRESENT["image"])
+    np.testing.assert_allclose(pixels["image__pixel_values"][mask], expected[mask] + 0.5)

@@ -117,6 +117,22 @@ class HFEncoder(Encoder):
             "image_processor", lambda: hub.load_image_processor(self.model_path, self.revision)
         )
 
+    def pixel_scale(self) -> hf_inputs.PixelScale | None:
+        return self.cached("pixel_scale", lambda: hf_inputs.pixel_scale(self.image_processor()))
+
+    def image_inputs(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        return hf_inputs.image_inputs(self.image_processor(), batch, self.pixel_scale())
+
+    def pixel_values(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's input: uint8 pixels are rescaled and normalised here, on its device."""
+        pixels = t["pixel_values"]
+        if not pixels.is_floating_point():
+            scale = self.pixel_scale()
+            if scale is None:  # the processor changed between preprocess and encode
+                raise RuntimeError(f"encoder {self.config.name!r}: uint8 pixels, no scale")
+            pixels = scale.apply(pixels)
+        return pixels
+
     def feature_extractor(self) -> Any:
         return self.cached(
             "feature_extractor",
@@ -233,14 +249,14 @@ class HFImage(HFEncoder):
         return model
 
     def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        return hf_inputs.image_inputs(self.image_processor(), batch)
+        return self.image_inputs(batch)
 
     def encode(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = self.run(inputs, "image", self._forward)
         return {"image_emb": emb, "image_mask": inputs["image_mask"]}
 
     def _forward(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model()(pixel_values=t["pixel_values"])
+        out = self.model()(pixel_values=self.pixel_values(t))
         pooling = self.params.pooling
         if self.is_clip and pooling in ("auto", "pooler"):
             return out.image_embeds

@@ -52,7 +52,7 @@ class Clip(HFEncoder):
 
     def preprocess(self, batch: pa.Table) -> dict[str, np.ndarray]:
         text = hf_inputs.text_inputs(self.tokenizer(), batch, max_length=self.max_length)
-        return text | hf_inputs.image_inputs(self.image_processor(), batch)
+        return text | self.image_inputs(batch)
 
     def encode(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {
@@ -63,7 +63,7 @@ class Clip(HFEncoder):
         }
 
     def _image(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model().get_image_features(pixel_values=t["pixel_values"]).pooler_output
+        return self.model().get_image_features(pixel_values=self.pixel_values(t)).pooler_output
 
     def _text(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         model = self.model()

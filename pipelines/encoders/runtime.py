@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 def to_device(array: np.ndarray, device: str) -> torch.Tensor:
-    """Integers become int64 (embedding lookups), floats float32, bools stay bools."""
+    """Integers become int64 (embedding lookups), floats float32; bools and uint8 (pixels,
+    scaled on the device by the encoder) stay as they are."""
     import torch
 
     tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -27,7 +28,7 @@ def to_device(array: np.ndarray, device: str) -> torch.Tensor:
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     if tensor.is_floating_point():
         return tensor.float()
-    return tensor if tensor.dtype == torch.bool else tensor.long()
+    return tensor if tensor.dtype in (torch.bool, torch.uint8) else tensor.long()
 
 
 def autocast(device: str) -> contextlib.AbstractContextManager[object]:
