@@ -36,7 +36,11 @@ from pipelines.encoders.base import Encoder
 from pipelines.route import FeatureRouter
 
 FEATURE_KEYS = ["sample_id", "view"]
-BATCHES_PER_BLOCK = 4  # model batches per block fed to the GPU actors
+# Rows per call of Preprocess and of a GPU actor: whole model batches, about this many.
+# Each call costs the actor host time in Ray Data (fetching, slicing, output blocks) that
+# the device waits through: at one 32-row batch per call that time matched the forward's
+# (busy 0.51-0.63 in `benchmarks/encode.py`'s simulation), at 512 rows 0.90-0.92.
+GPU_CALL_ROWS = 512
 
 
 def encode_feature_set(run: Run, feature_set: FeatureSetSpec, *, reencode: bool = False) -> None:
@@ -119,10 +123,13 @@ def _encode_on_ray(
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     resources = ray.cluster_resources()
     gpus = wants_actors(encoders) and resources.get("GPU", 0) > 0
+    step_rows = batch_size
     if gpus:
-        # whole batches per block: a 73-row block would reach the model as 32+32+9
-        ds = ds.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK, strict=True)
-    ds = ds.map_batches(Preprocess(configs), batch_format="pyarrow", batch_size=batch_size)
+        # whole batches per block (a 73-row block would reach the model as 32+32+9), each
+        # block one call of each step; the encoder's forward still takes batch_size rows
+        step_rows = batch_size * max(1, GPU_CALL_ROWS // batch_size)
+        ds = ds.repartition(target_num_rows_per_block=step_rows, strict=True)
+    ds = ds.map_batches(Preprocess(configs), batch_format="pyarrow", batch_size=step_rows)
     actors, per_actor = 0, max(c.num_gpus for c in configs)
     if wants_actors(encoders):
         # the model loads once per actor; with GPUs in the cluster each actor gets its share
@@ -134,7 +141,7 @@ def _encode_on_ray(
             Encode,
             fn_constructor_args=(configs,),
             batch_format="pyarrow",
-            batch_size=batch_size,
+            batch_size=step_rows,
             compute=ActorPoolStrategy(min_size=1, max_size=actors),
             num_gpus=per_actor if gpus else 0,
             # a GPU actor mostly waits on its device: it holds no CPU that preprocessing
