@@ -43,6 +43,9 @@ class AnnIndex:
     keys: pa.Table
     meta: dict[str, Any]
 
+    def __post_init__(self) -> None:
+        self.keys = self.keys.combine_chunks()  # a query takes its hits' keys: one chunk
+
     def search(
         self, store: TableStore, q: np.ndarray, k: int, *, where: str | None, exclude: list[str]
     ) -> pa.Table:

@@ -63,6 +63,11 @@ class ResidentColumn:
     keys: pa.Table
     matrix: np.ndarray
 
+    def __post_init__(self) -> None:
+        # one chunk: a query's `take` of its hits from chunked keys (a chunk per file and
+        # row group) cost 20x more, ~0.2 ms per query at 200k rows
+        object.__setattr__(self, "keys", self.keys.combine_chunks())
+
     @classmethod
     def load(
         cls,
@@ -170,7 +175,7 @@ class ResidentSamples:
         if version is None:
             return cls(None, np.array([], "S1"), _no_samples())
         rows = store.to_arrow("samples", version, columns=["sample_id", *RESULT_SAMPLE_COLUMNS])
-        rows = rows.sort_by("sample_id")
+        rows = rows.sort_by("sample_id").combine_chunks()  # one chunk for each query's take
         ids = np.array([i.encode() for i in rows.column("sample_id").to_pylist()])
         return cls(version, ids if len(ids) else np.array([], "S1"), rows)
 
