@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 # Ray Train's controller takes a worker's reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 # (2 s by default) and a worker's queue holds one, so each report after the first waited
 # up to 2 s: 20 s of a 10-epoch demo run that computes for 1 s. A user's setting wins.
-CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 # ---- worker side ------------------------------------------------------------------
 
