@@ -79,7 +79,11 @@ def test_a_small_cli_run_stays_in_process_and_stores_what_ray_stores(tmp_path):
     data = tmp_path / "data"
     synthetic.write_directory_source(data, n_per_class=2, seed=9)
     synthetic.write_broken_inputs(data / "broken")
-    source = [{"kind": "directory", "uri": str(data), "class_folders": True}]
+    shards = synthetic.write_webdataset_source(tmp_path / "shards", n=12, shard_size=5)
+    source = [
+        {"kind": "directory", "uri": str(data), "class_folders": True},
+        {"kind": "webdataset", "name": "shards", "uri": str(shards[0].parent)},
+    ]  # a shard per forked worker's batch, its members unknown until read
     write_spec(make_spec(tmp_path / "here", source, **SECTIONS), tmp_path / "spec.yaml")
 
     logs = tmp_path / "logs"
@@ -93,6 +97,9 @@ def test_a_small_cli_run_stays_in_process_and_stores_what_ray_stores(tmp_path):
         assert _rows(here, table).equals(_rows(there, table)), table
     assert here.to_arrow("quarantine").num_rows > 0
     assert here.to_arrow("views").num_rows > 0
+    from_shards = [u for u in here.to_arrow("samples").column("source_uri").to_pylist()
+                   if ".tar" in u]  # fmt: skip
+    assert len(from_shards) == 12
     samples = here.to_arrow("samples").num_rows
     files = len(list((tmp_path / "here" / "samples").glob("*.parquet")))
     assert files >= samples // 8  # a file per 8 inputs read: memory holds one block

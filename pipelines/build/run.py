@@ -170,16 +170,20 @@ class Run:
         known = pa.table({"quarantine_id": known})
         return cls(spec, store, result, commits, known, kind, execution or Execution())
 
-    def in_process(self, rows: int, *, model: bool = False, inputs: bool = False) -> bool:
+    def in_process(
+        self, rows: int, *, model: bool = False, inputs: bool = False, unknown_count: bool = False
+    ) -> bool:
         """True when a stage of ``rows`` rows runs in this process rather than on Ray: small
         runs allowed, Ray not started yet, not too many rows (``resources.in_process_inputs``
         for collect, which reads new ``inputs`` from their files, ``in_process_rows`` for a
-        stage over stored rows), and a model only on a CPU-only box."""
+        stage over stored rows; with ``unknown_count`` more rows than it knows of, WebDataset
+        shards' members, so only without a limit), and a model only on a CPU-only box."""
         if not self.execution.small_in_process or ray_running():
             return False
         resources = self.spec.resources
         configured = resources.in_process_inputs if inputs else resources.in_process_rows
-        if rows > input_limit(configured, default_workers(0)):
+        limit = input_limit(configured, default_workers(0))
+        if rows > limit or (unknown_count and limit < sys.maxsize):
             return False
         return not model or no_cuda()
 
@@ -196,6 +200,7 @@ class Run:
         *,
         rows: int,
         batch_size: int | None = None,
+        rows_per_file: int | None = None,
         serial_from: int | None = None,
     ) -> None:
         """Run a stage's steps over ``tables`` (``rows`` rows in all) in this process
@@ -207,7 +212,7 @@ class Run:
             steps,
             sink,
             batch_size or resources.batch_size,
-            resources.rows_per_block,
+            rows_per_file or resources.rows_per_block,
             workers=default_workers(resources.in_process_workers),
             serial_from=serial_from,
             done=lambda finished: report_done(finished / max(rows, 1)),

@@ -68,19 +68,27 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
         "groups": split.groups,
         "moved": recorded_moves(store) if split.by == "group" else {},
     }
-    shards = any(plan.todo.shards.values())  # members unknown until read: never "small"
-    if not shards and run.in_process(plan.todo.refs.num_rows, model=model, inputs=True):
+    shards = [(s, shard_items(plan, s)) for s in spec.sources if isinstance(s, WebDatasetSource)]
+    shards = [(source, items) for source, items in shards if items]
+    refs = plan.todo.refs
+    # a shard's members are unknown until read: shards stay here only where any count may
+    if run.in_process(refs.num_rows, model=model, inputs=True, unknown_count=bool(shards)):
         ids = Ids(store, run.commits.base["samples"])
-        steps = [
-            RefReader.for_spec(spec),
+        after = [
             *([labeller] if labeller else []),
             functools.partial(split_batch, **splitting),
             dedup := functools.partial(mark_duplicates, registry=ids),
             *([functools.partial(filter_samples, quality=spec.quality)] if spec.quality else []),
         ]
         # reading to splitting in forked workers; the run's ids are checked here
-        refs = plan.todo.refs
-        run.run_here([refs], steps, sink, rows=refs.num_rows, serial_from=steps.index(dedup))
+        serial_from = 1 + after.index(dedup)
+        if refs.num_rows:
+            steps = [RefReader.for_spec(spec), *after]
+            run.run_here([refs], steps, sink, rows=refs.num_rows, serial_from=serial_from)
+        for source, items in shards:  # a shard per batch, a file per shard
+            reader = ShardReader(source, spec.decode, stats=spec.quality is not None)
+            run.run_here([pa.Table.from_pylist(items)], [reader, *after], sink, rows=len(items),
+                         batch_size=1, rows_per_file=1, serial_from=serial_from)  # fmt: skip
         kept = ids.produced(plan.delete_ids)
     else:
         kept = _collect_on_ray(run, plan, sink, splitting, labeller=labeller, model=model)
@@ -148,12 +156,8 @@ def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
             )
         )
     for source in spec.sources:
-        shards = plan.todo.shards.get(source.source_name)
-        if shards and isinstance(source, WebDatasetSource):
-            items = [
-                {"shard": path, "fingerprint": fp, "state": plan.member_state.get(path)}
-                for path, fp in shards.items()
-            ]
+        items = shard_items(plan, source) if isinstance(source, WebDatasetSource) else []
+        if items:
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             datasets.append(
                 ds.map_batches(
@@ -164,6 +168,16 @@ def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
     if not datasets:
         return ray.data.from_arrow(COLLECTED.empty_table())
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def shard_items(plan: InputPlan, source: WebDatasetSource) -> list[dict[str, Any]]:
+    """The source's shards to read, as ``ShardReader`` takes them: path, fingerprint and
+    the ledger's state of their members."""
+    shards = plan.todo.shards.get(source.source_name) or {}
+    return [
+        {"shard": path, "fingerprint": fp, "state": plan.member_state.get(path)}
+        for path, fp in shards.items()
+    ]
 
 
 def _blocks(spec: PipelineSpec, rows: int) -> int:
