@@ -81,13 +81,12 @@ def pixel_scale(processor: Any) -> PixelScale | None:
         return None
     if len(std) != len(mean) or min(std) <= 0:
         return None
-    shape = (1, -1, 1, 1)
-    mine = (raw.astype(np.float32) * np.float32(rescale) - np.reshape(mean, shape)) / np.reshape(
-        std, shape
-    )
-    if not np.allclose(mine, full, rtol=0, atol=1e-4):
+    import torch
+
+    scale = PixelScale(rescale, mean, std)  # checked by the very code the device runs
+    if not np.allclose(scale.apply(torch.from_numpy(raw)).numpy(), full, rtol=0, atol=1e-4):
         return None
-    return PixelScale(rescale, mean, std)
+    return scale
 
 
 def _floats(value: Any) -> tuple[float, ...]:
