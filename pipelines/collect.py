@@ -227,6 +227,11 @@ class ShardReader:
         self.limits = limits
         self.stats = stats  # compute quality stats
 
+    @classmethod
+    def for_spec(cls, spec: PipelineSpec, source: WebDatasetSource) -> ShardReader:
+        """A reader for ``source``'s shards, with ``spec``'s decode limits."""
+        return cls(source, spec.decode, stats=spec.quality is not None)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Shard items (``shard``, ``fingerprint``, ``state``: its members' ledger state as
         JSON ``{key: [fingerprint, outcome]}``) -> one row per member group."""

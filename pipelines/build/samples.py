@@ -86,7 +86,7 @@ def collect_samples(run: Run, plan: InputPlan) -> pa.Array:
             steps = [RefReader.for_spec(spec), *after]
             run.run_here([refs], steps, sink, rows=refs.num_rows, serial_from=serial_from)
         for source, items in shards:  # a shard per batch, a file per shard
-            reader = ShardReader(source, spec.decode, stats=spec.quality is not None)
+            reader = ShardReader.for_spec(spec, source)
             run.run_here([pa.Table.from_pylist(items)], [reader, *after], sink, rows=len(items),
                          batch_size=1, rows_per_file=1, serial_from=serial_from)  # fmt: skip
         kept = ids.produced(plan.delete_ids)
@@ -161,7 +161,7 @@ def collected_dataset(spec: PipelineSpec, plan: InputPlan) -> ray.data.Dataset:
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             datasets.append(
                 ds.map_batches(
-                    ShardReader(source, spec.decode, stats=spec.quality is not None),
+                    ShardReader.for_spec(spec, source),
                     batch_format="pyarrow",
                 )
             )
